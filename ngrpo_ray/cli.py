@@ -1,0 +1,139 @@
+"""`ngrpo`: the command line. Each subcommand imports its heavy dependencies only when it runs."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from ngrpo_ray.config import ConfigError, load_config, to_yaml
+
+EPILOG_OVERRIDES = (
+    "Overrides are dotted keys parsed as YAML, e.g. mixing.rho=0.2 trainer.iterations=3 eval.benchmarks=[aime24]. "
+    "Unknown keys and wrong types are rejected with the key's name."
+)
+
+
+def _add_config_args(p: argparse.ArgumentParser, default: str | None = "cpu_default") -> None:
+    p.add_argument("--config", "-c", default=default,
+                   help="preset name from workflows/presets/ or a YAML path (default: %(default)s)")
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="dotted config overrides")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="ngrpo",
+        description="N-GRPO / N-GSPO: GRPO-family RL whose rollouts use Semantic Neighbor Mixing (Ray + vLLM + DeepSpeed).",
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    p = sub.add_parser("config", help="print the resolved configuration of a preset plus overrides",
+                       description="Resolve a preset and overrides, validate them, and print the result as YAML.",
+                       epilog=EPILOG_OVERRIDES)
+    _add_config_args(p)
+
+    p = sub.add_parser("train", help="run GRPO/GSPO (N-GRPO/N-GSPO with mixing) training iterations",
+                       description="Train with rollouts on vLLM engines (Ray actors), a DeepSpeed trainer group "
+                                   "(Ray Train), weight sync and MLflow tracking.",
+                       epilog=EPILOG_OVERRIDES)
+    _add_config_args(p)
+    p.add_argument("--resume", action="store_true", help="continue from the last checkpoint in trainer.output_dir")
+
+    p = sub.add_parser("eval", help="evaluate a model: Mean@n, unbiased Pass@k, bootstrap best@k",
+                       description="Sample n answers per problem, grade with math-verify in killable workers, and report "
+                                   "Mean@n and unbiased Pass@k with 95%% intervals.",
+                       epilog=EPILOG_OVERRIDES)
+    _add_config_args(p)
+
+    p = sub.add_parser("bench", help="measured benchmarks (each prints a ratio measured in one run)",
+                       description="Benchmarks that compare two variants in one process and print JSON.")
+    bench = p.add_subparsers(dest="bench", metavar="BENCH")
+    b = bench.add_parser("hook-overhead", help="vanilla vLLM vs the neighbor-mixing hook: tokens/s and slowdown",
+                         description="Interleaved rounds of a vanilla vLLM engine and the hooked engine on the same "
+                                     "prompts; prints JSON with tokens/s for both and slowdown = 1 - hooked/vanilla.")
+    b.add_argument("--model", default="smollm2-135m-instruct", help="model path or the demo model name")
+    b.add_argument("--rho", type=float, default=0.1)
+    b.add_argument("--k", type=int, default=3)
+    b.add_argument("--num-seqs", type=int, default=32)
+    b.add_argument("--max-tokens", type=int, default=256)
+    b.add_argument("--rounds", type=int, default=3)
+    b = bench.add_parser("neighbor-table", help="time the full neighbor-table build for a V x d matrix",
+                         description="Build the k-nearest-neighbor table of a random V x d embedding matrix and print "
+                                     "the seconds it took (default: the R1-Distill-Qwen-1.5B shape).")
+    b.add_argument("--vocab", type=int, default=151936)
+    b.add_argument("--dim", type=int, default=1536)
+    b.add_argument("--k", type=int, default=3)
+    b.add_argument("--metric", default="cosine", choices=["cosine", "l2", "l1", "dot"])
+
+    p = sub.add_parser("demo", help="the embedded default: train SmolLM2-135M with N-GRPO on this CPU and show it learning",
+                       description="Prepare the offline demo model, evaluate, train with N-GRPO on a local Ray cluster, "
+                                   "evaluate again, and print a before/after table with 95%% intervals.",
+                       epilog=EPILOG_OVERRIDES)
+    _add_config_args(p, default="cpu_default")
+    p.add_argument("--resume", action="store_true", help="finish an interrupted demo from its last checkpoint")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return 0
+    try:
+        return _dispatch(args, parser)
+    except ConfigError as err:
+        print(f"config error: {err}", file=sys.stderr)
+        return 2
+    except ModuleNotFoundError as err:
+        if not (err.name or "").startswith("ngrpo_ray"):
+            raise
+        print(f"'ngrpo {args.command}' is not available in this build ({err.name} is missing)", file=sys.stderr)
+        return 3
+
+
+def _dispatch(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    if args.command == "config":
+        print(to_yaml(load_config(args.config, args.overrides)), end="")
+        return 0
+    if args.command == "bench":
+        return _bench(args, parser)
+    cfg = load_config(args.config, args.overrides)
+    if args.command == "train":
+        from ngrpo_ray.distributed.driver import train
+
+        train(cfg, resume=args.resume)
+        return 0
+    if args.command == "eval":
+        from ngrpo_ray.evaluation.run import evaluate
+
+        print(json.dumps(evaluate(cfg), indent=2))
+        return 0
+    if args.command == "demo":
+        from ngrpo_ray.demo import run_demo
+
+        run_demo(cfg, resume=args.resume)
+        return 0
+    parser.error(f"unknown command {args.command}")
+    return 2
+
+
+def _bench(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    if args.bench == "hook-overhead":
+        from ngrpo_ray.cli_bench import run_hook_overhead_bench
+
+        print(json.dumps(run_hook_overhead_bench(args), indent=2))
+        return 0
+    if args.bench == "neighbor-table":
+        from ngrpo_ray.core.neighbors import time_full_build
+
+        seconds = time_full_build(V=args.vocab, d=args.dim, k=args.k, metric=args.metric)
+        print(json.dumps({"vocab": args.vocab, "dim": args.dim, "k": args.k, "metric": args.metric,
+                          "seconds": round(seconds, 3)}))
+        return 0
+    parser.parse_args(["bench", "--help"])
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,203 @@
+"""Build a validated `Config` from YAML presets and dotted overrides.
+
+A preset may name another with `base: <preset>`; the child's keys override the parent's. Overrides are
+`section.key=value` strings whose value is parsed as YAML (`mixing.rho=0.2`, `eval.benchmarks=[aime24]`).
+Nothing is ignored: an unknown key, a wrong type or a value outside the allowed set raises `ConfigError` naming it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from pathlib import Path
+from typing import Any, Literal, Union
+
+import yaml
+
+from ngrpo_ray.config.schema import Config
+
+PRESET_DIR = Path(__file__).resolve().parents[2] / "workflows" / "presets"
+
+
+class ConfigError(ValueError):
+    """A configuration problem; the message names the offending key."""
+
+
+def load_config(preset: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    raw = _read_preset(preset) if preset else {}
+    for item in overrides:
+        _apply_override(raw, item)
+    cfg = from_dict(Config, raw)
+    validate(cfg)
+    return cfg
+
+
+def preset_path(name: str | Path) -> Path:
+    """A preset by file path, or by name from workflows/presets/ (with or without .yaml)."""
+    p = Path(name)
+    if p.suffix in (".yaml", ".yml") and p.exists():
+        return p
+    candidate = PRESET_DIR / (p.name if p.suffix else f"{p.name}.yaml")
+    if candidate.exists():
+        return candidate
+    known = sorted(x.stem for x in PRESET_DIR.glob("*.yaml"))
+    raise ConfigError(f"preset '{name}' not found (neither a file nor one of: {', '.join(known)})")
+
+
+def _read_preset(name: str | Path, seen: tuple[Path, ...] = ()) -> dict:
+    path = preset_path(name).resolve()
+    if path in seen:
+        raise ConfigError(f"preset '{path.name}' includes itself through 'base'")
+    data = yaml.safe_load(path.read_text()) or {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"preset '{path.name}' must be a mapping, got {type(data).__name__}")
+    base = data.pop("base", None)
+    if base is None:
+        return data
+    return _deep_merge(_read_preset(base, seen + (path,)), data)
+
+
+def _deep_merge(parent: dict, child: dict) -> dict:
+    out = dict(parent)
+    for key, value in child.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _deep_merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def _apply_override(raw: dict, item: str) -> None:
+    if "=" not in item:
+        raise ConfigError(f"override '{item}' must look like section.key=value")
+    dotted, text = item.split("=", 1)
+    keys = dotted.strip().split(".")
+    node = raw
+    for key in keys[:-1]:
+        node = node.setdefault(key, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"override '{dotted}': '{key}' is not a section")
+    node[keys[-1]] = yaml.safe_load(text) if text.strip() else None
+
+
+def from_dict(cls: type, data: Any, path: str = "") -> Any:
+    """Recursively build dataclass `cls` from a mapping, checking every key and type."""
+    where = path or "config"
+    if not isinstance(data, dict):
+        raise ConfigError(f"'{where}' must be a mapping of keys, got {type(data).__name__}")
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    for key in data:
+        if key not in names:
+            near = difflib.get_close_matches(str(key), names, n=1, cutoff=0.5)
+            hint = f" (did you mean '{_join(path, near[0])}'?)" if near else ""
+            raise ConfigError(f"unknown key '{_join(path, key)}'{hint}; allowed keys in '{where}': {', '.join(names)}")
+    kwargs = {key: _coerce(hints[key], value, _join(path, key)) for key, value in data.items()}
+    return cls(**kwargs)
+
+
+def _join(path: str, key: str) -> str:
+    return f"{path}.{key}" if path else str(key)
+
+
+def _coerce(tp: Any, value: Any, key: str) -> Any:
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if dataclasses.is_dataclass(tp):
+        return from_dict(tp, value, key)
+    if origin in (Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        options = [a for a in args if a is not type(None)]
+        errors = []
+        for option in options:
+            try:
+                return _coerce(option, value, key)
+            except ConfigError as err:
+                errors.append(str(err))
+        raise ConfigError(errors[0] if len(errors) == 1 else f"'{key}': {value!r} matches none of {options}")
+    if origin is Literal:
+        if value not in args:
+            allowed = ", ".join(repr(a) for a in args)
+            raise ConfigError(f"'{key}' must be one of {allowed}; got {value!r}")
+        return value
+    if origin is list:
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"'{key}' must be a list, got {type(value).__name__} {value!r}")
+        return [_coerce(args[0], v, f"{key}[{i}]") for i, v in enumerate(value)]
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"'{key}' must be true or false, got {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"'{key}' must be an integer, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"'{key}' must be a number, got {value!r}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"'{key}' must be a string, got {value!r}")
+        return value
+    raise ConfigError(f"'{key}': unsupported type {tp}")
+
+
+def _check(ok: bool, key: str, message: str) -> None:
+    if not ok:
+        raise ConfigError(f"'{key}' {message}")
+
+
+def validate(cfg: Config) -> None:
+    """Range and cross-field checks that types alone cannot express."""
+    m, r, a, t = cfg.mixing, cfg.rollout, cfg.algorithm, cfg.trainer
+    _check(0.0 <= m.rho <= 1.0, "mixing.rho", f"must lie in [0, 1], got {m.rho}")
+    _check(m.k >= 1, "mixing.k", f"must be >= 1, got {m.k}")
+    _check(m.tau is None or m.tau > 0, "mixing.tau", f"must be > 0 or null, got {m.tau}")
+    _check(m.noise_std >= 0, "mixing.noise_std", f"must be >= 0, got {m.noise_std}")
+    _check(m.top_k >= 1, "mixing.top_k", f"must be >= 1, got {m.top_k}")
+    _check(m.table_slots >= 1, "mixing.table_slots", f"must be >= 1, got {m.table_slots}")
+    _check(r.temperature > 0, "rollout.temperature", f"must be > 0, got {r.temperature}")
+    _check(0 < r.top_p <= 1, "rollout.top_p", f"must lie in (0, 1], got {r.top_p}")
+    _check(r.group_size >= 1, "rollout.group_size", f"must be >= 1, got {r.group_size}")
+    _check(r.num_engines >= 1, "rollout.num_engines", f"must be >= 1, got {r.num_engines}")
+    _check(r.max_new_tokens >= 1, "rollout.max_new_tokens", f"must be >= 1, got {r.max_new_tokens}")
+    _check(0 < r.gpu_memory_utilization <= 1, "rollout.gpu_memory_utilization", "must lie in (0, 1]")
+    _check(a.eps_low >= 0 and a.eps_high >= 0, "algorithm.eps_low/eps_high", "must be >= 0")
+    _check(a.dual_clip is None or a.dual_clip > 1, "algorithm.dual_clip", f"must be > 1 or null, got {a.dual_clip}")
+    _check(a.beta >= 0, "algorithm.beta", f"must be >= 0, got {a.beta}")
+    _check(t.num_workers >= 1, "trainer.num_workers", f"must be >= 1, got {t.num_workers}")
+    _check(t.lr > 0, "trainer.lr", f"must be > 0, got {t.lr}")
+    _check(t.mini_batches >= 1, "trainer.mini_batches", f"must be >= 1, got {t.mini_batches}")
+    _check(t.micro_batch_size >= 1, "trainer.micro_batch_size", f"must be >= 1, got {t.micro_batch_size}")
+    rollout_batch = t.prompts_per_iteration * r.group_size
+    _check(rollout_batch % (t.mini_batches * t.num_workers) == 0, "trainer.mini_batches",
+           f"x trainer.num_workers ({t.mini_batches} x {t.num_workers}) must divide the rollout batch "
+           f"trainer.prompts_per_iteration x rollout.group_size = {rollout_batch}")
+    _check(cfg.eval.n >= 1, "eval.n", f"must be >= 1, got {cfg.eval.n}")
+
+
+def to_dict(cfg: Any) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def to_yaml(cfg: Any) -> str:
+    return yaml.safe_dump(to_dict(cfg), sort_keys=False)
+
+
+def flatten(cfg: Any) -> dict[str, Any]:
+    """Dotted key -> value, for MLflow params."""
+    out: dict[str, Any] = {}
+
+    def walk(prefix: str, node: Any) -> None:
+        if isinstance(node, dict):
+            for k, v in node.items():
+                walk(f"{prefix}.{k}" if prefix else k, v)
+        else:
+            out[prefix] = node
+
+    walk("", to_dict(cfg))
+    return out

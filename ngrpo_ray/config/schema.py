@@ -1,0 +1,157 @@
+"""The one typed configuration of a workflow run.
+
+Every section is a dataclass; `ngrpo_ray.config.load` builds it from YAML presets plus dotted overrides and rejects
+unknown keys, wrong types and values outside a Literal with a message that names the key. Defaults follow the N-GRPO
+paper (arXiv 2606.10768, appendix B.2) unless a comment says otherwise.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal, Optional
+
+Strategy = Literal["sample", "neighbor_mix", "gaussian_noise", "gumbel_topk", "soft_thinking", "latent_gumbel"]
+Metric = Literal["cosine", "l2", "l1", "dot"]
+
+
+@dataclass
+class ModelConfig:
+    # HF model id, a local folder, or "smollm2-135m-instruct" (the offline demo model, converted once and cached).
+    path: str = "smollm2-135m-instruct"
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    tokenizer: Optional[str] = None  # defaults to `path`
+    cache_dir: str = "~/.cache/ngrpo_ray/models"
+    gpus_expected: str = "none (CPU)"  # documentation for presets: what hardware the preset was written for
+
+
+@dataclass
+class DataConfig:
+    train: str = "arithmetic_demo"  # a benchmark name from ngrpo_ray.data or a local json/jsonl/parquet path
+    validation: Optional[str] = None
+    question_field: str = "problem"
+    answer_field: str = "answer"
+    prompt_template: Literal["r1", "released_code", "gpqa", "demo"] = "r1"
+    use_chat_template: bool = True
+    append_think: Literal["auto", "always", "never"] = "auto"
+    max_prompt_tokens: int = 4096
+    limit: Optional[int] = None  # use only the first N problems (after the seeded shuffle)
+    seed: int = 0
+
+
+@dataclass
+class RolloutConfig:
+    num_engines: int = 1
+    group_size: int = 4  # G samples per prompt
+    temperature: float = 0.7
+    top_p: float = 1.0
+    top_k: int = -1
+    max_new_tokens: int = 8192
+    stop_token_ids: list[int] = field(default_factory=list)
+    gpu_memory_utilization: float = 0.3
+    kv_cache_space_gib: Optional[float] = None  # CPU only: VLLM_CPU_KVCACHE_SPACE
+    enforce_eager: bool = True
+    tensor_parallel_size: int = 1
+    engine_cpus: float = 1.0
+    engine_gpus: float = 1.0
+    seed: int = 0
+
+
+@dataclass
+class MixingConfig:
+    strategy: Strategy = "neighbor_mix"
+    rho: float = 0.1  # gate probability per decode step (paper eq. 11)
+    k: int = 3  # anchor + k-1 neighbors
+    tau: Optional[float] = None  # alpha temperature; None -> rollout.temperature (paper: the same tau)
+    metric: Metric = "cosine"
+    alpha_source: Literal["logits", "filtered_probs"] = "logits"  # paper eq. 9 | released code
+    emit: Literal["anchor", "sampled"] = "anchor"  # text token of a mixed step: paper | released code
+    stop_after: list[str] = field(default_factory=list)  # e.g. ["</think>"]: no mixing after the marker
+    never_mix: list[str] = field(default_factory=lambda: ["<eos>"])  # "<eos>" means the tokenizer's EOS
+    noise_std: float = 0.05  # gaussian_noise (STHT)
+    gumbel_tau: float = 1.0  # gumbel_topk / latent_gumbel
+    top_k: int = 10  # candidates for gumbel_topk / soft_thinking / latent_gumbel
+    table_slots: int = 1 << 20  # hook ring-table capacity; overflow raises
+    seed: int = 0
+
+
+@dataclass
+class AlgorithmConfig:
+    loss_type: Literal["grpo", "gspo", "gspo_token", "dr_grpo"] = "grpo"
+    advantage: Literal["grpo", "dr_grpo"] = "grpo"
+    aggregation: Literal["token_mean", "seq_mean_token_mean", "seq_mean_token_sum_norm"] = "seq_mean_token_mean"
+    eps_low: float = 0.2
+    eps_high: float = 0.2
+    dual_clip: Optional[float] = None
+    beta: float = 0.001  # KL coefficient; 0 skips the reference model
+    kl_estimator: Literal["k1", "k2", "k3"] = "k3"
+    kl_mode: Literal["loss", "reward"] = "loss"
+    dynamic_sampling: bool = False  # drop groups whose rewards are all equal
+    mask_truncated: bool = False  # Latent-GRPO invalid-sample masking
+    first_token_selection: bool = False  # Latent-GRPO optimal correct-path first-token selection
+
+
+@dataclass
+class TrainerConfig:
+    num_workers: int = 1
+    use_gpu: bool = False
+    zero_stage: Literal[0, 1, 2, 3] = 2
+    lr: float = 1e-6
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0
+    prompts_per_iteration: int = 16  # B; the rollout batch is B * G responses
+    mini_batches: int = 4  # optimizer steps per rollout batch (paper: gradient accumulation 4)
+    micro_batch_size: int = 4  # responses per forward/backward
+    epochs_per_batch: int = 1
+    iterations: int = 100
+    epochs: Optional[int] = None  # if set, overrides iterations to cover the train set this many times
+    validate_every: int = 0
+    best_metric: str = "val/mean_at_n"
+    checkpoint_every: int = 1
+    output_dir: str = "runs/default"
+    seed: int = 0
+
+
+@dataclass
+class ClusterConfig:
+    address: Optional[str] = None  # None -> RAY_ADDRESS or a local cluster
+    num_cpus: Optional[int] = None  # local cluster only
+    placement: Literal["colocated", "disaggregated"] = "disaggregated"
+    placement_timeout_s: float = 600.0
+    sync_backend: Literal["auto", "gloo", "nccl"] = "auto"
+    sync_timeout_s: float = 120.0
+    sync_bucket_mb: int = 64
+    dashboard_host: str = "127.0.0.1"
+
+
+@dataclass
+class TrackingConfig:
+    tracking_uri: Optional[str] = None  # None -> MLFLOW_TRACKING_URI or sqlite under the run folder
+    experiment: str = "ngrpo"
+    run_name: Optional[str] = None
+    plots: bool = True
+
+
+@dataclass
+class EvalConfig:
+    benchmarks: list[str] = field(default_factory=lambda: ["math500", "aime24", "aime25", "amc23"])
+    n: int = 32
+    temperature: float = 0.6
+    top_p: float = 0.95
+    max_new_tokens: int = 8192
+    mixing: bool = False  # paper section 4.6: off at evaluation
+    grading: Literal["last_boxed", "whole_response", "strict_string"] = "last_boxed"
+    grade_timeout_s: float = 5.0
+    grade_workers: int = 2
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    mixing: MixingConfig = field(default_factory=MixingConfig)
+    algorithm: AlgorithmConfig = field(default_factory=AlgorithmConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)

@@ -1,0 +1,178 @@
+"""Nearest-neighbor tables over the input-embedding matrix E (paper eq. 7-8).
+
+Row v of a table is ``[v, n_1, ..., n_{k-1}]``: the anchor itself, then its k-1 nearest *valid* rows, most
+similar first, ties broken by the lower token id. Everything is a "score, larger is nearer": cosine and dot use the
+similarity, L2 and L1 the negated distance. The full build is chunked over rows so the peak extra memory is
+O(chunk_rows * V) and uses matmuls (cosine, dot, L2) or ``torch.cdist`` (L1, slower).
+"""
+
+from __future__ import annotations
+
+import time
+
+import torch
+
+METRICS = ("cosine", "l2", "l1", "dot")
+
+
+def _check_args(E: torch.Tensor, k: int, metric: str, valid: torch.Tensor | None) -> None:
+    if E.dim() != 2:
+        raise ValueError(f"E must be [V, d], got shape {tuple(E.shape)}")
+    if metric not in METRICS:
+        raise ValueError(f"metric must be one of {METRICS}, got {metric!r}")
+    if k < 1:
+        raise ValueError(f"k must be >= 1, got {k}")
+    if valid is not None and (valid.dtype != torch.bool or valid.shape != (E.shape[0],)):
+        raise ValueError(f"valid must be a bool tensor of shape [{E.shape[0]}], got {valid.dtype} {tuple(valid.shape)}")
+    n_valid = E.shape[0] if valid is None else int(valid.sum())
+    if k - 1 > n_valid - 1:
+        raise ValueError(f"k={k} needs at least {k} valid rows, E has {n_valid}")
+
+
+class _Prepared:
+    """What every chunk needs, computed once per E: normalised rows (cosine), squared norms (L2), column mask."""
+
+    def __init__(self, E: torch.Tensor, metric: str, valid: torch.Tensor | None):
+        self.metric = metric
+        self.V = E.shape[0]
+        with torch.no_grad():
+            E = E.detach()
+            if metric == "cosine":
+                norms = E.norm(dim=1, keepdim=True).clamp_min(torch.finfo(E.dtype).tiny)
+                self.keys = E / norms
+            else:
+                self.keys = E
+            # L2: ||a-b||^2 = ||a||^2 + ||b||^2 - 2 a.b; ||a||^2 is constant per row, so score = 2 a.b - ||b||^2.
+            self.sq_norms = (E * E).sum(dim=1) if metric == "l2" else None
+        # Additive column bias: -inf at invalid columns so they never enter the top-k.
+        self.col_bias = None
+        if valid is not None:
+            self.col_bias = torch.zeros(self.V, dtype=E.dtype, device=E.device)
+            self.col_bias[~valid.to(E.device)] = float("-inf")
+
+    def scores(self, rows: torch.Tensor) -> torch.Tensor:
+        """[n, V] scores (larger = nearer) of the rows with ids ``rows`` against every column."""
+        q = self.keys[rows]
+        if self.metric in ("cosine", "dot"):
+            s = q @ self.keys.T
+        elif self.metric == "l2":
+            s = torch.addmm(self.sq_norms.neg().unsqueeze(0), q, self.keys.T, alpha=2.0)
+        else:  # l1
+            s = torch.cdist(q.unsqueeze(0), self.keys.unsqueeze(0), p=1.0).squeeze(0).neg_()
+        if self.col_bias is not None:
+            s += self.col_bias
+        return s
+
+
+def _top_rows(prep: _Prepared, rows: torch.Tensor, k: int) -> torch.Tensor:
+    """[n, k] table rows for anchor ids ``rows`` (not yet handling invalid anchors)."""
+    n = rows.numel()
+    out = rows.unsqueeze(1).expand(n, k).clone()
+    if k == 1:
+        return out
+    s = prep.scores(rows)
+    s[torch.arange(n, device=s.device), rows] = float("-inf")  # never the anchor itself
+    m = min(k, prep.V)  # one extra to detect ties that straddle the cut
+    vals, idx = torch.topk(s, m, dim=1, largest=True, sorted=True)
+    top_v, top_i = vals[:, : k - 1], idx[:, : k - 1]
+    # Inside the kept set, order by (score desc, id asc): sort by id, then stable sort by score.
+    by_id = torch.sort(top_i, dim=1).indices
+    top_i, top_v = top_i.gather(1, by_id), top_v.gather(1, by_id)
+    by_score = torch.sort(top_v, dim=1, descending=True, stable=True).indices
+    top_i = top_i.gather(1, by_score)
+    out[:, 1:] = top_i
+    # A tie across the cut (k-th best == (k-1)-th best) means topk may have kept a higher id: redo those rows exactly.
+    if m == k:
+        straddle = (vals[:, k - 1] == vals[:, k - 2]).nonzero().flatten().tolist()
+        for r in straddle:
+            thr = vals[r, k - 2]
+            cand = (s[r] >= thr).nonzero().flatten()  # ascending ids
+            order = torch.sort(s[r, cand], descending=True, stable=True).indices
+            out[r, 1:] = cand[order[: k - 1]]
+    return out
+
+
+def build_neighbor_table(
+    E: torch.Tensor,
+    k: int,
+    metric: str = "cosine",
+    valid: torch.Tensor | None = None,
+    chunk_rows: int = 2048,
+) -> torch.Tensor:
+    """[V, k] int64; row v = [v, n_1, ..., n_{k-1}]: v itself then its k-1 nearest valid rows (most similar first,
+    ties broken by lower id), never v itself again, never an invalid row. Rows of invalid v hold v repeated.
+    Chunked over rows so peak memory is O(chunk_rows * V), computed in E's dtype/device (fp32 on CPU)."""
+    _check_args(E, k, metric, valid)
+    V = E.shape[0]
+    prep = _Prepared(E, metric, valid)
+    table = torch.arange(V, device=E.device).unsqueeze(1).repeat(1, k)
+    if k == 1:
+        return table
+    anchors = torch.arange(V, device=E.device)
+    if valid is not None:
+        anchors = anchors[valid.to(E.device)]
+    with torch.no_grad():
+        for start in range(0, anchors.numel(), chunk_rows):
+            rows = anchors[start : start + chunk_rows]
+            table[rows] = _top_rows(prep, rows, k)
+    return table
+
+
+class LazyNeighborTable:
+    """Table rows computed only for the anchors asked for, cached until E changes.
+
+    A change of E is noticed by its data pointer, shape or autograd version counter (in-place updates such as
+    ``E.copy_(...)`` bump it). Writes through ``E.data`` do not bump the counter: call ``invalidate()`` after them.
+    """
+
+    def __init__(self, E: torch.Tensor, k: int, metric: str = "cosine", valid: torch.Tensor | None = None):
+        _check_args(E, k, metric, valid)
+        self.k, self.metric, self.valid = k, metric, valid
+        self._bind(E)
+
+    def _bind(self, E: torch.Tensor) -> None:
+        self.E = E
+        self._key = self._fingerprint(E)
+        self._prep: _Prepared | None = None  # built on first lookup
+        self._rows = torch.arange(E.shape[0], device=E.device).unsqueeze(1).repeat(1, self.k)
+        self._have = torch.zeros(E.shape[0], dtype=torch.bool, device=E.device)
+        if self.valid is not None:  # invalid anchors are final already: v repeated
+            self._have |= ~self.valid.to(E.device)
+
+    @staticmethod
+    def _fingerprint(E: torch.Tensor) -> tuple:
+        return (E.data_ptr(), tuple(E.shape), E._version)
+
+    def invalidate(self, E: torch.Tensor | None = None) -> None:
+        """Drop every cached row; with ``E`` given, also switch to that matrix."""
+        self._bind(self.E if E is None else E)
+
+    @property
+    def cached_rows(self) -> int:
+        return int(self._have.sum()) if self.valid is None else int((self._have & self.valid.to(self._have.device)).sum())
+
+    def lookup(self, anchors: torch.Tensor) -> torch.Tensor:
+        """[n] anchor ids -> [n, k] table rows."""
+        if self._fingerprint(self.E) != self._key:
+            self.invalidate()
+        anchors = anchors.to(self._rows.device, torch.long)
+        missing = anchors[~self._have[anchors]].unique()
+        if missing.numel():
+            if self._prep is None:
+                self._prep = _Prepared(self.E, self.metric, self.valid)
+            with torch.no_grad():
+                self._rows[missing] = _top_rows(self._prep, missing, self.k)
+            self._have[missing] = True
+        return self._rows[anchors]
+
+
+def time_full_build(V: int = 151936, d: int = 1536, k: int = 3, metric: str = "cosine", chunk_rows: int = 2048,
+                    seed: int = 0) -> float:
+    """Seconds for one full ``build_neighbor_table`` on a random fp32 [V, d] matrix (generation not timed)."""
+    g = torch.Generator().manual_seed(seed)
+    E = torch.randn(V, d, generator=g)
+    t0 = time.perf_counter()
+    table = build_neighbor_table(E, k, metric=metric, chunk_rows=chunk_rows)
+    seconds = time.perf_counter() - t0
+    assert table.shape == (V, k)
+    return seconds

@@ -1,0 +1,1 @@
+"""Ray layer: rollout actors, trainer group, weight sync, reward pool, driver."""

@@ -1,0 +1,103 @@
+"""The typed config: presets, dotted overrides, and errors that name the key."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from ngrpo_ray.config import Config, ConfigError, flatten, load_config, to_yaml
+from ngrpo_ray.config.load import PRESET_DIR
+
+
+def test_defaults_follow_the_paper():
+    cfg = load_config()
+    assert (cfg.mixing.rho, cfg.mixing.k, cfg.rollout.temperature) == (0.1, 3, 0.7)
+    assert (cfg.trainer.lr, cfg.algorithm.beta, cfg.rollout.group_size) == (1e-6, 0.001, 4)
+    assert (cfg.eval.n, cfg.eval.temperature, cfg.eval.top_p, cfg.eval.mixing) == (32, 0.6, 0.95, False)
+
+
+def test_dotted_overrides_are_parsed_as_yaml():
+    cfg = load_config("cpu_default", ["mixing.rho=0.2", "eval.benchmarks=[aime24, amc23]", "mixing.tau=null"])
+    assert cfg.mixing.rho == 0.2
+    assert cfg.eval.benchmarks == ["aime24", "amc23"]
+    assert cfg.mixing.tau is None
+    assert isinstance(load_config(None, ["trainer.lr=1"]).trainer.lr, float)
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("mixing.rhoo=0.1", "unknown key 'mixing.rhoo' (did you mean 'mixing.rho'?)"),
+        ("mixer.rho=0.1", "unknown key 'mixer' (did you mean 'mixing'?)"),
+        ("mixing.metric=cos", "'mixing.metric' must be one of 'cosine', 'l2', 'l1', 'dot'; got 'cos'"),
+        ("rollout.group_size=2.5", "'rollout.group_size' must be an integer, got 2.5"),
+        ("trainer.lr=fast", "'trainer.lr' must be a number, got 'fast'"),
+        ("data.use_chat_template=1", "'data.use_chat_template' must be true or false, got 1"),
+        ("mixing.rho=1.5", "'mixing.rho' must lie in [0, 1], got 1.5"),
+        ("trainer.zero_stage=4", "'trainer.zero_stage' must be one of 0, 1, 2, 3; got 4"),
+        ("eval.benchmarks=aime24", "'eval.benchmarks' must be a list"),
+        ("mixing.stop_after=[1]", "'mixing.stop_after[0]' must be a string, got 1"),
+    ],
+)
+def test_bad_values_name_the_key(override, message):
+    with pytest.raises(ConfigError) as err:
+        load_config(None, [override])
+    assert message in str(err.value)
+
+
+def test_batch_divisibility_is_checked():
+    with pytest.raises(ConfigError, match="trainer.mini_batches"):
+        load_config(None, ["trainer.prompts_per_iteration=3", "rollout.group_size=3", "trainer.mini_batches=2"])
+
+
+def test_preset_inheritance_and_cycles(tmp_path: Path):
+    base = tmp_path / "base.yaml"
+    base.write_text("mixing: {rho: 0.05, k: 5}\ntrainer: {lr: 3.0e-6}\n")
+    child = tmp_path / "child.yaml"
+    child.write_text(f"base: {base}\nmixing: {{rho: 0.15}}\n")
+    cfg = load_config(child)
+    assert (cfg.mixing.rho, cfg.mixing.k, cfg.trainer.lr) == (0.15, 5, 3e-6)
+    loop = tmp_path / "loop.yaml"
+    loop.write_text(f"base: {loop}\n")
+    with pytest.raises(ConfigError, match="includes itself"):
+        load_config(loop)
+
+
+def test_unknown_preset_lists_the_known_ones():
+    with pytest.raises(ConfigError, match="cpu_default"):
+        load_config("no_such_preset")
+
+
+def test_every_preset_resolves():
+    presets = sorted(PRESET_DIR.glob("*.yaml"))
+    assert presets, "workflows/presets/ holds no preset"
+    for preset in presets:
+        assert isinstance(load_config(preset), Config), preset.name
+
+
+def test_resolved_config_round_trips_through_yaml(tmp_path: Path):
+    cfg = load_config("cpu_default", ["mixing.rho=0.3"])
+    dumped = tmp_path / "resolved.yaml"
+    dumped.write_text(to_yaml(cfg))
+    assert load_config(dumped) == cfg
+    assert flatten(cfg)["mixing.rho"] == 0.3
+
+
+def _ngrpo(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "ngrpo_ray.cli", *args], capture_output=True, text=True, timeout=120)
+
+
+def test_cli_lists_subcommands_and_rejects_bad_keys():
+    out = _ngrpo("--help")
+    assert out.returncode == 0
+    for command in ("train", "eval", "bench", "demo", "config"):
+        assert command in out.stdout
+    for command in ("train", "eval", "demo"):
+        assert "mixing.rho=0.2" in _ngrpo(command, "--help").stdout
+    assert "hook-overhead" in _ngrpo("bench", "--help").stdout
+    bad = _ngrpo("config", "mixing.rhoo=0.2")
+    assert bad.returncode == 2
+    assert "unknown key 'mixing.rhoo'" in bad.stderr
+    good = _ngrpo("config", "mixing.rho=0.25")
+    assert good.returncode == 0 and "rho: 0.25" in good.stdout
