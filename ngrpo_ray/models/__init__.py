@@ -1,0 +1,1 @@
+"""Offline model resolution (the demo model, the R1 tokenizer)."""
