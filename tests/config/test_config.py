@@ -23,6 +23,7 @@ def test_dotted_overrides_are_parsed_as_yaml():
     assert cfg.eval.benchmarks == ["aime24", "amc23"]
     assert cfg.mixing.tau is None
     assert isinstance(load_config(None, ["trainer.lr=1"]).trainer.lr, float)
+    assert load_config(None, ["trainer.lr=1e-5"]).trainer.lr == 1e-5  # YAML 1.1 reads 1e-5 as a string
 
 
 @pytest.mark.parametrize(
@@ -33,6 +34,7 @@ def test_dotted_overrides_are_parsed_as_yaml():
         ("mixing.metric=cos", "'mixing.metric' must be one of 'cosine', 'l2', 'l1', 'dot'; got 'cos'"),
         ("rollout.group_size=2.5", "'rollout.group_size' must be an integer, got 2.5"),
         ("trainer.lr=fast", "'trainer.lr' must be a number, got 'fast'"),
+        ("trainer.lr=1e-5x", "'trainer.lr' must be a number, got '1e-5x'"),
         ("data.use_chat_template=1", "'data.use_chat_template' must be true or false, got 1"),
         ("mixing.rho=1.5", "'mixing.rho' must lie in [0, 1], got 1.5"),
         ("trainer.zero_stage=4", "'trainer.zero_stage' must be one of 0, 1, 2, 3; got 4"),
