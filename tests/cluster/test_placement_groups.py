@@ -1,0 +1,170 @@
+"""Placement-group bundles from the config, and real reservations on a tiny local Ray cluster (2 CPUs, no GPU)."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+import ray
+
+from ngrpo_ray.config.load import load_config
+from ngrpo_ray.distributed import placement
+from ngrpo_ray.distributed.placement import PlacementTimeoutError, Slot
+
+
+def _cfg(*overrides: str):
+    return load_config(None, list(overrides))
+
+
+GPU_RUN = (
+    "trainer.use_gpu=true", "trainer.num_workers=4",
+    "rollout.num_engines=2", "rollout.engine_cpus=2", "rollout.engine_gpus=1",
+)
+
+
+def test_disaggregated_bundles_gpu():
+    plan = placement.plan_placement(_cfg("cluster.placement=disaggregated", *GPU_RUN))
+    assert plan.bundles == [{"CPU": 2.0, "GPU": 1.0}] * 2 + [{"CPU": 1.0, "GPU": 1.0}] * 4
+    assert plan.strategy == "PACK"
+    assert plan.engine_slots == [[Slot(0, 2.0, 1.0)], [Slot(1, 2.0, 1.0)]]
+    assert plan.trainer_slots == [Slot(2, 1.0, 1.0), Slot(3, 1.0, 1.0), Slot(4, 1.0, 1.0), Slot(5, 1.0, 1.0)]
+
+
+def test_disaggregated_bundles_tensor_parallel_and_fractional_engine():
+    cfg = _cfg("cluster.placement=disaggregated", "trainer.use_gpu=true", "trainer.num_workers=1",
+               "rollout.num_engines=2", "rollout.tensor_parallel_size=2", "rollout.engine_cpus=0.5",
+               "rollout.engine_gpus=0.5")
+    plan = placement.plan_placement(cfg, trainer_cpus=3.0)
+    assert plan.bundles == [{"CPU": 0.5, "GPU": 0.5}] * 4 + [{"CPU": 3.0, "GPU": 1.0}]
+    assert plan.engine_slots == [[Slot(0, 0.5, 0.5), Slot(1, 0.5, 0.5)], [Slot(2, 0.5, 0.5), Slot(3, 0.5, 0.5)]]
+    assert plan.trainer_slots == [Slot(4, 3.0, 1.0)]
+
+
+def test_colocated_bundles_share_gpus():
+    plan = placement.plan_placement(_cfg("cluster.placement=colocated", *GPU_RUN))
+    # 4 shared GPUs: bundles 0-1 hold an engine (2 CPUs) and a trainer (1 CPU); bundles 2-3 a trainer only.
+    assert plan.bundles == [{"CPU": 3.0, "GPU": 1.0}] * 2 + [{"CPU": 1.0, "GPU": 1.0}] * 2
+    assert plan.engine_slots == [[Slot(0, 2.0, 0.5)], [Slot(1, 2.0, 0.5)]]
+    assert plan.trainer_slots == [Slot(i, 1.0, 0.5) for i in range(4)]
+    # Everyone seated in a bundle fits in it: fractions sum to at most the bundle.
+    for index, bundle in enumerate(plan.bundles):
+        seated = [s for s in plan.trainer_slots + sum(plan.engine_slots, []) if s.bundle_index == index]
+        assert sum(s.num_gpus for s in seated) <= bundle["GPU"]
+        assert sum(s.num_cpus for s in seated) == bundle["CPU"]
+
+
+def test_colocated_more_engine_ranks_than_trainers():
+    cfg = _cfg("cluster.placement=colocated", "trainer.use_gpu=true", "trainer.num_workers=1",
+               "rollout.num_engines=3", "rollout.engine_cpus=1")
+    assert placement.colocated_bundles(cfg) == [{"CPU": 2.0, "GPU": 1.0}] + [{"CPU": 1.0, "GPU": 1.0}] * 2
+
+
+def test_cpu_run_asks_for_no_gpu_whatever_engine_gpus_says():
+    cfg = _cfg("rollout.engine_gpus=1", "rollout.engine_cpus=0.5", "trainer.num_workers=2")  # use_gpu false
+    assert placement.engine_bundles(cfg) == [{"CPU": 0.5}]
+    assert placement.trainer_bundles(cfg) == [{"CPU": 1.0}, {"CPU": 1.0}]
+    assert placement.colocated_bundles(cfg) == [{"CPU": 1.5}, {"CPU": 1.0}]
+
+
+def test_paper_presets_plan_eight_shared_gpus():
+    # The 1.5B/7B presets (colocated, 8 trainer workers, 1 engine) must ask the autoscaler for 8 GPUs.
+    for name in ("r1_distill_1p5b_ngrpo", "r1_distill_7b_ngrpo"):
+        plan = placement.plan_placement(load_config(name))
+        assert plan.placement == "colocated"
+        assert sum(b.get("GPU", 0.0) for b in plan.bundles) == 8.0
+
+
+@pytest.fixture(scope="module")
+def local_ray():
+    cfg = _cfg("cluster.num_cpus=2")
+    placement.init_ray(cfg, include_dashboard=False, log_to_driver=False)
+    yield
+    ray.shutdown()
+
+
+@pytest.mark.ray
+def test_init_ray_starts_local_cluster_with_configured_cpus(local_ray):
+    assert ray.is_initialized()
+    assert ray.cluster_resources()["CPU"] == 2.0
+    assert "GPU" not in ray.cluster_resources()
+
+
+@pytest.mark.ray
+def test_reserve_and_seat_actors_in_their_bundles(local_ray):
+    cfg = _cfg("cluster.placement=colocated", "rollout.engine_cpus=0.5", "cluster.placement_timeout_s=20")
+    pg, plan = placement.reserve(cfg)
+    try:
+        assert plan.bundles == [{"CPU": 1.5}]
+
+        @ray.remote
+        class Where:
+            def where(self):
+                ctx = ray.get_runtime_context()
+                return ctx.get_placement_group_id(), ctx.get_assigned_resources()
+
+        seated = [Where.options(**placement.actor_options(pg, plan.trainer_slots[0])).remote(),
+                  Where.options(**placement.actor_options(pg, plan.engine_slots[0][0])).remote()]
+        (pg_a, res_a), (pg_b, res_b) = ray.get([a.where.remote() for a in seated], timeout=60)
+        assert pg_a == pg_b == pg.id.hex()
+        assert res_a["CPU"] == 1.0 and res_b["CPU"] == 0.5
+        for actor in seated:
+            ray.kill(actor)
+    finally:
+        ray.util.remove_placement_group(pg)
+
+
+@pytest.mark.ray
+def test_unsatisfiable_gpu_request_fails_within_timeout_naming_the_key(local_ray):
+    cfg = _cfg("cluster.placement=disaggregated", "trainer.use_gpu=true", "trainer.num_workers=1",
+               "rollout.engine_cpus=0.5", "cluster.placement_timeout_s=2")
+    start = time.monotonic()
+    with pytest.raises(PlacementTimeoutError) as info:
+        placement.reserve(cfg, name="too-big")
+    elapsed = time.monotonic() - start
+    assert 2.0 <= elapsed < 8.0
+    message = str(info.value)
+    assert "cluster.placement_timeout_s" in message
+    assert "#0 {CPU: 0.5, GPU: 1}" in message and "#1 {CPU: 1, GPU: 1}" in message  # the bundles
+    assert "No live node could hold these" in message
+    assert "Cluster available resources: {CPU: 2" in message  # nothing was left reserved by the attempt
+    # The pending group was removed, so it is not left behind as autoscaler demand.
+    states = [t["state"] for t in ray.util.placement_group_table().values() if t["name"] == "too-big"]
+    assert states == ["REMOVED"]
+
+
+@pytest.mark.ray
+def test_cpu_group_larger_than_the_cluster_names_only_the_pending_bundles(local_ray):
+    # Each bundle fits a node alone, but together they exceed 2 CPUs: none is "never fits".
+    with pytest.raises(PlacementTimeoutError) as info:
+        placement.create_placement_group([{"CPU": 1.5}, {"CPU": 1.5}], "PACK", timeout_s=2, name="cpu-too-big")
+    message = str(info.value)
+    assert "#0 {CPU: 1.5}, #1 {CPU: 1.5}" in message
+    assert "No live node could hold" not in message
+    assert "cluster.placement_timeout_s" in message
+
+
+def test_init_ray_attaches_to_configured_address_without_local_options(monkeypatch):
+    calls = []
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    monkeypatch.setattr(ray, "init", lambda **kw: calls.append(kw))
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    placement.init_ray(_cfg("cluster.address=ray://10.0.0.1:10001", "cluster.num_cpus=4"))
+    monkeypatch.setenv("RAY_ADDRESS", "127.0.0.1:6379")
+    placement.init_ray(_cfg())
+    monkeypatch.delenv("RAY_ADDRESS")
+    placement.init_ray(_cfg("cluster.num_cpus=3"), include_dashboard=False)
+    assert calls == [
+        {"address": "ray://10.0.0.1:10001"},
+        {"address": "127.0.0.1:6379"},
+        {"num_cpus": 3, "include_dashboard": False, "dashboard_host": "127.0.0.1"},
+    ]
+
+
+def test_init_ray_auth_failure_explains_the_token(monkeypatch):
+    def refuse(**kw):
+        raise ConnectionError("Missing authentication token")
+
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    monkeypatch.setattr(ray, "init", refuse)
+    with pytest.raises(RuntimeError, match="RAY_AUTH_MODE=token"):
+        placement.init_ray(_cfg("cluster.address=10.0.0.1:6379"))
