@@ -149,7 +149,8 @@ class LazyNeighborTable:
 
     @property
     def cached_rows(self) -> int:
-        return int(self._have.sum()) if self.valid is None else int((self._have & self.valid.to(self._have.device)).sum())
+        have = self._have if self.valid is None else self._have & self.valid.to(self._have.device)
+        return int(have.sum())
 
     def lookup(self, anchors: torch.Tensor) -> torch.Tensor:
         """[n] anchor ids -> [n, k] table rows."""

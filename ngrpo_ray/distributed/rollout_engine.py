@@ -1,0 +1,89 @@
+"""RolloutEngine: a Ray actor that owns one hooked vLLM ``LLM``.
+
+``generate`` returns a RolloutBatch; called as ``engine.generate.remote(...)`` the caller holds an ObjectRef and the
+tensors go through Ray's object store. Several engines run side by side (data parallel); each claims
+``num_cpus`` (fractional allowed) / ``num_gpus`` from Ray via ``RolloutEngine.options(...)`` or ``make_rollout_engine``.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import time
+from typing import Any
+
+import ray
+
+
+class RolloutEngineImpl:
+    """The actor body (also usable without Ray, e.g. in a single-process script)."""
+
+    def __init__(self, spec: dict[str, Any], policy_version: int = 0):
+        os.environ.setdefault("VLLM_USE_V2_MODEL_RUNNER", "0")
+        from transformers import AutoTokenizer
+
+        from ngrpo_ray.engine.llm_factory import EngineSpec, build_llm
+        from ngrpo_ray.engine.rollout import stop_ids_of
+
+        self.spec = EngineSpec(**spec)
+        t0 = time.perf_counter()
+        self.llm = build_llm(self.spec, hooked=True)
+        self.start_seconds = time.perf_counter() - t0
+        self.stop_ids = stop_ids_of(self.spec.model)
+        try:
+            self.tokenizer = AutoTokenizer.from_pretrained(self.spec.model)
+        except (OSError, ValueError):  # a checkpoint without a tokenizer: text stays empty
+            self.tokenizer = None
+        self.policy_version = int(policy_version)
+
+    def generate(self, prompt_token_ids: list[list[int]], sampling: Any, mixing: Any,
+                 policy_version: int | None = None, group_size: int = 1):
+        from ngrpo_ray.engine.rollout import generate_rollout
+
+        version = self.policy_version if policy_version is None else int(policy_version)
+        if version != self.policy_version:
+            raise ValueError(f"generate asked for policy version {version}, the engine holds {self.policy_version}")
+        return generate_rollout(self.llm, prompt_token_ids, sampling, mixing, policy_version=version,
+                                group_size=group_size, stop_token_ids=self.stop_ids, tokenizer=self.tokenizer)
+
+    def refit_from_path(self, path: str, policy_version: int) -> dict:
+        from ngrpo_ray.engine.records_client import check
+
+        stats = check(self.llm.collective_rpc("ngrpo_refit_from_path", args=(str(path),)))
+        self.llm.reset_prefix_cache()  # cached blocks were computed with the old weights
+        self.policy_version = int(policy_version)
+        return stats
+
+    def refit_from_state_dict(self, state: dict, policy_version: int) -> dict:
+        """Through a temporary safetensors file next to the engine (the engine core is another process)."""
+        from safetensors.torch import save_file
+
+        with tempfile.TemporaryDirectory(prefix="ngrpo_refit_") as tmp:
+            path = os.path.join(tmp, "model.safetensors")
+            save_file({k: v.detach().cpu().contiguous() for k, v in state.items()}, path)
+            return self.refit_from_path(path, policy_version)
+
+    def health(self) -> dict:
+        from ngrpo_ray.engine.records_client import check
+
+        stats = check(self.llm.collective_rpc("ngrpo_stats", timeout=60))
+        return {"ok": True, "policy_version": self.policy_version, "model": self.spec.model,
+                "start_seconds": self.start_seconds, **{k: v for k, v in stats.items() if k != "ok"}}
+
+    def shutdown(self) -> bool:
+        llm, self.llm = getattr(self, "llm", None), None
+        if llm is not None:
+            llm.llm_engine.engine_core.shutdown()
+        return True
+
+
+RolloutEngine = ray.remote(RolloutEngineImpl)
+
+
+def make_rollout_engine(spec: dict[str, Any], num_cpus: float = 1.0, num_gpus: float = 0.0,
+                        policy_version: int = 0, name: str | None = None):
+    """A RolloutEngine actor handle with its resource claim (fractional CPUs allowed)."""
+    options: dict[str, Any] = {"num_cpus": num_cpus, "num_gpus": num_gpus}
+    if name is not None:
+        options["name"] = name
+    return RolloutEngine.options(**options).remote(spec, policy_version)

@@ -1,0 +1,293 @@
+"""One trainer rank's work on a rollout batch: rebuild the engine's inputs, recompute log-probs, step the policy.
+
+Per call of ``train_on_sequences`` (every rank at once, each with its shard of the sequences):
+  1. old log-probs (recomputed with the current weights, or the rollout's) and reference log-probs (beta > 0),
+     both without gradient and before any update;
+  2. for each epoch and mini-batch: the GLOBAL token / sequence counts of the mini-batch are all-reduced, then each
+     of ``micro_batches`` micro-batches runs forward on ``inputs_embeds`` rebuilt from the records (the mixtures the
+     engine fed), ``core.losses.policy_loss`` with those global counts, and ``engine.backward``; then one
+     ``engine.step``.
+Mini-batches are fixed on the GLOBAL sequence order (seeded shuffle per epoch), and a rank takes every W-th
+sequence of each, so the update does not depend on the number of ranks or micro-batches (tested).
+
+Log-probs follow the record contract: log_softmax(logits / temperature)[token], no top-p/top-k renormalisation.
+This module imports no Ray.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass, field
+from typing import Any, Callable, Sequence
+
+import torch
+import torch.distributed as dist
+
+from ngrpo_ray.core.losses import (
+    GlobalNormalizers,
+    PolicyLossConfig,
+    finalize_policy_metrics,
+    policy_loss,
+    reduce_policy_metrics,
+)
+from ngrpo_ray.core.records import ResponseRecord, align_records, rebuild_inputs_embeds
+
+
+@dataclass
+class TrainSequence:
+    """One response to train on: its prompt, its records, its advantage (scalar or per token [T])."""
+
+    prompt_ids: torch.Tensor  # [P] int64
+    record: ResponseRecord
+    advantage: torch.Tensor  # [] or [T] float32
+    index: int = 0  # position in the global batch (fixes mini-batch membership independently of the rank count)
+
+
+@dataclass
+class StepSettings:
+    temperature: float = 1.0
+    mini_batches: int = 1  # optimizer steps per rollout batch
+    micro_batches: int = 1  # accumulation steps per mini-batch, per rank
+    epochs: int = 1
+    old_logprobs: str = "recompute"  # "recompute" (current weights, before the update) or "rollout" (engine's)
+    shuffle: bool = True
+    seed: int = 0
+    pad_id: int = 0
+
+    def validate(self) -> None:
+        if self.old_logprobs not in ("recompute", "rollout"):
+            raise ValueError(f"trainer.old_logprobs must be 'recompute' or 'rollout', got {self.old_logprobs!r}")
+        for name in ("mini_batches", "micro_batches", "epochs"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"trainer.{name} must be >= 1, got {getattr(self, name)}")
+        if self.temperature <= 0:
+            raise ValueError(f"trainer.temperature must be > 0, got {self.temperature}")
+
+
+@dataclass
+class TokenBatch:
+    """A micro-batch in response coordinates: [B, T] where T is the longest response."""
+
+    logp: torch.Tensor
+    mask: torch.Tensor  # [B, T] bool
+    logits: torch.Tensor | None = None  # [B, T, V] tempered (for the entropy metric)
+
+
+def _world() -> tuple[int, int]:
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def _causal_lm_parts(model: torch.nn.Module) -> tuple[torch.nn.Module, torch.nn.Module]:
+    """(decoder body returning hidden states, output head) of a HF causal LM."""
+    body = getattr(model, "model", None) or model.base_model
+    return body, model.get_output_embeddings()
+
+
+def response_logprobs(
+    model: torch.nn.Module,
+    prompts: Sequence[torch.Tensor],
+    records: Sequence[ResponseRecord],
+    temperature: float,
+    pad_id: int = 0,
+    use_records: bool = True,
+    keep_logits: bool = False,
+) -> TokenBatch:
+    """log_softmax(logits / T)[response token] for every response step, teacher-forced on the rebuilt inputs.
+
+    With ``use_records=False`` the mixtures are ignored (plain token embeddings): the control that must disagree.
+    Only response positions go through the output head, so memory is O(response tokens x V), not O(B L V).
+    """
+    device = next(model.parameters()).device
+    al = align_records(list(prompts), list(records), pad_id, padding_side="right")
+    if al.noise_seed is not None and bool((al.noise_seed >= 0).any()):
+        # the Gaussian-noise baseline needs its noise_std to regenerate the inputs; not wired yet: refuse, never
+        # silently train on inputs the engine did not see
+        raise NotImplementedError("records with noise_seed (gaussian_noise strategy) are not supported by the trainer yet")
+    body, head = _causal_lm_parts(model)
+    E = model.get_input_embeddings().weight
+    mixed = al.mixed_mask if use_records else torch.zeros_like(al.mixed_mask)
+    embeds = rebuild_inputs_embeds(al.input_ids.to(device), E, mixed.to(device), al.cand_ids.to(device),
+                                   al.alpha.to(device))
+    hidden = body(inputs_embeds=embeds, attention_mask=al.attention_mask.to(device),
+                  position_ids=al.position_ids.to(device), use_cache=False).last_hidden_state
+    B = len(records)
+    T = max(len(r) for r in records)
+    lengths = torch.tensor([len(r) for r in records])
+    starts = torch.tensor([int(p.numel()) for p in prompts])
+    mask = torch.arange(T)[None, :] < lengths[:, None]  # [B, T]
+    # response token t of row b sits at position P_b + t; the logits predicting it are at P_b + t - 1
+    pos = (starts[:, None] + torch.arange(T)[None, :] - 1).clamp(max=al.input_ids.shape[1] - 1)
+    rows = torch.arange(B)[:, None].expand(B, T)
+    b_idx, p_idx = rows[mask].to(device), pos[mask].to(device)
+    logits = head(hidden[b_idx, p_idx]).float() / temperature  # [N, V]
+    targets = al.input_ids[rows[mask], pos[mask] + 1].to(device)
+    token_logp = torch.log_softmax(logits, dim=-1).gather(-1, targets[:, None]).squeeze(-1)
+    logp = torch.zeros(B, T, dtype=token_logp.dtype, device=device)
+    logp = logp.index_put((b_idx, mask.nonzero()[:, 1].to(device)), token_logp)
+    full_logits = None
+    if keep_logits:
+        full_logits = torch.zeros(B, T, logits.shape[-1], dtype=logits.dtype, device=device)
+        full_logits = full_logits.index_put((b_idx, mask.nonzero()[:, 1].to(device)), logits.detach())
+    return TokenBatch(logp=logp, mask=mask.to(device), logits=full_logits)
+
+
+def _pad_rows(values: Sequence[torch.Tensor], T: int, device) -> torch.Tensor:
+    out = torch.zeros(len(values), T, dtype=torch.float32, device=device)
+    for i, v in enumerate(values):
+        out[i, : v.numel()] = v.to(device=device, dtype=torch.float32)
+    return out
+
+
+@torch.no_grad()
+def batched_logprobs(model: torch.nn.Module, seqs: Sequence[TrainSequence], temperature: float, pad_id: int,
+                     chunk: int = 8) -> list[torch.Tensor]:
+    """Per-sequence [T_i] log-probs without gradient (old / reference / parity checks), in chunks of ``chunk``."""
+    out: list[torch.Tensor] = []
+    for i in range(0, len(seqs), chunk):
+        part = seqs[i: i + chunk]
+        tb = response_logprobs(model, [s.prompt_ids for s in part], [s.record for s in part], temperature, pad_id)
+        out.extend(tb.logp[j, : len(s.record)].float().cpu() for j, s in enumerate(part))
+    return out
+
+
+def mini_batch_plan(indices: Sequence[int], mini_batches: int, epoch: int, seed: int, shuffle: bool) -> list[list[int]]:
+    """Global mini-batches of sequence indices for one epoch; the same on every rank for any rank count."""
+    order = sorted(indices)
+    if shuffle:
+        random.Random(seed * 1_000_003 + epoch).shuffle(order)
+    n = len(order)
+    bounds = [round(i * n / mini_batches) for i in range(mini_batches + 1)]
+    return [order[bounds[i]: bounds[i + 1]] for i in range(mini_batches)]
+
+
+def split_even(items: list, parts: int) -> list[list]:
+    n = len(items)
+    bounds = [round(i * n / parts) for i in range(parts + 1)]
+    return [items[bounds[i]: bounds[i + 1]] for i in range(parts)]
+
+
+def all_reduce_counts(local: GlobalNormalizers, device) -> GlobalNormalizers:
+    t = torch.tensor([local.tokens, local.seqs], dtype=torch.float64 if device.type == "cpu" else torch.float32,
+                     device=device)
+    if _world()[1] > 1:
+        dist.all_reduce(t)
+    return GlobalNormalizers(tokens=int(round(float(t[0]))), seqs=int(round(float(t[1]))))
+
+
+def all_reduce_metrics(summed: dict[str, torch.Tensor], device) -> dict[str, torch.Tensor]:
+    if _world()[1] == 1:
+        return summed
+    out = {}
+    for k in sorted(summed):  # same order on every rank
+        t = summed[k].to(device=device, dtype=torch.float64 if device.type == "cpu" else torch.float32)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX if k.endswith("_max") else dist.ReduceOp.SUM)
+        out[k] = t.cpu().double()
+    return out
+
+
+@dataclass
+class TrainStats:
+    metrics: dict[str, float] = field(default_factory=dict)
+
+
+def train_on_sequences(
+    engine: Any,  # a DeepSpeed engine (or anything with .module, .backward(loss), .step())
+    local: Sequence[TrainSequence],
+    all_indices: Sequence[int],
+    settings: StepSettings,
+    loss_config: PolicyLossConfig,
+    ref_model: torch.nn.Module | None = None,
+    loss_scale: float = 1.0,
+    grad_norm_fn: Callable[[], float | None] | None = None,
+) -> dict[str, float]:
+    """Run epochs x mini-batches of updates on this rank's ``local`` sequences. Returns globally reduced metrics."""
+    settings.validate()
+    rank, world = _world()
+    model = engine.module
+    device = next(model.parameters()).device
+    # Decided on the GLOBAL count, so every rank raises alike instead of one waiting in a collective for the other.
+    if len(all_indices) < world:
+        raise ValueError(f"the batch has {len(all_indices)} sequences for {world} trainer ranks: it needs at least "
+                         f"one per rank (no sequences for some rank)")
+    # 1. old and reference log-probs, before any update
+    model.eval()
+    if settings.old_logprobs == "recompute":
+        old = batched_logprobs(model, local, settings.temperature, settings.pad_id)
+    else:
+        old = [s.record.logprobs.float() for s in local]
+    ref = None
+    if loss_config.beta != 0.0:
+        if ref_model is None:
+            raise ValueError(f"loss beta={loss_config.beta} needs a reference model (trainer.ref_model)")
+        ref = batched_logprobs(ref_model, local, settings.temperature, settings.pad_id)
+    model.train()
+    by_index = {s.index: (s, o, ref[i] if ref is not None else None) for i, (s, o) in enumerate(zip(local, old))}
+
+    per_step: list[dict[str, torch.Tensor]] = []
+    grad_norms: list[float] = []
+    for epoch in range(settings.epochs):
+        for mb in mini_batch_plan(all_indices, settings.mini_batches, epoch, settings.seed, settings.shuffle):
+            mine = [by_index[i] for i in mb if i in by_index]
+            counts = GlobalNormalizers(tokens=sum(len(s.record) for s, _, _ in mine),
+                                       seqs=sum(1 for s, _, _ in mine if len(s.record) > 0))
+            norm = all_reduce_counts(counts, device if device.type != "cpu" else torch.device("cpu"))
+            step_metrics: list[dict[str, torch.Tensor]] = []
+            micro_list = split_even(mine, settings.micro_batches)
+            for j, micro in enumerate(micro_list):
+                # We own the accumulation boundary (DeepSpeed's micro-step counter drifts when the count changes
+                # between calls): reduce and update only after the last micro-batch, then one step().
+                set_boundary(engine, j == len(micro_list) - 1)
+                weight = 1.0
+                if not micro:  # keep the collective schedule identical on every rank: a zero-weight dummy
+                    micro, weight = [by_index[local[0].index]], 0.0
+                seqs = [m[0] for m in micro]
+                tb = response_logprobs(model, [s.prompt_ids for s in seqs], [s.record for s in seqs],
+                                       settings.temperature, settings.pad_id, keep_logits=True)
+                T = tb.logp.shape[1]
+                old_t = _pad_rows([m[1] for m in micro], T, device)
+                ref_t = _pad_rows([m[2] for m in micro], T, device) if ref is not None else None
+                adv = _advantages([s.advantage for s in seqs], T, device)
+                out = policy_loss(tb.logp, old_t, adv, tb.mask, loss_config, norm, ref_logp=ref_t, logits=tb.logits)
+                engine.backward(out.loss * (weight * loss_scale), scale_wrt_gas=False)
+                # a dummy contributes zeros, so every rank reduces the same keys in the same order
+                step_metrics.append(out.metrics if weight > 0 else {k: v * 0 for k, v in out.metrics.items()})
+            engine.step()
+            if grad_norm_fn is not None:
+                gn = grad_norm_fn()
+                if gn is not None:
+                    grad_norms.append(float(gn))
+            per_step.append(reduce_policy_metrics(step_metrics))
+    return _summarise(per_step, grad_norms, device)
+
+
+def set_boundary(engine: Any, is_boundary: bool) -> None:
+    """DeepSpeed's manual accumulation boundary (stays set: we set it before every backward); no-op elsewhere."""
+    setter = getattr(engine, "set_gradient_accumulation_boundary", None)
+    if setter is not None:
+        setter(is_boundary)
+
+
+def _advantages(values: Sequence[torch.Tensor], T: int, device) -> torch.Tensor:
+    if all(v.dim() == 0 for v in values):
+        return torch.stack([v.float() for v in values]).to(device)
+    return _pad_rows([v.expand(T) if v.dim() == 0 else v for v in values], T, device)
+
+
+def _summarise(per_step: list[dict[str, torch.Tensor]], grad_norms: list[float], device) -> dict[str, float]:
+    """Per optimizer step: all-reduce the sums over ranks, finalize; then average over steps (loss summed is a
+    mini-batch value, so the mean over steps is the mean mini-batch loss)."""
+    keys = sorted({k for m in per_step for k in m})
+    finals = []
+    for m in per_step:
+        filled = {k: m.get(k, torch.tensor(0.0, dtype=torch.float64)) for k in keys}
+        finals.append(finalize_policy_metrics(all_reduce_metrics(filled, device)))
+    out: dict[str, float] = {}
+    for k in finals[0]:
+        vals = [f[k] for f in finals]
+        out[k] = sum(vals) if k in ("tokens", "seqs") else sum(vals) / len(vals)
+    out["optimizer_steps"] = float(len(per_step))
+    if grad_norms:
+        out["grad_norm"] = sum(grad_norms) / len(grad_norms)
+    return out
