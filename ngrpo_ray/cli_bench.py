@@ -1,0 +1,109 @@
+"""``ngrpo bench hook-overhead``: tokens/s of a vanilla vLLM engine vs the neighbor-mixing engine, one process.
+
+Both engines are alive together and rounds are interleaved (vanilla, hooked, vanilla, ...) so machine noise hits
+both alike. Same prompts, same sampling settings (temperature, max_tokens with ignore_eos so every sequence has the
+same length, detokenize off, logprobs=0 since RL needs them either way). The hooked time includes resolving the
+records and building the RolloutBatch. slowdown = 1 - hooked / vanilla.
+Callers that build engines need an ``if __name__ == "__main__":`` guard (vLLM spawns processes).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import time
+from typing import Any
+
+DEFAULTS = dict(model=None, rho=0.1, k=3, num_seqs=32, max_tokens=256, prompt_len=32, rounds=3, temperature=1.0,
+                seed=0, kv_cache_gib=2.0, max_model_len=1024, enforce_eager=False, dtype="float32")
+
+
+def _args_dict(args: Any) -> dict:
+    d = dict(DEFAULTS)
+    d.update({k: v for k, v in (vars(args) if isinstance(args, argparse.Namespace) else dict(args)).items()
+              if v is not None})
+    if not d["model"]:
+        raise ValueError("bench hook-overhead needs --model (a local checkpoint path)")
+    return d
+
+
+def _prompts(vocab: int, n: int, length: int, seed: int) -> list[list[int]]:
+    rng = random.Random(seed)
+    hi = max(min(vocab, 20000), 3)
+    return [[rng.randrange(2, hi) for _ in range(length)] for _ in range(n)]
+
+
+def run_hook_overhead_bench(args: Any, engines: tuple[Any, Any] | None = None) -> dict:
+    """Returns (and the CLI prints as JSON) tokens/s of both engines and the slowdown.
+
+    ``engines`` = (vanilla LLM, hooked LLM) reuses engines already built (tests); otherwise both are built here
+    from the same EngineSpec, the vanilla one without any hook setting."""
+    from transformers import AutoConfig
+    from vllm import SamplingParams
+
+    from ngrpo_ray.core.mixing_params import MixingParams
+    from ngrpo_ray.engine.llm_factory import EngineSpec, build_llm
+    from ngrpo_ray.engine.rollout import generate_rollout
+
+    a = _args_dict(args)
+    vocab = int(AutoConfig.from_pretrained(a["model"]).vocab_size)
+    if engines is None:
+        spec = EngineSpec(model=a["model"], seed=a["seed"], max_model_len=a["max_model_len"],
+                          max_num_seqs=max(a["num_seqs"], 1), enforce_eager=a["enforce_eager"],
+                          kv_cache_gib=a["kv_cache_gib"], dtype=a["dtype"])
+        vanilla, hooked = build_llm(spec, hooked=False), build_llm(spec, hooked=True)
+    else:
+        vanilla, hooked = engines
+    prompts = _prompts(vocab, a["num_seqs"], a["prompt_len"], a["seed"])
+    sampling = {"temperature": a["temperature"], "max_tokens": a["max_tokens"], "ignore_eos": True}
+    vanilla_sp = SamplingParams(detokenize=False, logprobs=0, **sampling)
+    mixing = MixingParams(strategy="neighbor_mix", rho=a["rho"], k=a["k"])
+
+    def run_vanilla() -> tuple[float, int]:
+        t0 = time.perf_counter()
+        outs = vanilla.generate([{"prompt_token_ids": p} for p in prompts], vanilla_sp, use_tqdm=False)
+        return time.perf_counter() - t0, sum(len(o.outputs[0].token_ids) for o in outs)
+
+    def run_hooked() -> tuple[float, int, float]:
+        t0 = time.perf_counter()
+        batch = generate_rollout(hooked, prompts, sampling, mixing)
+        return time.perf_counter() - t0, batch.num_tokens, batch.mixed_fraction
+
+    run_vanilla(), run_hooked()  # warm-up: first-call costs (lazy neighbor rows, compiles) stay out of the timing
+    rounds, v_s, v_t, h_s, h_t, mixed = [], 0.0, 0, 0.0, 0, []
+    for r in range(a["rounds"]):
+        vs, vt = run_vanilla()
+        hs, ht, mf = run_hooked()
+        v_s, v_t, h_s, h_t = v_s + vs, v_t + vt, h_s + hs, h_t + ht
+        mixed.append(mf)
+        rounds.append({"round": r, "vanilla_tokens_per_s": vt / vs, "hooked_tokens_per_s": ht / hs,
+                       "mixed_fraction": mf})
+    vanilla_tps, hooked_tps = v_t / v_s, h_t / h_s
+    return {
+        "model": a["model"], "rho": a["rho"], "k": a["k"], "num_seqs": a["num_seqs"], "max_tokens": a["max_tokens"],
+        "rounds": a["rounds"], "enforce_eager": a["enforce_eager"], "dtype": a["dtype"],
+        "vanilla_tokens_per_s": vanilla_tps, "hooked_tokens_per_s": hooked_tps,
+        "slowdown": 1.0 - hooked_tps / vanilla_tps, "mixed_fraction": sum(mixed) / len(mixed), "per_round": rounds,
+    }
+
+
+def add_hook_overhead_arguments(parser: argparse.ArgumentParser) -> None:
+    """Flags for the lead's CLI wiring (``ngrpo bench hook-overhead``)."""
+    parser.add_argument("--model", required=True, help="local checkpoint path (e.g. SmolLM2-135M-Instruct)")
+    for name in ("rho", "temperature", "kv_cache_gib"):
+        parser.add_argument(f"--{name.replace('_', '-')}", dest=name, type=float, default=DEFAULTS[name])
+    for name in ("k", "num_seqs", "max_tokens", "prompt_len", "rounds", "seed", "max_model_len"):
+        parser.add_argument(f"--{name.replace('_', '-')}", dest=name, type=int, default=DEFAULTS[name])
+    parser.add_argument("--enforce-eager", dest="enforce_eager", action="store_true")
+    parser.add_argument("--dtype", default=DEFAULTS["dtype"])
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="ngrpo bench hook-overhead")
+    add_hook_overhead_arguments(parser)
+    print(json.dumps(run_hook_overhead_bench(parser.parse_args(argv)), indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,106 @@
+"""Building a vLLM ``LLM`` with the settings the mixing hook needs, and the SamplingParams it accepts.
+
+Scripts that call ``build_llm`` need an ``if __name__ == "__main__":`` guard (vLLM spawns processes).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from ngrpo_ray.engine.refusals import MixingRefusal, check_engine_kwargs, check_sampling_params
+from ngrpo_ray.engine.records_client import check
+from ngrpo_ray.engine.request_options import EXTRA_ARGS_KEY, to_wire
+
+EXTENSION_QUALNAME = "ngrpo_ray.engine.worker_extension.NgrpoWorkerExtension"
+CPU_BLOCK_SIZE = 32  # CPU attention wants a multiple of 32
+
+
+@dataclass(frozen=True)
+class EngineSpec:
+    """What differs between engines; everything else is fixed by the hook's needs."""
+
+    model: str
+    seed: int = 0
+    max_model_len: int = 1024
+    max_num_seqs: int = 64
+    enforce_eager: bool = True
+    kv_cache_gib: float | None = 1.0  # CPU: KV cache bytes (VLLM_CPU_KVCACHE_SPACE equivalent)
+    gpu_memory_utilization: float | None = None  # GPU: fraction; CPU: None (use kv_cache_gib)
+    num_gpu_blocks_override: int | None = None  # tests force preemption with a tiny cache
+    max_num_batched_tokens: int | None = None
+    table_capacity: int = 1 << 16  # ring slots allocated in the embedding (mixed steps alive per generate call)
+    k_max: int = 3  # largest mixing.k the engine serves (paper: 3; each extra column costs a gather per token)
+    neighbor_mode: str = "lazy"  # "full": whole table at install / refit; "lazy": rows on first use
+    hook_seed: int | None = None  # None -> seed
+    dtype: str = "float32"  # exactness needs fp32 on CPU ("auto" turns fp32 checkpoints into bf16 there)
+    extra: tuple[tuple[str, Any], ...] = ()  # more LLM kwargs, still checked by the refusals
+
+
+def engine_kwargs(spec: EngineSpec, hooked: bool) -> dict[str, Any]:
+    kw: dict[str, Any] = dict(
+        model=spec.model, seed=spec.seed, max_model_len=spec.max_model_len, max_num_seqs=spec.max_num_seqs,
+        enforce_eager=spec.enforce_eager, dtype=spec.dtype, generation_config="vllm",
+    )
+    if _on_cpu():
+        kw["block_size"] = CPU_BLOCK_SIZE
+        if spec.kv_cache_gib is not None:
+            kw["kv_cache_memory_bytes"] = int(spec.kv_cache_gib * (1 << 30))
+    if spec.gpu_memory_utilization is not None:
+        kw["gpu_memory_utilization"] = spec.gpu_memory_utilization
+    if spec.num_gpu_blocks_override is not None:
+        kw["num_gpu_blocks_override"] = spec.num_gpu_blocks_override
+    if spec.max_num_batched_tokens is not None:
+        kw["max_num_batched_tokens"] = spec.max_num_batched_tokens
+    kw.update(dict(spec.extra))
+    if hooked:
+        kw.update(
+            worker_extension_cls=EXTENSION_QUALNAME,
+            skip_tokenizer_init=True,  # the frontend never sees a tokenizer, so it never decodes a virtual id
+            async_scheduling=False,
+            additional_config={"ngrpo": {"table_capacity": spec.table_capacity, "k_max": spec.k_max}},
+        )
+        check_engine_kwargs(kw)
+    return kw
+
+
+def _on_cpu() -> bool:
+    from vllm.platforms import current_platform
+
+    return current_platform.is_cpu()
+
+
+def build_llm(spec: EngineSpec, hooked: bool = True):
+    """An ``LLM``; when hooked, the mixing hook is installed and checked before it is returned."""
+    import os
+
+    os.environ.setdefault("VLLM_USE_V2_MODEL_RUNNER", "0")
+    from vllm import LLM
+
+    llm = LLM(**engine_kwargs(spec, hooked))
+    if hooked:
+        seed = spec.seed if spec.hook_seed is None else spec.hook_seed
+        check(llm.collective_rpc("ngrpo_install", kwargs={"seed": seed, "neighbor_mode": spec.neighbor_mode}))
+    return llm
+
+
+def make_sampling_params(sampling: dict[str, Any], mixing: Any, stop_token_ids: list[int]) -> Any:
+    """SamplingParams for a hooked engine: detokenize off, logprobs=0, mixing options in extra_args; refusals run."""
+    from vllm import SamplingParams
+
+    sampling = dict(sampling or {})
+    if "n" in sampling and sampling["n"] != 1:
+        raise MixingRefusal("sampling.n != 1 is refused: repeat the prompt instead (each response gets its own "
+                            "request, group/sample indices stay explicit)")
+    if sampling.get("stop"):  # vLLM's own check (stop needs detokenize) would fire first with a less useful message
+        raise MixingRefusal(f"stop strings {sampling['stop']!r} are refused: they need detokenization, which drops "
+                            f"virtual ids; stop with stop_token_ids instead")
+    stops = sorted({int(x) for x in (*sampling.pop("stop_token_ids", ()), *stop_token_ids)})
+    wire = to_wire(mixing, stops)
+    extra_args = dict(sampling.pop("extra_args", None) or {})
+    extra_args[EXTRA_ARGS_KEY] = wire
+    sampling.setdefault("detokenize", False)
+    sampling.setdefault("logprobs", 0)
+    sp = SamplingParams(stop_token_ids=stops, extra_args=extra_args, **sampling)
+    check_sampling_params(sp, mixing_on=wire["rho"] > 0)
+    return sp

@@ -1,0 +1,325 @@
+"""Sampler pre/post hooks that implement Semantic Neighbor Mixing inside vLLM's V1 model runner (paper eq. 6-11).
+
+Pre-hook (sees the raw logits of every row): for each opted-in row
+  z = logits / temperature, anchor = argmax z, C = neighbor_table[anchor, :k], alpha = softmax(logits[C] / tau),
+  anchor logprob = log_softmax(z)[anchor], gate m ~ Bernoulli(rho) from a dedicated seeded generator.
+Post-hook (sees vLLM's sampled ids): a mixed row's id becomes VIRTUAL_BASE + c and (C, alpha, logprob) go into ring
+slot c % S; the logprob vLLM reports for every opted-in row is replaced by log_softmax(logits / temperature) of the
+emitted token (the anchor at mixed steps), so every recorded logprob follows the records contract.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ngrpo_ray.core.neighbors import LazyNeighborTable, build_neighbor_table
+from ngrpo_ray.engine.embedding_patch import VIRTUAL_BASE, MixingEmbedding
+from ngrpo_ray.engine.request_options import EXTRA_ARGS_KEY, RequestMixing, from_wire
+
+_INT32_MAX = (1 << 31) - 1
+
+
+@dataclass
+class _RequestState:
+    options: RequestMixing
+    stopped: bool = False  # a stop_after id was emitted
+    scanned: int = 0  # output tokens already scanned for stop_after ids
+    generator: torch.Generator | None = None
+    last_step: int = -1  # last hooked step this request had a row in
+
+
+@dataclass
+class _Pending:
+    """What the pre-hook computed for the post-hook of the same sampler call."""
+
+    rows: torch.Tensor  # [H] batch rows that opted in
+    mixed: torch.Tensor  # [H] bool
+    cand: torch.Tensor  # [H, k_max]
+    alpha: torch.Tensor  # [H, k_max]
+    anchor_logprob: torch.Tensor  # [H]
+    scaled_logits: torch.Tensor  # [H, V] logits / temperature
+    log_norm: torch.Tensor  # [H] logsumexp of scaled_logits
+
+
+class NeighborTables:
+    """One neighbor table per metric over the current embedding matrix, rebuilt (or invalidated) on weight change."""
+
+    def __init__(self, k_max: int, mode: str):
+        if mode not in ("lazy", "full"):
+            raise ValueError(f"neighbor_mode must be 'lazy' or 'full', got {mode!r}")
+        self.k_max, self.mode = k_max, mode
+        self._tables: dict[str, object] = {}
+        self.E: torch.Tensor | None = None
+        self.version = 0  # bumped on every rebind: the driver can see that a rebuild happened
+
+    def bind(self, E: torch.Tensor) -> None:
+        self.E = E
+        self._tables.clear()
+        self.version += 1
+
+    def rows(self, metric: str, anchors: torch.Tensor) -> torch.Tensor:
+        assert self.E is not None
+        table = self._tables.get(metric)
+        if table is None:
+            k = min(self.k_max, self.E.shape[0])
+            if self.mode == "full":
+                table = build_neighbor_table(self.E, k, metric=metric)
+            else:
+                table = LazyNeighborTable(self.E, k, metric=metric)
+            self._tables[metric] = table
+        if isinstance(table, LazyNeighborTable):
+            return table.lookup(anchors)
+        return table[anchors]
+
+
+class MixingHook:
+    """Owns the hook handles, the gate generator, the counter, the record columns and the per-request state."""
+
+    def __init__(self, runner, embedding: MixingEmbedding, vocab_size: int, seed: int, neighbor_mode: str):
+        self.runner = runner
+        self.embedding = embedding
+        self.vocab_size = vocab_size
+        self.device = embedding.weight.device
+        self.k_max = embedding.ngrpo_k_max
+        self.capacity = embedding.ngrpo_capacity
+        self.generator = torch.Generator(device=self.device)
+        self.generator.manual_seed(int(seed))
+        self.counter = torch.zeros((), dtype=torch.int64, device=self.device)  # virtual ids handed out so far
+        self.record_logprob = torch.zeros(self.capacity + 1, dtype=torch.float32, device=self.device)
+        self.tables = NeighborTables(self.k_max, neighbor_mode)
+        self.tables.bind(self.embedding_matrix())
+        self._states: dict[str, _RequestState] = {}
+        self._never_masks: dict[tuple, torch.Tensor] = {}
+        self._pending: _Pending | None = None
+        self._row_cache: tuple | None = None
+        self.steps_hooked = 0
+        self.resumed_rows = 0  # a request came back after missing steps: preempted and recomputed
+        self._handles = [
+            runner.sampler.register_forward_pre_hook(self._pre_hook, with_kwargs=True),
+            runner.sampler.register_forward_hook(self._post_hook, with_kwargs=True),
+        ]
+
+    # ---- lifecycle -------------------------------------------------------------------------------------------
+    def remove(self) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles = []
+
+    def embedding_matrix(self) -> torch.Tensor:
+        return self.embedding.weight[: self.vocab_size]
+
+    def rebind_embedding(self, embedding: MixingEmbedding) -> None:
+        """After a weight change: new E -> neighbor tables rebuilt from scratch."""
+        self.embedding = embedding
+        self.tables.bind(self.embedding_matrix())
+
+    def set_slots(self, slots: int) -> None:
+        if not 1 <= slots <= self.capacity:
+            raise ValueError(f"table_slots must be in [1, {self.capacity}] (the capacity fixed at engine build "
+                             f"by additional_config['ngrpo']['table_capacity']), got {slots}")
+        self.embedding.ngrpo_slots.fill_(slots)
+
+    # ---- per-request options ---------------------------------------------------------------------------------
+    def _state(self, req_id: str) -> _RequestState | None:
+        st = self._states.get(req_id)
+        if st is not None:
+            return st
+        req = self.runner.requests.get(req_id)
+        extra = getattr(getattr(req, "sampling_params", None), "extra_args", None) or {}
+        wire = extra.get(EXTRA_ARGS_KEY)
+        if wire is None:
+            return None
+        options = from_wire(wire)
+        if options.k > self.k_max:
+            raise ValueError(f"mixing.k={options.k} exceeds the engine's k_max={self.k_max}")
+        st = _RequestState(options)
+        if options.seed is not None:
+            st.generator = torch.Generator(device=self.device)
+            st.generator.manual_seed(options.seed)
+        if len(self._states) > 4096:  # forget finished requests now and then
+            live = set(self.runner.requests.keys())
+            self._states = {r: s for r, s in self._states.items() if r in live}
+        self._states[req_id] = st
+        return st
+
+    def _never_mask(self, options: RequestMixing) -> torch.Tensor:
+        key = (options.stop_after_ids, options.never_mix_ids, options.no_mix_anchor_ids)
+        mask = self._never_masks.get(key)
+        if mask is None:
+            mask = torch.zeros(self.vocab_size + 1, dtype=torch.bool, device=self.device)
+            ids = [i for i in (*key[0], *key[1], *key[2]) if 0 <= i < self.vocab_size]
+            if ids:
+                mask[torch.tensor(ids, dtype=torch.long)] = True
+            self._never_masks[key] = mask
+        return mask
+
+    def _update_stopped(self, req_id: str, st: _RequestState) -> None:
+        if st.stopped or not st.options.stop_after_ids:
+            return
+        out = self.runner.requests[req_id].output_token_ids
+        new = out[st.scanned:]
+        st.scanned = len(out)
+        marks = st.options.stop_after_ids
+        if any(t in marks for t in new):
+            st.stopped = True
+
+    # ---- hooks -----------------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def _pre_hook(self, module, args, kwargs):
+        self._pending = None
+        logits = kwargs.get("logits", args[0] if args else None)
+        req_ids = self.runner.input_batch.req_ids
+        if logits is None or len(req_ids) != logits.shape[0]:  # warm-up / profiling dummy runs
+            return None
+        rows, states = [], []
+        for i, rid in enumerate(req_ids):
+            st = self._state(rid)
+            if st is not None:
+                if 0 <= st.last_step < self.steps_hooked:
+                    self.resumed_rows += 1
+                st.last_step = self.steps_hooked + 1
+                self._update_stopped(rid, st)
+                rows.append(i)
+                states.append(st)
+        if not rows:
+            return None
+        self.steps_hooked += 1
+        dev = logits.device
+        rows_t, temps, taus, ks, rhos = self._row_tensors(req_ids, rows, states, dev)
+        every_row = len(rows) == logits.shape[0]  # the usual case: no copy of the [B, V] logits
+        lg = (logits if every_row else logits.index_select(0, rows_t)).float()[:, : self.vocab_size]
+
+        z = lg / temps.unsqueeze(1)
+        log_norm = torch.logsumexp(z, dim=-1)
+        anchor = z.argmax(dim=-1)
+        anchor_logprob = z.gather(1, anchor.unsqueeze(1)).squeeze(1) - log_norm
+
+        u = torch.rand(len(rows), generator=self.generator, device=dev)
+        for j, st in enumerate(states):  # per-request generators replace the shared draw
+            if st.generator is not None:
+                u[j] = torch.rand(1, generator=st.generator, device=dev)[0]
+        banned = torch.stack([self._never_mask(st.options)[a] for st, a in zip(states, anchor.unbind(0))]) \
+            if self._has_banned(states) else torch.zeros(len(rows), dtype=torch.bool, device=dev)
+        discard = self.runner.discard_request_mask.gpu[: len(req_ids)].index_select(0, rows_t).to(dev)
+        mixed = (u < rhos) & ~banned & ~discard
+
+        # C and alpha only for the rows that mix (about rho of them): neighbor rows are the expensive part.
+        cand = anchor.unsqueeze(1).repeat(1, self.k_max)
+        alpha = torch.zeros(len(rows), self.k_max, dtype=torch.float32, device=dev)
+        alpha[:, 0] = 1.0
+        midx = mixed.nonzero().flatten()
+        if midx.numel():
+            m_anchor = anchor.index_select(0, midx)
+            m_cand = self._candidates([states[i] for i in midx.tolist()], m_anchor)
+            col = torch.arange(self.k_max, device=dev).unsqueeze(0)
+            in_set = col < ks.index_select(0, midx).unsqueeze(1)
+            m_cand = torch.where(in_set, m_cand, m_anchor.unsqueeze(1))  # padding points at the anchor, alpha 0
+            m_logits = lg.index_select(0, midx).gather(1, m_cand)
+            scores = torch.where(in_set, m_logits / taus.index_select(0, midx).unsqueeze(1),
+                                 torch.tensor(float("-inf"), device=dev))
+            cand[midx] = m_cand
+            alpha[midx] = torch.softmax(scores, dim=-1)
+        self._pending = _Pending(rows_t, mixed, cand, alpha, anchor_logprob, z, log_norm)
+        return None
+
+    def _row_tensors(self, req_ids, rows, states, dev):
+        """Per-row option tensors, rebuilt only when the batch composition or a stop flag changes."""
+        key = (tuple(req_ids), tuple(st.stopped for st in states))
+        if self._row_cache is not None and self._row_cache[0] == key:
+            return self._row_cache[1]
+        temps = [self._temperature(r) for r in rows]
+        value = (
+            torch.tensor(rows, dtype=torch.long, device=dev),
+            torch.tensor(temps, dtype=torch.float32, device=dev),
+            torch.tensor([st.options.tau if st.options.tau is not None else t for st, t in zip(states, temps)],
+                         dtype=torch.float32, device=dev),
+            torch.tensor([st.options.k for st in states], dtype=torch.long, device=dev),
+            torch.tensor([0.0 if st.stopped else st.options.rho for st in states], dtype=torch.float32, device=dev),
+        )
+        self._row_cache = (key, value)
+        return value
+
+    def _has_banned(self, states: list[_RequestState]) -> bool:
+        return any(st.options.stop_after_ids or st.options.never_mix_ids or st.options.no_mix_anchor_ids
+                   for st in states)
+
+    def _temperature(self, row: int) -> float:
+        rid = self.runner.input_batch.req_ids[row]
+        t = float(self.runner.requests[rid].sampling_params.temperature)
+        if t < 1e-5:
+            raise ValueError("ngrpo mixing needs temperature > 0 (refused before the request runs; reached here "
+                             "only if a request bypassed the driver's checks)")
+        return t
+
+    def _candidates(self, states: list[_RequestState], anchor: torch.Tensor) -> torch.Tensor:
+        metrics = [st.options.metric for st in states]
+        if len(set(metrics)) == 1:
+            return self.tables.rows(metrics[0], anchor)
+        out = torch.empty(len(states), self.k_max, dtype=torch.long, device=anchor.device)
+        for m in set(metrics):
+            idx = torch.tensor([j for j, x in enumerate(metrics) if x == m], device=anchor.device)
+            out[idx] = self.tables.rows(m, anchor[idx])
+        return out
+
+    @torch.no_grad()
+    def _post_hook(self, module, args, kwargs, output):
+        p, self._pending = self._pending, None
+        if p is None:
+            return None
+        sampled = output.sampled_token_ids  # [B, 1] int32
+        drawn = sampled.index_select(0, p.rows)[:, 0].long()
+        n = p.mixed.long()
+        offset = torch.cumsum(n, 0) - n  # rank among this step's mixed rows
+        c = self.counter + offset
+        vid = VIRTUAL_BASE + c
+        if int(vid.max()) + 1 > _INT32_MAX:
+            raise RuntimeError("ngrpo virtual-id counter exhausted (int32); restart the engine")
+        self.counter += n.sum()
+        slot = torch.where(p.mixed, torch.remainder(c, self.embedding.ngrpo_slots), self.capacity)
+        emb = self.embedding
+        emb.ngrpo_ids[slot] = torch.where(p.mixed, vid, -1)
+        emb.ngrpo_cand[slot] = p.cand
+        emb.ngrpo_alpha[slot] = p.alpha.to(emb.ngrpo_alpha.dtype)
+        self.record_logprob[slot] = p.anchor_logprob
+        final = torch.where(p.mixed, vid, drawn)
+        sampled[p.rows, 0] = final.to(sampled.dtype)
+        lp = output.logprobs_tensors
+        if lp is not None:  # the contract's logprob: temperature only, of the emitted token (anchor when mixed)
+            drawn_lp = p.scaled_logits.gather(1, drawn.clamp_max(self.vocab_size - 1).unsqueeze(1)).squeeze(1) \
+                - p.log_norm
+            lp.logprobs[p.rows, 0] = torch.where(p.mixed, p.anchor_logprob, drawn_lp).to(lp.logprobs.dtype)
+            lp.logprob_token_ids[p.rows, 0] = final.to(lp.logprob_token_ids.dtype)
+        return None
+
+    # ---- records ---------------------------------------------------------------------------------------------
+    def records(self, virtual_ids: list[int]) -> dict:
+        """(cand, alpha, logprob) of each virtual id; raises if any id's slot now holds another id (overflow)."""
+        emb = self.embedding
+        if not virtual_ids:
+            return {"cand": [], "alpha": [], "logprob": []}
+        vid = torch.tensor(virtual_ids, dtype=torch.int64, device=self.device)
+        slot = torch.remainder(vid - VIRTUAL_BASE, emb.ngrpo_slots)
+        held = emb.ngrpo_ids[slot]
+        lost = int((held != vid).sum())
+        if lost:
+            raise RuntimeError(
+                f"ngrpo mixing table overflow: {lost} of {len(virtual_ids)} mixed steps were overwritten before "
+                f"their records were read (table_slots={int(emb.ngrpo_slots)}); raise table_slots/table_capacity "
+                f"or generate fewer mixed tokens per call")
+        stale = int(emb.ngrpo_stale)
+        if stale:
+            raise RuntimeError(f"ngrpo mixing table: {stale} stale-slot embeddings were fed to the model")
+        return {
+            "cand": emb.ngrpo_cand[slot].tolist(),
+            "alpha": emb.ngrpo_alpha[slot].float().tolist(),
+            "logprob": self.record_logprob[slot].tolist(),
+        }
+
+    def stats(self) -> dict:
+        emb = self.embedding
+        return {"counter": int(self.counter), "stale": int(emb.ngrpo_stale), "slots": int(emb.ngrpo_slots),
+                "capacity": self.capacity, "k_max": self.k_max, "steps_hooked": self.steps_hooked,
+                "resumed_rows": self.resumed_rows,
+                "neighbor_version": self.tables.version, "live_request_states": len(self._states)}

@@ -1,0 +1,164 @@
+"""The vLLM worker extension: ``LLM(..., worker_extension_cls="ngrpo_ray.engine.worker_extension.NgrpoWorkerExtension")``.
+
+vLLM imports this module inside each worker process before the model is built, so importing it registers the
+MixingEmbedding override there (and only in engines that name this extension). Every RPC method:
+- has the ``ngrpo_`` prefix (vLLM asserts no clash with Worker attributes),
+- catches its own exceptions and returns ``{"ok": False, "error": ...}`` (an exception escaping an RPC is treated
+  as fatal by the engine core); the driver side (records_client.check) raises it,
+- returns plain lists / numbers (numpy arrays do not survive the msgpack transport).
+
+A trainer->engine weight transport can be added as a mixin: ``WeightReceiverMixin`` from
+``ngrpo_ray.engine.weight_receiver`` is picked up automatically when that module exists; it should call
+``self.ngrpo_after_weights_changed()`` after it loads new weights.
+"""
+
+from __future__ import annotations
+
+import functools
+import traceback
+from typing import Any, Iterable
+
+import torch
+
+from ngrpo_ray.engine.cpu_weights import keep_cpu_linear_weights, rebuild_cpu_gemm_handlers
+from ngrpo_ray.engine.embedding_patch import MixingEmbedding, register_mixing_embedding
+from ngrpo_ray.engine.refusals import check_worker_setup
+
+register_mixing_embedding()
+keep_cpu_linear_weights()
+
+try:  # the trainer->engine broadcast transport, added by the weight-sync work
+    from ngrpo_ray.engine.weight_receiver import WeightReceiverMixin  # type: ignore
+except ImportError:  # not written yet: no transport, refit from a path or a state dict still works
+    class WeightReceiverMixin:  # type: ignore[no-redef]
+        pass
+
+
+def _ok(**payload: Any) -> dict:
+    return {"ok": True, **payload}
+
+
+def _err(exc: BaseException) -> dict:
+    return {"ok": False, "error": f"{type(exc).__name__}: {exc}", "traceback": traceback.format_exc()}
+
+
+def rpc(method):
+    """An extension RPC: runs under inference mode (like the engine's steps, whose tensors the hook shares) and
+    turns every exception into an error value for the driver."""
+    @functools.wraps(method)
+    def wrapper(self, *args, **kwargs):
+        try:
+            with torch.inference_mode():
+                return _ok(**method(self, *args, **kwargs))
+        except Exception as exc:  # noqa: BLE001 - every failure goes back to the driver
+            return _err(exc)
+    return wrapper
+
+
+class NgrpoWorkerExtension(WeightReceiverMixin):
+    """Mixed into vLLM's Worker class; ``self`` is the worker (self.model_runner, self.reload_weights, ...)."""
+
+    # ---- helpers (no RPC) --------------------------------------------------------------------------------------
+    def _ngrpo_embedding(self) -> MixingEmbedding:
+        found = {id(m): m for m in self.model_runner.model.modules() if isinstance(m, MixingEmbedding)}
+        if len(found) != 1:
+            raise RuntimeError(f"expected exactly one MixingEmbedding in the model, found {len(found)}: was the "
+                               f"engine built with worker_extension_cls naming this module?")
+        return next(iter(found.values()))
+
+    def _ngrpo_hook(self):
+        hook = getattr(self, "_ngrpo_hook_obj", None)
+        if hook is None:
+            raise RuntimeError("ngrpo hook not installed: call ngrpo_install first")
+        return hook
+
+    # ---- RPCs --------------------------------------------------------------------------------------------------
+    @rpc
+    def ngrpo_install(self, seed: int = 0, table_slots: int | None = None, neighbor_mode: str = "lazy") -> dict:
+        from ngrpo_ray.engine.mixing_hook import MixingHook
+
+        check_worker_setup(self.model_runner, self.vllm_config)
+        old = getattr(self, "_ngrpo_hook_obj", None)
+        if old is not None:
+            old.remove()
+        emb = self._ngrpo_embedding()
+        vocab = int(self.model_runner.model_config.get_vocab_size())
+        hook = MixingHook(self.model_runner, emb, vocab, seed, neighbor_mode)
+        hook.set_slots(hook.capacity if table_slots is None else int(table_slots))
+        emb.ngrpo_stale.zero_()
+        self._ngrpo_hook_obj = hook
+        return hook.stats()
+
+    @rpc
+    def ngrpo_set_slots(self, table_slots: int) -> dict:
+        hook = self._ngrpo_hook()
+        hook.set_slots(int(table_slots))
+        return hook.stats()
+
+    @rpc
+    def ngrpo_records(self, virtual_ids: list[int]) -> dict:
+        return self._ngrpo_hook().records([int(v) for v in virtual_ids])
+
+    @rpc
+    def ngrpo_stats(self) -> dict:
+        return self._ngrpo_hook().stats()
+
+    @rpc
+    def ngrpo_neighbor_rows(self, anchors: list[int], metric: str = "cosine") -> dict:
+        """Neighbor-table rows of some anchors (tests use it to see a rebuild after a refit)."""
+        hook = self._ngrpo_hook()
+        a = torch.tensor(anchors, dtype=torch.long, device=hook.device)
+        return {"rows": hook.tables.rows(metric, a).tolist(), "version": hook.tables.version}
+
+    @rpc
+    def ngrpo_embedding_rows(self, ids: list[int]) -> dict:
+        w = self._ngrpo_embedding().weight
+        return {"rows": w[torch.tensor(ids, dtype=torch.long, device=w.device)].float().tolist()}
+
+    @rpc
+    def ngrpo_refit_from_path(self, path: str) -> dict:
+        """Load a safetensors file (or a folder of them) in place, then rebuild the neighbor tables."""
+        self.ngrpo_load_weights(_iter_safetensors(path))
+        return self._ngrpo_hook().stats()
+
+    @rpc
+    def ngrpo_refit_from_state_dict(self, state: dict) -> dict:
+        """Load {name: tensor} in place (small models / tests; big ones go through a file or the transport)."""
+        self.ngrpo_load_weights((k, v) for k, v in state.items())
+        return self._ngrpo_hook().stats()
+
+    @rpc
+    def ngrpo_reset_table(self) -> dict:
+        """Clear the stale counter (after an overflow was reported and handled)."""
+        self._ngrpo_embedding().ngrpo_stale.zero_()
+        return self._ngrpo_hook().stats()
+
+    def ngrpo_load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
+        """Not an RPC (raises): the single place every weight transport goes through."""
+        # In place through the model's own weight loaders (fused qkv / gate_up handled there). On CPU the weights
+        # were kept at load (cpu_weights.py) and the packed GEMM handlers are rebuilt from them afterwards.
+        model = self.model_runner.model
+        with torch.inference_mode():  # the model's tensors were created in inference mode
+            model.load_weights(weights)
+            rebuild_cpu_gemm_handlers(model)
+            self.ngrpo_after_weights_changed()
+
+    def ngrpo_after_weights_changed(self) -> None:
+        hook = getattr(self, "_ngrpo_hook_obj", None)
+        if hook is not None:
+            hook.rebind_embedding(self._ngrpo_embedding())
+
+
+def _iter_safetensors(path: str) -> Iterable[tuple[str, torch.Tensor]]:
+    from pathlib import Path
+
+    from safetensors.torch import safe_open
+
+    p = Path(path)
+    files = sorted(p.glob("*.safetensors")) if p.is_dir() else [p]
+    if not files:
+        raise FileNotFoundError(f"no .safetensors file at {path}")
+    for f in files:
+        with safe_open(str(f), framework="pt", device="cpu") as fh:
+            for name in fh.keys():
+                yield name, fh.get_tensor(name)
