@@ -30,7 +30,7 @@ class DataConfig:
     validation: Optional[str] = None
     question_field: str = "problem"
     answer_field: str = "answer"
-    prompt_template: Literal["r1", "released_code", "gpqa", "demo"] = "r1"
+    prompt_template: Literal["r1", "released_code", "gpqa", "demo", "plain"] = "r1"
     use_chat_template: bool = True
     append_think: Literal["auto", "always", "never"] = "auto"
     max_prompt_tokens: int = 4096

@@ -1,0 +1,100 @@
+"""Translate the one typed Config into the settings objects of each component (engine, mixing, trainer, loss)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ngrpo_ray.config import Config
+from ngrpo_ray.core.losses import PolicyLossConfig
+from ngrpo_ray.core.mixing_params import MixingParams
+from ngrpo_ray.distributed.deepspeed_config import DeepSpeedSettings
+from ngrpo_ray.distributed.train_step import StepSettings
+from ngrpo_ray.distributed.trainer_group import TrainerGroupConfig
+
+
+def token_ids_of(tokenizer: Any, names: list[str]) -> tuple[int, ...]:
+    """'<eos>' is the tokenizer's EOS; any other entry must be a single token of the vocabulary (else an error)."""
+    ids: list[int] = []
+    for name in names:
+        if name == "<eos>":
+            if tokenizer.eos_token_id is None:
+                raise ValueError("mixing.never_mix lists '<eos>' but the tokenizer has no EOS token")
+            ids.append(int(tokenizer.eos_token_id))
+            continue
+        token_id = tokenizer.convert_tokens_to_ids(name)
+        if token_id is None or token_id == tokenizer.unk_token_id:
+            encoded = tokenizer.encode(name, add_special_tokens=False)
+            if len(encoded) != 1:
+                raise ValueError(f"mixing marker {name!r} is not one token of this tokenizer (encodes to {encoded})")
+            token_id = encoded[0]
+        ids.append(int(token_id))
+    return tuple(ids)
+
+
+def mixing_params(cfg: Config, tokenizer: Any, enabled: bool = True) -> MixingParams:
+    m = cfg.mixing
+    if not enabled:
+        return MixingParams(strategy="sample", rho=0.0, k=m.k)
+    return MixingParams(
+        strategy=m.strategy, rho=m.rho, k=m.k, tau=m.tau, metric=m.metric, alpha_source=m.alpha_source, emit=m.emit,
+        stop_after_ids=token_ids_of(tokenizer, m.stop_after), never_mix_ids=token_ids_of(tokenizer, m.never_mix),
+        noise_std=m.noise_std, gumbel_tau=m.gumbel_tau, top_k=m.top_k, seed=m.seed,
+    )
+
+
+def rollout_sampling(cfg: Config) -> dict:
+    r = cfg.rollout
+    return {"temperature": r.temperature, "top_p": r.top_p, "top_k": r.top_k, "max_tokens": r.max_new_tokens}
+
+
+def eval_sampling(cfg: Config) -> dict:
+    e = cfg.eval
+    return {"temperature": e.temperature, "top_p": e.top_p, "top_k": -1, "max_tokens": e.max_new_tokens}
+
+
+def engine_spec(cfg: Config, model_path: str, max_prompt_tokens: int) -> dict:
+    r, m = cfg.rollout, cfg.mixing
+    longest = max(r.max_new_tokens, cfg.eval.max_new_tokens)
+    spec: dict[str, Any] = {
+        "model": model_path,
+        "seed": r.seed,
+        "max_model_len": int(max_prompt_tokens + longest + 8),
+        "max_num_seqs": 256 if r.engine_gpus and cfg.trainer.use_gpu else 64,
+        "enforce_eager": r.enforce_eager,
+        "table_capacity": int(m.table_slots),
+        "k_max": max(m.k, 4),
+        "dtype": "float32" if cfg.model.dtype == "float32" else cfg.model.dtype,
+    }
+    if cfg.trainer.use_gpu:
+        spec["gpu_memory_utilization"] = r.gpu_memory_utilization
+        spec["kv_cache_gib"] = None
+    else:
+        spec["kv_cache_gib"] = r.kv_cache_space_gib if r.kv_cache_space_gib else 1.0
+    return spec
+
+
+def trainer_config(cfg: Config, model_path: str, pad_id: int, storage_path: str | None = None) -> TrainerGroupConfig:
+    t, a = cfg.trainer, cfg.algorithm
+    rollout_batch = t.prompts_per_iteration * cfg.rollout.group_size
+    per_rank_mini = rollout_batch // (t.mini_batches * t.num_workers)
+    micro = max(1, -(-per_rank_mini // t.micro_batch_size))
+    loss = PolicyLossConfig(
+        loss_type=a.loss_type, eps_low=a.eps_low, eps_high=a.eps_high, dual_clip=a.dual_clip,
+        beta=a.beta if a.kl_mode == "loss" else 0.0, kl_estimator=a.kl_estimator, aggregation=a.aggregation,
+        max_len=cfg.rollout.max_new_tokens if a.aggregation == "seq_mean_token_sum_norm" else None,
+    )
+    return TrainerGroupConfig(
+        model_path=model_path,
+        num_workers=t.num_workers,
+        use_gpu=t.use_gpu,
+        cpus_per_worker=1.0,
+        torch_threads=1 if t.num_workers > 1 else 2,
+        deepspeed=DeepSpeedSettings(zero_stage=t.zero_stage, dtype="bf16" if cfg.model.dtype == "bfloat16" else "fp32",
+                                    lr=t.lr, weight_decay=t.weight_decay, grad_clip=t.grad_clip),
+        step=StepSettings(temperature=cfg.rollout.temperature, mini_batches=t.mini_batches, micro_batches=micro,
+                          epochs=t.epochs_per_batch, seed=t.seed, pad_id=pad_id),
+        loss=loss,
+        ref_model=a.beta > 0,
+        seed=t.seed,
+        storage_path=storage_path,
+    )

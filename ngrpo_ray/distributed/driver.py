@@ -1,0 +1,288 @@
+"""The training driver: rollout -> reward -> advantage -> update -> weight sync, once per iteration.
+
+Read `train` top to bottom for one run; `Session.iteration` is one iteration. The driver holds ObjectRefs of rollout
+batches and small NumPy arrays (rewards, lengths), never the batches' tensors.
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import ray
+import torch
+
+from ngrpo_ray.config import Config, ConfigError, flatten, to_yaml
+from ngrpo_ray.core.advantages import dr_grpo_advantages, dynamic_sampling_filter, grpo_advantages
+from ngrpo_ray.data.prompts import render_prompt
+from ngrpo_ray.data.sources import grader_kind, load_problems
+from ngrpo_ray.distributed import components
+from ngrpo_ray.distributed.reward_scorer import RewardScorer
+from ngrpo_ray.distributed.rollout_fleet import RolloutFleet
+from ngrpo_ray.distributed.sample_and_score import Scored, sample_and_score
+from ngrpo_ray.distributed.trainer_group import TrainerGroup
+from ngrpo_ray.evaluation.report import summarize
+from ngrpo_ray.models.offline import resolve_model
+from ngrpo_ray.tracking.mlflow_run import MlflowRun, tracking_uri_for
+from ngrpo_ray.training.iteration_log import IterationLog
+from ngrpo_ray.training.prompt_order import PromptOrder
+from ngrpo_ray.training.run_state import (RunState, check_resumable, latest_checkpoint, load_checkpoint,
+                                          save_checkpoint)
+
+
+@dataclass
+class PromptSet:
+    name: str
+    prompts: list[list[int]]
+    golds: list[str]
+    ids: list[str]
+    kind: str
+    dropped_too_long: int
+
+
+def build_prompt_set(cfg: Config, name: str, tokenizer: Any) -> PromptSet:
+    problems, report = load_problems(name, cfg.data.question_field, cfg.data.answer_field, seed=cfg.data.seed)
+    append = {"auto": None, "always": True, "never": False}[cfg.data.append_think]
+    prompts, golds, ids, dropped = [], [], [], 0
+    for p in problems:
+        ids_ = render_prompt(tokenizer, p.question, cfg.data.prompt_template, cfg.data.use_chat_template, append)
+        if len(ids_) > cfg.data.max_prompt_tokens:
+            dropped += 1  # counted and logged, never silent
+            continue
+        prompts.append(ids_)
+        golds.append(p.answer)
+        ids.append(p.id)
+    if cfg.data.limit is not None:
+        prompts, golds, ids = prompts[: cfg.data.limit], golds[: cfg.data.limit], ids[: cfg.data.limit]
+    if not prompts:
+        raise ValueError(f"data source '{name}' has no usable prompts ({report}; {dropped} over "
+                         f"data.max_prompt_tokens={cfg.data.max_prompt_tokens})")
+    return PromptSet(name, prompts, golds, ids, grader_kind(name), dropped)
+
+
+def compute_advantages(cfg: Config, scored: Scored) -> tuple[torch.Tensor, dict]:
+    a = cfg.algorithm
+    rewards = torch.as_tensor(scored.rewards, dtype=torch.float32)
+    invalid = torch.as_tensor(scored.truncated) if a.mask_truncated else None
+    G = cfg.rollout.group_size
+    if a.advantage == "dr_grpo" or a.loss_type == "dr_grpo":
+        out = dr_grpo_advantages(rewards, G, invalid=invalid)
+    else:
+        out = grpo_advantages(rewards, G, invalid=invalid)
+    adv = out.advantages
+    info = {"adv/num_invalid_zeroed": float(out.num_invalid_zeroed),
+            "adv/num_degenerate_groups": float(out.num_degenerate_groups)}
+    if a.dynamic_sampling:
+        # Dropping a group's responses from the batch would change its shape mid-flight; zeroing its advantages
+        # removes its policy-gradient contribution the same way and is counted.
+        keep = dynamic_sampling_filter(rewards, G)
+        adv = adv * keep.keep_samples.float()
+        info["adv/dropped_groups"] = float(keep.num_dropped_groups)
+    return adv, info
+
+
+class Session:
+    """Everything a training run holds: cluster actors, data, MLflow run, and its state."""
+
+    def __init__(self, cfg: Config, resume: bool = False, log=print):
+        self.cfg, self.log = cfg, log
+        a = cfg.algorithm
+        if a.kl_mode == "reward" and a.beta > 0:
+            raise ConfigError("'algorithm.kl_mode' 'reward' is not implemented yet; use kl_mode: loss")
+        if a.first_token_selection:
+            raise ConfigError("'algorithm.first_token_selection' is implemented in the core "
+                              "(correct_path_first_token_selection) but not wired into the driver yet")
+        self.out = Path(cfg.trainer.output_dir).expanduser().resolve()
+        self.out.mkdir(parents=True, exist_ok=True)
+        self.state: RunState | None = None
+        checkpoint = latest_checkpoint(self.out) if resume else None
+        if resume and checkpoint is None:
+            raise FileNotFoundError(f"--resume: no checkpoint under {self.out / 'checkpoints'}")
+        if checkpoint is not None:
+            self.state = load_checkpoint(checkpoint)
+            check_resumable(self.state.config, cfg)
+        self.checkpoint = checkpoint
+
+        from transformers import AutoTokenizer
+
+        self.base_model = resolve_model(cfg.model.path, cfg.model.cache_dir)
+        self.tokenizer = AutoTokenizer.from_pretrained(cfg.model.tokenizer or self.base_model)
+        self.train_set = build_prompt_set(cfg, cfg.data.train, self.tokenizer)
+        self.val_set = build_prompt_set(cfg, cfg.data.validation, self.tokenizer) if cfg.data.validation else None
+        longest = max(len(p) for s in (self.train_set, self.val_set) if s for p in s.prompts)
+        policy_path = str(checkpoint / "trainer" / "hf") if checkpoint is not None else self.base_model
+
+        self.mlflow = MlflowRun(tracking_uri_for(self.out, cfg.tracking.tracking_uri), cfg.tracking.experiment,
+                                run_name=cfg.tracking.run_name or self.out.name,
+                                run_id=self.state.mlflow_run_id if self.state else None,
+                                artifact_root=self.out / "mlartifacts")
+        self.mlflow.log_params(flatten(cfg))
+        resolved = self.out / "resolved_config.yaml"
+        resolved.write_text(to_yaml(cfg))
+        self.mlflow.log_artifact(resolved)
+        if self.state is None:
+            self.state = RunState(iteration=0, policy_version=0, mlflow_run_id=self.mlflow.run_id, config=flatten(cfg))
+
+        from ngrpo_ray.distributed.placement import init_ray
+
+        init_ray(cfg)
+        t0 = time.perf_counter()
+        r = cfg.rollout
+        self.fleet = RolloutFleet(components.engine_spec(cfg, policy_path, longest), r.num_engines,
+                                  num_cpus=r.engine_cpus, num_gpus=r.engine_gpus if cfg.trainer.use_gpu else 0.0,
+                                  policy_version=self.state.policy_version)
+        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+        self.trainer = TrainerGroup(components.trainer_config(cfg, self.base_model, pad, str(self.out / "ray_train")))
+        self.trainer.start()
+        if checkpoint is not None:
+            self.trainer.load_checkpoint(str(checkpoint / "trainer"), "ds")
+        endpoint = self.trainer.open_weight_sync(len(self.fleet), timeout_s=cfg.cluster.sync_timeout_s)
+        joins = self.fleet.join_weight_sync(endpoint.__dict__)
+        self.trainer.finish_open_weight_sync()
+        ray.get(joins)
+        self.scorer = RewardScorer.remote(cfg.eval.grade_workers, cfg.eval.grade_timeout_s, cfg.eval.grading)
+        self.startup_s = time.perf_counter() - t0
+        self.mixing = components.mixing_params(cfg, self.tokenizer)
+        self.order = PromptOrder(len(self.train_set.prompts), cfg.trainer.prompts_per_iteration, cfg.trainer.seed)
+        self.history = IterationLog(self.state.history)
+        self.log(f"started in {self.startup_s:.0f}s: {len(self.fleet)} engine(s), {cfg.trainer.num_workers} trainer "
+                 f"worker(s); {len(self.train_set.prompts)} train prompts"
+                 + (f", {len(self.val_set.prompts)} validation prompts" if self.val_set else "")
+                 + f"; MLflow run {self.mlflow.run_id} at {self.mlflow.tracking_uri}")
+
+    # ------------------------------------------------------------------------------------------------------------
+    def total_iterations(self) -> int:
+        t = self.cfg.trainer
+        return t.epochs * self.order.iterations_per_epoch() if t.epochs else t.iterations
+
+    def iteration(self, it: int) -> dict[str, float]:
+        """One iteration (0-based `it`); returns the metrics logged at step it + 1."""
+        cfg, version = self.cfg, self.state.policy_version
+        t_start = time.perf_counter()
+        idx = self.order.batch_at(it)
+        prompts = [self.train_set.prompts[i] for i in idx]
+        golds = [self.train_set.golds[i] for i in idx]
+        t0 = time.perf_counter()
+        scored = sample_and_score(self.fleet, self.scorer, prompts, golds, cfg.rollout.group_size,
+                                  components.rollout_sampling(cfg), self.mixing, version, self.train_set.kind)
+        t_rollout = time.perf_counter() - t0
+        advantages, adv_info = compute_advantages(cfg, scored)
+        t0 = time.perf_counter()
+        train_metrics = self.trainer.train([c.ref for c in scored.chunks], advantages, version=version + 1)
+        t_train = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        handle = self.trainer.start_sync(version + 1, bucket_mb=cfg.cluster.sync_bucket_mb)
+        received = self.fleet.receive_weights(version + 1)
+        sent = self.trainer.wait(handle, timeout_s=cfg.cluster.sync_timeout_s)[0]
+        recv_stats = ray.get(received, timeout=cfg.cluster.sync_timeout_s)
+        t_sync = time.perf_counter() - t0
+        self.state.policy_version = version + 1
+
+        rewards = scored.rewards
+        metrics: dict[str, float] = {
+            "reward/mean": float(rewards.mean()), "reward/std": float(rewards.std()),
+            "accuracy": float((rewards > 0.5).mean()),
+            "response_length/mean": float(scored.length.mean()), "response_length/max": float(scored.length.max()),
+            "truncated_fraction": float(scored.truncated.mean()),
+            "mixing/mixed_token_fraction": float(scored.mixed_steps.sum() / max(scored.length.sum(), 1)),
+            "mixing/responses_mixed_fraction": float((scored.mixed_steps > 0).mean()),
+            "policy_version": float(self.state.policy_version),
+            "rollout/tokens_per_s": scored.tokens / max(scored.generation_s, 1e-9),
+            "time/generation_s": scored.generation_s, "time/reward_s": max(t_rollout - scored.generation_s, 0.0),
+            "time/train_s": t_train, "time/sync_s": t_sync,
+            "sync/bytes": float(sent.get("bytes", 0) if isinstance(sent, dict) else 0),
+        }
+        has_mix = scored.mixed_steps > 0
+        metrics["reward/mixed_responses"] = float(rewards[has_mix].mean()) if has_mix.any() else float("nan")
+        metrics["reward/unmixed_responses"] = float(rewards[~has_mix].mean()) if (~has_mix).any() else float("nan")
+        for key, value in scored.grading.items():
+            metrics[f"grading/{key}"] = float(value)
+        metrics.update(adv_info)
+        for key, value in train_metrics.items():
+            if isinstance(value, (int, float)):
+                metrics[f"train/{key}"] = float(value)
+        if recv_stats and isinstance(recv_stats[0], dict) and "seconds" in recv_stats[0]:
+            metrics["sync/engine_load_s"] = float(recv_stats[0].get("load_seconds", 0.0))
+        if self.val_set and cfg.trainer.validate_every and (it + 1) % cfg.trainer.validate_every == 0:
+            metrics.update(self.validate())
+        metrics["time/total_s"] = time.perf_counter() - t_start
+        return metrics
+
+    def validate(self) -> dict[str, float]:
+        t0 = time.perf_counter()
+        vs, n = self.val_set, self.cfg.eval.n
+        mixing = components.mixing_params(self.cfg, self.tokenizer, enabled=self.cfg.eval.mixing)
+        scored = sample_and_score(self.fleet, self.scorer, vs.prompts, vs.golds, n, components.eval_sampling(self.cfg),
+                                  mixing, self.state.policy_version, vs.kind)
+        summary = summarize(scored.correct_matrix(len(vs.prompts), n), n_resamples=2000)
+        out = {f"val/{key.replace('@', '_at_')}": cell["value"] for key, cell in summary.items()
+               if isinstance(cell, dict) and not key.startswith("bootstrap")}
+        out["val/mean_at_n_ci_low"] = summary["mean@n"]["ci_low"]
+        out["val/mean_at_n_ci_high"] = summary["mean@n"]["ci_high"]
+        out["time/validation_s"] = time.perf_counter() - t0
+        return out
+
+    def save(self, it: int) -> Path:
+        def write_trainer(folder: Path) -> None:
+            self.trainer.save_checkpoint(str(folder), "ds", hf_dir=str(folder / "hf"))
+            self.tokenizer.save_pretrained(folder / "hf")
+
+        self.state.iteration = it + 1
+        self.state.history = self.history.series
+        return save_checkpoint(self.out, self.state, write_trainer)
+
+    def close(self, status: str) -> None:
+        for closer in (lambda: self.trainer.shutdown(), lambda: self.fleet.shutdown(),
+                       lambda: ray.get(self.scorer.close.remote(), timeout=30)):
+            try:
+                closer()
+            except Exception as exc:  # noqa: BLE001 - shutting down; report, keep closing the rest
+                self.log(f"warning: shutdown step failed: {exc!r}")
+        self.mlflow.finish(status)
+
+
+def train(cfg: Config, resume: bool = False, log=print, stop_after: int | None = None) -> dict:
+    """Run (or resume) training. `stop_after` ends cleanly after that many iterations in total (tests, demos)."""
+    from tqdm import tqdm
+
+    session = Session(cfg, resume, log)
+    status = "FAILED"
+    total = session.total_iterations()
+    end = total if stop_after is None else min(total, stop_after)
+    start = session.state.iteration
+    previous = signal.getsignal(signal.SIGTERM)
+    signal.signal(signal.SIGTERM, signal.default_int_handler)  # `ray job stop` -> KeyboardInterrupt -> clean stop
+    try:
+        bar = tqdm(range(start, end), initial=start, total=end, desc="iterations", unit="it", dynamic_ncols=True)
+        for it in bar:
+            metrics = session.iteration(it)
+            session.mlflow.log_metrics(metrics, step=it + 1)
+            session.history.add(it + 1, metrics)
+            best = session.history.update_best(session.state, cfg.trainer.best_metric, it + 1, metrics)
+            bar.write(session.history.line(it + 1, metrics))
+            last = it + 1 == end
+            if last or (cfg.trainer.checkpoint_every and (it + 1) % cfg.trainer.checkpoint_every == 0) or best:
+                path = session.save(it)
+                if best:
+                    session.mlflow.set_tag("best_checkpoint", str(path))
+                session.mlflow.set_tag("latest_checkpoint", str(path))
+        if cfg.tracking.plots:
+            for plot in session.history.plots(session.out / "plots"):
+                session.mlflow.log_artifact(plot, "plots")
+        status = "FINISHED" if end == total else "KILLED"
+        summary = {"run_id": session.mlflow.run_id, "tracking_uri": session.mlflow.tracking_uri,
+                   "iterations": end, "output_dir": str(session.out), "last": session.history.last()}
+        (session.out / "summary.json").write_text(json.dumps(summary, indent=2, default=float))
+        return summary
+    except KeyboardInterrupt:
+        status = "KILLED"  # the last checkpoint stays the latest; `--resume` continues in this MLflow run
+        log(f"interrupted; resume with --resume (checkpoints in {session.out / 'checkpoints'})")
+        raise
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+        session.close(status)

@@ -1,0 +1,58 @@
+"""Generate on the fleet and grade where the batches live: the shared step of training and evaluation."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Sequence
+
+import numpy as np
+import ray
+
+from ngrpo_ray.distributed.rollout_fleet import Chunk, RolloutFleet
+
+
+@dataclass
+class Scored:
+    chunks: list[Chunk]
+    rewards: np.ndarray  # [N] in batch order (chunks concatenated)
+    group: np.ndarray  # [N] global prompt index
+    sample: np.ndarray  # [N]
+    length: np.ndarray
+    truncated: np.ndarray
+    mixed_steps: np.ndarray
+    status: list[str]
+    grading: dict[str, int] = field(default_factory=dict)
+    generation_s: float = 0.0
+    tokens: float = 0.0
+
+    def correct_matrix(self, num_prompts: int, n: int) -> np.ndarray:
+        out = np.zeros((num_prompts, n), dtype=bool)
+        out[self.group, self.sample] = self.rewards > 0.5
+        return out
+
+
+def sample_and_score(fleet: RolloutFleet, scorer: Any, prompts: Sequence[Sequence[int]], golds: Sequence[str],
+                     group_size: int, sampling: dict, mixing: Any, policy_version: int, kind: str = "math") -> Scored:
+    chunks = fleet.generate(prompts, sampling, mixing, policy_version, group_size)
+    score_refs = [scorer.score.remote(c.ref, list(golds[c.first_prompt: c.first_prompt + c.num_prompts]), kind)
+                  for c in chunks]
+    parts = ray.get(score_refs)
+    grading: dict[str, int] = {}
+    for p in parts:
+        for key, value in p["grading"].items():
+            grading[key] = grading.get(key, 0) + int(value)
+    cat = lambda key: np.concatenate([p[key] for p in parts])  # noqa: E731
+    return Scored(
+        chunks=chunks,
+        rewards=cat("rewards"),
+        group=np.concatenate([p["group_index"] + c.first_prompt for p, c in zip(parts, chunks)]),
+        sample=cat("sample_index"),
+        length=cat("length"),
+        truncated=cat("truncated"),
+        mixed_steps=cat("mixed_steps"),
+        status=[s for p in parts for s in p["status"]],
+        grading=grading,
+        # engines run in parallel: the slowest chunk bounds the wall time; tokens add up
+        generation_s=max(float(p["timings"].get("generation_s", 0.0)) for p in parts),
+        tokens=sum(float(p["timings"].get("tokens", 0.0)) for p in parts),
+    )
