@@ -165,6 +165,8 @@ class Session:
         cfg, version = self.cfg, self.state.policy_version
         t_start = time.perf_counter()
         idx = self.order.batch_at(it)
+        with (self.out / "prompt_order.jsonl").open("a") as f:  # which prompts each iteration saw (resume audits)
+            f.write(json.dumps({"iteration": it + 1, "problems": [self.train_set.ids[i] for i in idx]}) + "\n")
         prompts = [self.train_set.prompts[i] for i in idx]
         golds = [self.train_set.golds[i] for i in idx]
         t0 = time.perf_counter()
@@ -200,6 +202,8 @@ class Session:
         has_mix = scored.mixed_steps > 0
         metrics["reward/mixed_responses"] = float(rewards[has_mix].mean()) if has_mix.any() else float("nan")
         metrics["reward/unmixed_responses"] = float(rewards[~has_mix].mean()) if (~has_mix).any() else float("nan")
+        for key, value in scored.cosine.items():
+            metrics[f"mixing/cosine_{key}"] = value
         for key, value in scored.grading.items():
             metrics[f"grading/{key}"] = float(value)
         metrics.update(adv_info)

@@ -22,6 +22,7 @@ class Scored:
     mixed_steps: np.ndarray
     status: list[str]
     grading: dict[str, int] = field(default_factory=dict)
+    cosine: dict[str, float] = field(default_factory=dict)  # mixed-vs-anchor cosine over all chunks
     generation_s: float = 0.0
     tokens: float = 0.0
 
@@ -43,6 +44,7 @@ def sample_and_score(fleet: RolloutFleet, scorer: Any, prompts: Sequence[Sequenc
             grading[key] = grading.get(key, 0) + int(value)
     cat = lambda key: np.concatenate([p[key] for p in parts])  # noqa: E731
     return Scored(
+        cosine=_merge_cosine([p["timings"] for p in parts]),
         chunks=chunks,
         rewards=cat("rewards"),
         group=np.concatenate([p["group_index"] + c.first_prompt for p, c in zip(parts, chunks)]),
@@ -56,3 +58,16 @@ def sample_and_score(fleet: RolloutFleet, scorer: Any, prompts: Sequence[Sequenc
         generation_s=max(float(p["timings"].get("generation_s", 0.0)) for p in parts),
         tokens=sum(float(p["timings"].get("tokens", 0.0)) for p in parts),
     )
+
+
+def _merge_cosine(timings: list[dict]) -> dict[str, float]:
+    parts = [t for t in timings if t.get("mix_cosine_count", 0) > 0]
+    n = sum(t["mix_cosine_count"] for t in parts)
+    if not n:
+        return {}
+    return {
+        "mean": sum(t["mix_cosine_cosine_mean"] * t["mix_cosine_count"] for t in parts) / n,
+        "min": min(t["mix_cosine_cosine_min"] for t in parts),
+        "frac_below_0.95": sum(t["mix_cosine_cosine_frac_below"] * t["mix_cosine_count"] for t in parts) / n,
+        "count": float(n),
+    }

@@ -12,6 +12,27 @@ from ngrpo_ray.distributed.rollout_engine import RolloutEngineImpl
 
 
 class SyncedRolloutEngineImpl(RolloutEngineImpl):
+    def generate(self, *args, **kwargs):
+        """The RolloutBatch, plus the mixed-vs-anchor cosine statistics of its mixed steps (paper appendix E),
+        computed here where E lives; stored in `timings` under `mix_cosine_*` (they travel with the batch)."""
+        batch = super().generate(*args, **kwargs)
+        if batch.num_mixed:
+            batch.timings.update(self._mix_cosine(batch))
+        return batch
+
+    def _mix_cosine(self, batch) -> dict[str, float]:
+        import torch
+
+        from ngrpo_ray.core.diagnostics import mixed_anchor_cosine
+        from ngrpo_ray.engine.records_client import check
+
+        cand = torch.cat([c[m] for c, m in zip(batch.cand_ids, batch.mixed_mask)])
+        alpha = torch.cat([a[m] for a, m in zip(batch.alpha, batch.mixed_mask)])
+        ids, local = torch.unique(cand, return_inverse=True)
+        rows = torch.tensor(check(self.llm.collective_rpc("ngrpo_embedding_rows", args=(ids.tolist(),)))["rows"])
+        stats = mixed_anchor_cosine(rows, local, alpha)
+        return {f"mix_cosine_{k}": float(v) for k, v in stats.items()}
+
     def join_weight_sync(self, endpoint: dict, rank_offset: int) -> dict:
         from ngrpo_ray.engine.records_client import check
 

@@ -9,7 +9,7 @@ from typing import Any
 from ngrpo_ray.tracking.plots import line_plot, stacked_bars
 
 PLOTTED = ("reward/mean", "accuracy", "val/mean_at_n", "mixing/mixed_token_fraction", "train/kl_mean",
-           "train/clip_fraction", "response_length/mean", "time/generation_s", "time/reward_s", "time/train_s",
+           "train/clip_frac", "mixing/cosine_mean", "response_length/mean", "time/generation_s", "time/reward_s", "time/train_s",
            "time/sync_s", "val/mean_at_n_ci_low", "val/mean_at_n_ci_high")
 
 
@@ -58,8 +58,9 @@ class IterationLog:
             out.append(line_plot(folder / "validation.png", "held-out Mean@n (95% interval)",
                                  {"val/mean_at_n": s["val/mean_at_n"]}, ylabel="Mean@n",
                                  bands={"val/mean_at_n": bands}))
-        out.append(line_plot(folder / "mixing.png", "mixed-token fraction",
-                             {"mixed_token_fraction": s.get("mixing/mixed_token_fraction", [])}, ylabel="fraction"))
+        out.append(line_plot(folder / "mixing.png", "mixing: mixed-token fraction and mixed-vs-anchor cosine",
+                             {"mixed_token_fraction": s.get("mixing/mixed_token_fraction", []),
+                              "mixed_vs_anchor_cosine_mean": s.get("mixing/cosine_mean", [])}, ylabel="value"))
         timing = {k.split("/")[1][:-2]: [v for _, v in s.get(k, [])]
                   for k in ("time/generation_s", "time/reward_s", "time/train_s", "time/sync_s") if s.get(k)}
         if timing:
