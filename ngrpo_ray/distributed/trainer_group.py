@@ -25,6 +25,7 @@ import tempfile
 import threading
 import time
 import traceback
+import uuid
 from dataclasses import asdict, dataclass, field
 from typing import Any, Sequence
 
@@ -351,7 +352,7 @@ class TrainerGroup:
                                          resources_per_worker=resources),
             torch_config=TorchConfig(backend="nccl" if cfg.use_gpu else "gloo",
                                      timeout_s=int(cfg.collective_timeout_s)),
-            run_config=RunConfig(name=f"ngrpo-trainer-{os.getpid()}-{id(self)}",
+            run_config=RunConfig(name=f"ngrpo-trainer-{uuid.uuid4().hex[:12]}",  # id(self) can be reused: names must not
                                  storage_path=cfg.storage_path or tempfile.mkdtemp(prefix="ngrpo_train_")),
         )
 
