@@ -105,6 +105,7 @@ class TrainerConfig:
     iterations: int = 100
     epochs: Optional[int] = None  # if set, overrides iterations to cover the train set this many times
     validate_every: int = 0
+    validate_before: bool = False  # validate the initial policy too (logged at step 0; the demo's "before")
     best_metric: str = "val/mean_at_n"
     checkpoint_every: int = 1
     output_dir: str = "runs/default"

@@ -213,17 +213,21 @@ class Session:
         if recv_stats and isinstance(recv_stats[0], dict) and "seconds" in recv_stats[0]:
             metrics["sync/engine_load_s"] = float(recv_stats[0].get("load_seconds", 0.0))
         if self.val_set and cfg.trainer.validate_every and (it + 1) % cfg.trainer.validate_every == 0:
-            metrics.update(self.validate())
+            metrics.update(self.validate(it + 1))
         metrics["time/total_s"] = time.perf_counter() - t_start
         return metrics
 
-    def validate(self) -> dict[str, float]:
+    def validate(self, step: int) -> dict[str, float]:
+        """Mean@n / Pass@k on the validation set; the per-sample grades are kept in validation/step_<N>.npy."""
         t0 = time.perf_counter()
         vs, n = self.val_set, self.cfg.eval.n
         mixing = components.mixing_params(self.cfg, self.tokenizer, enabled=self.cfg.eval.mixing)
         scored = sample_and_score(self.fleet, self.scorer, vs.prompts, vs.golds, n, components.eval_sampling(self.cfg),
                                   mixing, self.state.policy_version, vs.kind)
-        summary = summarize(scored.correct_matrix(len(vs.prompts), n), n_resamples=2000)
+        correct = scored.correct_matrix(len(vs.prompts), n)
+        (self.out / "validation").mkdir(exist_ok=True)
+        np.save(self.out / "validation" / f"step_{step}.npy", correct)
+        summary = summarize(correct, n_resamples=2000)
         out = {f"val/{key.replace('@', '_at_')}": cell["value"] for key, cell in summary.items()
                if isinstance(cell, dict) and not key.startswith("bootstrap")}
         out["val/mean_at_n_ci_low"] = summary["mean@n"]["ci_low"]
@@ -262,6 +266,13 @@ def train(cfg: Config, resume: bool = False, log=print, stop_after: int | None =
     previous = signal.getsignal(signal.SIGTERM)
     signal.signal(signal.SIGTERM, signal.default_int_handler)  # `ray job stop` -> KeyboardInterrupt -> clean stop
     try:
+        if start == 0 and session.val_set and cfg.trainer.validate_before:
+            log("validating the initial policy ...")
+            before = session.validate(0)
+            session.mlflow.log_metrics(before, step=0)
+            session.history.add(0, before)
+            log(f"initial policy: val mean@n {before['val/mean_at_n']:.3f} "
+                f"[{before['val/mean_at_n_ci_low']:.3f}, {before['val/mean_at_n_ci_high']:.3f}]")
         bar = tqdm(range(start, end), initial=start, total=end, desc="iterations", unit="it", dynamic_ncols=True)
         for it in bar:
             metrics = session.iteration(it)

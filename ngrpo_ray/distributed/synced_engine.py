@@ -46,5 +46,11 @@ class SyncedRolloutEngineImpl(RolloutEngineImpl):
         self.policy_version = int(policy_version)
         return stats
 
+    def raw_broadcast(self, nbytes: int, chunk_mb: float | None = None) -> dict:
+        """Receiving end of the trainer's raw broadcast of `nbytes` on the sync group (the benchmark's floor)."""
+        from ngrpo_ray.engine.records_client import check
+
+        return check(self.llm.collective_rpc("ngrpo_raw_broadcast", args=(int(nbytes), chunk_mb)))
+
 
 SyncedRolloutEngine = ray.remote(SyncedRolloutEngineImpl)

@@ -1,0 +1,1 @@
+"""Measured benchmarks that need a Ray cluster (each prints a ratio measured in one run)."""

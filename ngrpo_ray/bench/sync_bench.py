@@ -1,0 +1,152 @@
+"""``ngrpo bench sync``: the versioned weight sync against a raw broadcast of the same bytes, in one run.
+
+One trainer worker (Ray Train + DeepSpeed) and one rollout engine (vLLM) share the dedicated weight-sync group the
+training driver uses. Rounds interleave (a) a real sync (plan + buckets from the trainer, receive + load + neighbor
+refresh + prefix-cache reset on the engine) and (b) a raw broadcast of exactly as many bytes, in chunks of the same
+bucket size, on the same group, so machine noise hits both alike. Reported:
+- ``sync_send_s``: the trainer's wall time inside ``send_weights`` (plan, concatenation, broadcasts);
+- ``sync_total_s``: the driver's wall time from starting the sync to the engine having loaded the weights;
+- ``raw_s``: the trainer's wall time for the raw broadcast (buffers allocated before the clock starts);
+- ``ratio_send`` = sync_send_s / raw_s (what the protocol and packing add over the transport) and
+  ``ratio_total`` = sync_total_s / raw_s (what a training iteration pays over the transport floor).
+Sums over rounds give the ratios; per-round numbers are kept.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from typing import Any
+
+import ray
+
+DEFAULTS = dict(model="smollm2-135m-instruct", rounds=3, bucket_mb=64.0, num_cpus=4, timeout_s=600.0,
+                cache_dir="~/.cache/ngrpo_ray/models")
+
+
+def _engine_spec(model_path: str) -> dict[str, Any]:
+    # Small KV cache and context: the engine only receives weights here, it never generates.
+    return {"model": model_path, "seed": 0, "max_model_len": 256, "max_num_seqs": 4, "enforce_eager": True,
+            "kv_cache_gib": 0.25, "dtype": "float32"}
+
+
+def _trainer_config(model_path: str):
+    from ngrpo_ray.distributed.deepspeed_config import DeepSpeedSettings
+    from ngrpo_ray.distributed.trainer_group import TrainerGroupConfig
+
+    return TrainerGroupConfig(model_path=model_path, num_workers=1, torch_threads=1, ref_model=False,
+                              deepspeed=DeepSpeedSettings(zero_stage=0, dtype="fp32"))
+
+
+def _one_round(trainer, fleet, version: int, bucket_mb: float, timeout_s: float) -> dict[str, float]:
+    engine = fleet.engines[0]
+    t0 = time.perf_counter()
+    handle = trainer.start_sync(version, bucket_mb=bucket_mb)
+    received = fleet.receive_weights(version)
+    sent = trainer.wait(handle, timeout_s=timeout_s)[0]
+    got = ray.get(received, timeout=timeout_s)[0]
+    sync_total = time.perf_counter() - t0
+    nbytes = int(sent["bytes"])
+    if int(got["bytes"]) != nbytes or int(got["version"]) != version:
+        raise RuntimeError(f"engine received v{got['version']} / {got['bytes']} bytes, trainer sent "
+                           f"v{version} / {nbytes} bytes")
+
+    t0 = time.perf_counter()
+    handle = trainer.start_raw_broadcast(nbytes, chunk_mb=bucket_mb)
+    raw_engine = engine.raw_broadcast.remote(nbytes, bucket_mb)
+    raw = trainer.wait(handle, timeout_s=timeout_s)[0]
+    raw_recv = ray.get(raw_engine, timeout=timeout_s)
+    raw_wall = time.perf_counter() - t0
+    return {"version": version, "bytes": nbytes, "buckets": int(sent["buckets"]),
+            "sync_send_s": float(sent["seconds"]), "sync_broadcast_s": float(sent["broadcast_seconds"]),
+            "sync_total_s": sync_total, "engine_receive_s": float(got["broadcast_seconds"]),
+            "engine_load_s": float(got["load_seconds"]), "raw_s": float(raw["seconds"]),
+            "raw_engine_s": float(raw_recv["seconds"]), "raw_wall_s": raw_wall}
+
+
+def run_sync_bench(model: Any = None, rounds: int = 3, bucket_mb: float = 64.0, num_cpus: int = 4,
+                   timeout_s: float = 600.0, cache_dir: str = "~/.cache/ngrpo_ray/models") -> dict:
+    """Start a 1-worker trainer group and a 1-engine fleet on ``model`` (a path, the demo name, or a Config whose
+    model.path is used), open the sync group, run ``rounds`` interleaved sync / raw rounds, and return the JSON.
+
+    Attaches to a running Ray (``ray.is_initialized()`` or RAY_ADDRESS) or starts a local one it shuts down after."""
+    from ngrpo_ray.distributed.rollout_fleet import RolloutFleet
+    from ngrpo_ray.distributed.trainer_group import TrainerGroup
+    from ngrpo_ray.models.offline import resolve_model
+
+    if rounds < 1:
+        raise ValueError(f"rounds must be at least 1, got {rounds}")
+    if model is None:
+        model = DEFAULTS["model"]
+    if hasattr(model, "model"):  # a Config
+        cache_dir, model = model.model.cache_dir, model.model.path
+    path = resolve_model(str(model), cache_dir)
+    own_ray = not ray.is_initialized()
+    if own_ray:
+        ray.init(num_cpus=num_cpus, include_dashboard=False)
+    trainer = fleet = None
+    started = time.perf_counter()
+    try:
+        fleet = RolloutFleet(_engine_spec(path), 1, num_cpus=1.0)
+        trainer = TrainerGroup(_trainer_config(path)).start()
+        endpoint = trainer.open_weight_sync(len(fleet), timeout_s=timeout_s)
+        joins = fleet.join_weight_sync(endpoint.__dict__)
+        trainer.finish_open_weight_sync()
+        ray.get(joins, timeout=timeout_s)
+        startup_s = time.perf_counter() - started
+        per_round = [_one_round(trainer, fleet, v, bucket_mb, timeout_s) for v in range(1, rounds + 1)]
+    finally:
+        for close in (lambda: trainer and trainer.shutdown(), lambda: fleet and fleet.shutdown()):
+            try:
+                close()
+            except Exception as exc:  # noqa: BLE001 - keep closing; the measurement (or its error) stands
+                print(f"warning: shutdown step failed: {exc!r}")
+        if own_ray:
+            ray.shutdown()
+
+    def total(key: str) -> float:
+        return sum(r[key] for r in per_round)
+
+    nbytes = per_round[0]["bytes"]
+    return {
+        "model": str(model), "model_path": path, "rounds": rounds, "bucket_mb": bucket_mb,
+        "backend": endpoint.backend, "bytes": nbytes, "buckets": per_round[0]["buckets"],
+        "sync_send_s": total("sync_send_s") / rounds, "sync_total_s": total("sync_total_s") / rounds,
+        "engine_load_s": total("engine_load_s") / rounds, "raw_s": total("raw_s") / rounds,
+        "sync_send_gb_per_s": nbytes * rounds / total("sync_send_s") / 1e9,
+        "raw_gb_per_s": nbytes * rounds / total("raw_s") / 1e9,
+        "ratio_send": total("sync_send_s") / total("raw_s"),
+        "ratio_total": total("sync_total_s") / total("raw_s"),
+        "startup_s": startup_s, "per_round": per_round,
+    }
+
+
+def add_sync_bench_arguments(parser: argparse.ArgumentParser) -> None:
+    """Flags for the lead's CLI wiring (``ngrpo bench sync``)."""
+    parser.add_argument("--model", default=DEFAULTS["model"], help="model path or the demo model name")
+    parser.add_argument("--rounds", type=int, default=DEFAULTS["rounds"])
+    parser.add_argument("--bucket-mb", dest="bucket_mb", type=float, default=DEFAULTS["bucket_mb"])
+    parser.add_argument("--num-cpus", dest="num_cpus", type=int, default=DEFAULTS["num_cpus"],
+                        help="CPUs of the local Ray cluster started when none is running")
+    parser.add_argument("--timeout-s", dest="timeout_s", type=float, default=DEFAULTS["timeout_s"])
+
+
+def print_sync_bench(args: Any) -> int:
+    """Run the benchmark from parsed flags (an argparse Namespace or a dict) and print its JSON."""
+    a = dict(DEFAULTS)
+    a.update({k: v for k, v in (vars(args) if isinstance(args, argparse.Namespace) else dict(args)).items()
+              if k in DEFAULTS and v is not None})
+    print(json.dumps(run_sync_bench(a["model"], a["rounds"], a["bucket_mb"], a["num_cpus"], a["timeout_s"],
+                                    a["cache_dir"]), indent=2))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="ngrpo bench sync", description=__doc__.split("\n\n")[0])
+    add_sync_bench_arguments(parser)
+    return print_sync_bench(parser.parse_args(argv))
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
