@@ -65,6 +65,19 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--k", type=int, default=3)
     b.add_argument("--metric", default="cosine", choices=["cosine", "l2", "l1", "dot"])
 
+    b = bench.add_parser("sync", help="trainer -> engine weight sync vs a raw gloo broadcast of the same bytes",
+                         description="Interleaved rounds of a real versioned weight sync and a raw broadcast of the "
+                                     "same number of bytes; prints JSON with both times and their ratio.")
+    from ngrpo_ray.bench.sync_bench import add_sync_bench_arguments
+
+    add_sync_bench_arguments(b)
+
+    p = sub.add_parser("diagnostics", help="paper figure 1: Gaussian noise vs neighbor mixing drift, with a PCA plot",
+                       description="For a model's embedding matrix: how often the nearest vocabulary token of a "
+                                   "perturbed embedding is still the original, for Gaussian noise vs neighbor mixing.",
+                       add_help=False)
+    p.add_argument("diag_args", nargs=argparse.REMAINDER, help="arguments of the diagnostics tool (--model PATH ...)")
+
     p = sub.add_parser("demo", help="the embedded default: train SmolLM2-135M with N-GRPO on this CPU and show it learning",
                        description="Prepare the offline demo model, evaluate, train with N-GRPO on a local Ray cluster, "
                                    "evaluate again, and print a before/after table with 95%% intervals.",
@@ -75,6 +88,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["diagnostics"]:  # its own flags, passed through untouched (argparse REMAINDER eats --help)
+        from ngrpo_ray.evaluation.diagnostics import main as diagnostics_main
+
+        return diagnostics_main(argv[1:])
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.command is None:
@@ -124,6 +142,10 @@ def _bench(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
 
         print(json.dumps(run_hook_overhead_bench(args), indent=2))
         return 0
+    if args.bench == "sync":
+        from ngrpo_ray.bench.sync_bench import print_sync_bench
+
+        return print_sync_bench(args)
     if args.bench == "neighbor-table":
         from ngrpo_ray.core.neighbors import time_full_build
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import time
 from typing import Any
 
@@ -83,7 +84,9 @@ def run_sync_bench(model: Any = None, rounds: int = 3, bucket_mb: float = 64.0, 
         cache_dir, model = model.model.cache_dir, model.model.path
     path = resolve_model(str(model), cache_dir)
     own_ray = not ray.is_initialized()
-    if own_ray:
+    if own_ray and os.environ.get("RAY_ADDRESS"):
+        ray.init(address=os.environ["RAY_ADDRESS"])
+    elif own_ray:
         ray.init(num_cpus=num_cpus, include_dashboard=False)
     trainer = fleet = None
     started = time.perf_counter()
