@@ -6,6 +6,11 @@ Pre-hook (sees the raw logits of every row): for each opted-in row
 Post-hook (sees vLLM's sampled ids): a mixed row's id becomes VIRTUAL_BASE + c and (C, alpha, logprob) go into ring
 slot c % S; the logprob vLLM reports for every opted-in row is replaced by log_softmax(logits / temperature) of the
 emitted token (the anchor at mixed steps), so every recorded logprob follows the records contract.
+
+Cost per step stays O(B * k) plus work on the ~rho * B gated rows: the gate is drawn first and anchors / alpha /
+anchor logprobs are computed for gated rows only; when every temperature is 1 and vLLM runs in raw_logprobs mode its
+own logprob of the drawn token is already log_softmax(z)[drawn], so no [B, V] pass happens here at all (otherwise z
+and its logsumexp are computed for all rows, as the contract needs). No host sync in the post-hook.
 """
 
 from __future__ import annotations
@@ -38,9 +43,9 @@ class _Pending:
     mixed: torch.Tensor  # [H] bool
     cand: torch.Tensor  # [H, k_max]
     alpha: torch.Tensor  # [H, k_max]
-    anchor_logprob: torch.Tensor  # [H]
-    scaled_logits: torch.Tensor  # [H, V] logits / temperature
-    log_norm: torch.Tensor  # [H] logsumexp of scaled_logits
+    anchor_logprob: torch.Tensor  # [H], valid at mixed rows
+    scaled_logits: torch.Tensor | None  # [H, V] logits / temperature; None: vLLM's logprob is reused
+    log_norm: torch.Tensor | None  # [H] logsumexp of scaled_logits
 
 
 class NeighborTables:
@@ -95,6 +100,11 @@ class MixingHook:
         self._pending: _Pending | None = None
         self._row_cache: tuple | None = None
         self.steps_hooked = 0
+        # Host-side upper bound of the counter (every hooked row could mix): the exact, syncing check runs only
+        # once this bound gets near int32.
+        self._counter_bound = 0
+        self.steps_reusing_vllm_logprob = 0
+        self._raw_logprobs = getattr(runner.sampler, "logprobs_mode", None) == "raw_logprobs"
         self.resumed_rows = 0  # a request came back after missing steps: preempted and recomputed
         self._handles = [
             runner.sampler.register_forward_pre_hook(self._pre_hook, with_kwargs=True),
@@ -187,41 +197,54 @@ class MixingHook:
             return None
         self.steps_hooked += 1
         dev = logits.device
-        rows_t, temps, taus, ks, rhos = self._row_tensors(req_ids, rows, states, dev)
+        rows_t, temps, taus, ks, rhos, unit_temp = self._row_tensors(req_ids, rows, states, dev)
         every_row = len(rows) == logits.shape[0]  # the usual case: no copy of the [B, V] logits
         lg = (logits if every_row else logits.index_select(0, rows_t)).float()[:, : self.vocab_size]
-
-        z = lg / temps.unsqueeze(1)
-        log_norm = torch.logsumexp(z, dim=-1)
-        anchor = z.argmax(dim=-1)
-        anchor_logprob = z.gather(1, anchor.unsqueeze(1)).squeeze(1) - log_norm
+        # vLLM's own logprob of the drawn token is log_softmax(logits)[drawn] in raw_logprobs mode, which is the
+        # contract's value when every temperature is 1: then no full-vocab pass is needed here for unmixed rows.
+        reuse_vllm_logprob = unit_temp and self._raw_logprobs and logits.shape[1] == self.vocab_size
+        scaled, log_norm = None, None
+        if reuse_vllm_logprob:
+            self.steps_reusing_vllm_logprob += 1
+        else:
+            scaled = lg / temps.unsqueeze(1)
+            log_norm = torch.logsumexp(scaled, dim=-1)
 
         u = torch.rand(len(rows), generator=self.generator, device=dev)
         for j, st in enumerate(states):  # per-request generators replace the shared draw
             if st.generator is not None:
                 u[j] = torch.rand(1, generator=st.generator, device=dev)[0]
-        banned = torch.stack([self._never_mask(st.options)[a] for st, a in zip(states, anchor.unbind(0))]) \
-            if self._has_banned(states) else torch.zeros(len(rows), dtype=torch.bool, device=dev)
         discard = self.runner.discard_request_mask.gpu[: len(req_ids)].index_select(0, rows_t).to(dev)
-        mixed = (u < rhos) & ~banned & ~discard
-
-        # C and alpha only for the rows that mix (about rho of them): neighbor rows are the expensive part.
-        cand = anchor.unsqueeze(1).repeat(1, self.k_max)
+        gate = (u < rhos) & ~discard
+        # Anchors only for gated rows (about rho of them): the anchor of a row that does not mix is never used.
+        gidx = gate.nonzero().flatten()
+        mixed = torch.zeros(len(rows), dtype=torch.bool, device=dev)
+        cand = torch.zeros(len(rows), self.k_max, dtype=torch.long, device=dev)
         alpha = torch.zeros(len(rows), self.k_max, dtype=torch.float32, device=dev)
         alpha[:, 0] = 1.0
-        midx = mixed.nonzero().flatten()
-        if midx.numel():
-            m_anchor = anchor.index_select(0, midx)
-            m_cand = self._candidates([states[i] for i in midx.tolist()], m_anchor)
-            col = torch.arange(self.k_max, device=dev).unsqueeze(0)
-            in_set = col < ks.index_select(0, midx).unsqueeze(1)
-            m_cand = torch.where(in_set, m_cand, m_anchor.unsqueeze(1))  # padding points at the anchor, alpha 0
-            m_logits = lg.index_select(0, midx).gather(1, m_cand)
-            scores = torch.where(in_set, m_logits / taus.index_select(0, midx).unsqueeze(1),
-                                 torch.tensor(float("-inf"), device=dev))
-            cand[midx] = m_cand
-            alpha[midx] = torch.softmax(scores, dim=-1)
-        self._pending = _Pending(rows_t, mixed, cand, alpha, anchor_logprob, z, log_norm)
+        anchor_logprob = torch.zeros(len(rows), dtype=torch.float32, device=dev)
+        if gidx.numel():
+            g_states = [states[i] for i in gidx.tolist()]
+            g_lg = lg.index_select(0, gidx)
+            g_z = scaled.index_select(0, gidx) if scaled is not None else g_lg / temps.index_select(0, gidx).unsqueeze(1)
+            g_anchor = g_z.argmax(dim=-1)
+            keep = ~self._banned(g_states, g_anchor)
+            midx, m_anchor, m_z, m_lg = gidx[keep], g_anchor[keep], g_z[keep], g_lg[keep]
+            m_states = [s for s, kept in zip(g_states, keep.tolist()) if kept]
+            if midx.numel():
+                m_lognorm = log_norm.index_select(0, midx) if log_norm is not None else torch.logsumexp(m_z, dim=-1)
+                m_cand = self._candidates(m_states, m_anchor)
+                col = torch.arange(self.k_max, device=dev).unsqueeze(0)
+                in_set = col < ks.index_select(0, midx).unsqueeze(1)
+                m_cand = torch.where(in_set, m_cand, m_anchor.unsqueeze(1))  # padding points at the anchor, alpha 0
+                m_logits = m_lg.gather(1, m_cand)
+                scores = torch.where(in_set, m_logits / taus.index_select(0, midx).unsqueeze(1),
+                                     torch.tensor(float("-inf"), device=dev))
+                mixed[midx] = True
+                cand[midx] = m_cand
+                alpha[midx] = torch.softmax(scores, dim=-1)
+                anchor_logprob[midx] = m_z.gather(1, m_anchor.unsqueeze(1)).squeeze(1) - m_lognorm
+        self._pending = _Pending(rows_t, mixed, cand, alpha, anchor_logprob, scaled, log_norm)
         return None
 
     def _row_tensors(self, req_ids, rows, states, dev):
@@ -237,13 +260,17 @@ class MixingHook:
                          dtype=torch.float32, device=dev),
             torch.tensor([st.options.k for st in states], dtype=torch.long, device=dev),
             torch.tensor([0.0 if st.stopped else st.options.rho for st in states], dtype=torch.float32, device=dev),
+            all(t == 1.0 for t in temps),
         )
         self._row_cache = (key, value)
         return value
 
-    def _has_banned(self, states: list[_RequestState]) -> bool:
-        return any(st.options.stop_after_ids or st.options.never_mix_ids or st.options.no_mix_anchor_ids
-                   for st in states)
+    def _banned(self, states: list[_RequestState], anchor: torch.Tensor) -> torch.Tensor:
+        """[G] bool: the anchor is a stop / never-mix id of its request (one gather when all rows share the sets)."""
+        masks = {id(m): m for m in (self._never_mask(st.options) for st in states)}
+        if len(masks) == 1:
+            return next(iter(masks.values()))[anchor]
+        return torch.stack([self._never_mask(st.options)[a] for st, a in zip(states, anchor.unbind(0))])
 
     def _temperature(self, row: int) -> float:
         rid = self.runner.input_batch.req_ids[row]
@@ -274,7 +301,8 @@ class MixingHook:
         offset = torch.cumsum(n, 0) - n  # rank among this step's mixed rows
         c = self.counter + offset
         vid = VIRTUAL_BASE + c
-        if int(vid.max()) + 1 > _INT32_MAX:
+        self._counter_bound += int(p.rows.shape[0])
+        if VIRTUAL_BASE + self._counter_bound > _INT32_MAX and int(vid.max()) + 1 > _INT32_MAX:
             raise RuntimeError("ngrpo virtual-id counter exhausted (int32); restart the engine")
         self.counter += n.sum()
         slot = torch.where(p.mixed, torch.remainder(c, self.embedding.ngrpo_slots), self.capacity)
@@ -287,8 +315,11 @@ class MixingHook:
         sampled[p.rows, 0] = final.to(sampled.dtype)
         lp = output.logprobs_tensors
         if lp is not None:  # the contract's logprob: temperature only, of the emitted token (anchor when mixed)
-            drawn_lp = p.scaled_logits.gather(1, drawn.clamp_max(self.vocab_size - 1).unsqueeze(1)).squeeze(1) \
-                - p.log_norm
+            if p.scaled_logits is None:  # temperature 1, raw_logprobs: vLLM's value is already log_softmax(z)[drawn]
+                drawn_lp = lp.logprobs.index_select(0, p.rows)[:, 0].float()
+            else:
+                drawn_lp = p.scaled_logits.gather(1, drawn.clamp_max(self.vocab_size - 1).unsqueeze(1)).squeeze(1) \
+                    - p.log_norm
             lp.logprobs[p.rows, 0] = torch.where(p.mixed, p.anchor_logprob, drawn_lp).to(lp.logprobs.dtype)
             lp.logprob_token_ids[p.rows, 0] = final.to(lp.logprob_token_ids.dtype)
         return None
@@ -321,5 +352,6 @@ class MixingHook:
         emb = self.embedding
         return {"counter": int(self.counter), "stale": int(emb.ngrpo_stale), "slots": int(emb.ngrpo_slots),
                 "capacity": self.capacity, "k_max": self.k_max, "steps_hooked": self.steps_hooked,
+                "steps_reusing_vllm_logprob": self.steps_reusing_vllm_logprob,
                 "resumed_rows": self.resumed_rows,
                 "neighbor_version": self.tables.version, "live_request_states": len(self._states)}
