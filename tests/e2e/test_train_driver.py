@@ -37,7 +37,7 @@ def _cfg(model: Path, out: Path, *extra: str):
         "rollout.group_size=2", "rollout.max_new_tokens=6", "trainer.prompts_per_iteration=2",
         "trainer.mini_batches=1", "trainer.micro_batch_size=2", "trainer.validate_every=2", "eval.n=2",
         "eval.max_new_tokens=6", f"trainer.output_dir={out}", "mixing.rho=0.5", "cluster.num_cpus=4",
-        "rollout.engine_cpus=1", "trainer.lr=1e-4", "algorithm.beta=0.01", *extra])
+        "rollout.engine_cpus=1", "trainer.lr=1e-4", "algorithm.beta=0.01", "trainer.validate_before=false", *extra])
 
 
 def _history(run_id: str, uri: str, key: str) -> list[int]:
