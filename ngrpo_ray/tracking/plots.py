@@ -13,6 +13,16 @@ import matplotlib.pyplot as plt  # noqa: E402
 Series = Sequence[tuple[float, float]]  # (x, y) points
 
 
+def save_figure(fig, path: str | Path) -> Path:
+    """Lay out, write the PNG (creating its folder), and free the figure."""
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
 def line_plot(path: str | Path, title: str, series: Mapping[str, Series], xlabel: str = "iteration",
               ylabel: str = "", bands: Mapping[str, Sequence[tuple[float, float, float]]] | None = None) -> Path:
     """One panel, one line per series; `bands` adds (x, low, high) shaded intervals for a series of the same name."""
@@ -31,12 +41,7 @@ def line_plot(path: str | Path, title: str, series: Mapping[str, Series], xlabel
     ax.grid(alpha=0.3)
     if len(series) > 1:
         ax.legend()
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 def stacked_bars(path: str | Path, title: str, parts: Mapping[str, Sequence[float]], xlabel: str = "iteration",
@@ -52,9 +57,4 @@ def stacked_bars(path: str | Path, title: str, parts: Mapping[str, Sequence[floa
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
     ax.legend()
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
