@@ -97,10 +97,7 @@ def pca_2d(X: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 def drift_plot(E: torch.Tensor, result: DriftResult, path: str | Path, title: str = "") -> Path:
     """Originals, their noised and neighbor-mixed points in the PCA plane of all three, lines from each original."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from ngrpo_ray.tracking.plots import plt, save_figure  # Agg backend, set there
 
     orig = E.detach().float()[result.token_ids]
     mean, comps = pca_2d(torch.cat([orig, result.noise_points, result.mix_points]))
@@ -119,12 +116,7 @@ def drift_plot(E: torch.Tensor, result: DriftResult, path: str | Path, title: st
     ax.set_ylabel("PC 2")
     ax.legend(fontsize=8)
     ax.grid(alpha=0.3)
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 def load_input_embeddings(model_path: str, cache_dir: str = "~/.cache/ngrpo_ray/models") -> torch.Tensor:
