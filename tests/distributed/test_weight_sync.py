@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import multiprocessing as mp
 import time
 
@@ -51,8 +52,11 @@ def _receiver_main(endpoint: SyncEndpoint, rank: int, out: mp.Queue) -> None:
     assert res["ok"], res
     res = r.ngrpo_receive_weights()
     raw = r.ngrpo_raw_broadcast(res.get("bytes", 0)) if res["ok"] else {}
+    # Tensors through an mp.Queue travel as shared-memory handles that die with this process; send bytes instead.
+    buf = io.BytesIO()
+    torch.save(r.model.state_dict(), buf)
     out.put({"res": res, "raw": raw, "version": r.ngrpo_policy_version(), "rebuilt": r.rebuilt,
-             "state": {k: v.clone() for k, v in r.model.state_dict().items()}})
+             "state": buf.getvalue()})
     r.ngrpo_close_weight_group()
 
 
@@ -92,9 +96,10 @@ def test_gloo_sync_to_two_receivers_is_exact_and_versioned():
         assert r["res"]["ok"], r["res"]
         assert r["version"] == 5 and r["rebuilt"] == 1 and r["res"]["bytes"] == n_bytes
         assert r["raw"]["ok"]
+        state = torch.load(io.BytesIO(r["state"]))
         for k, v in sender_model.state_dict().items():
-            assert torch.equal(r["state"][k], v), k
-            assert r["state"][k].dtype == v.dtype
+            assert torch.equal(state[k], v), k
+            assert state[k].dtype == v.dtype
 
 
 def test_sync_to_absent_peer_raises_within_timeout():
