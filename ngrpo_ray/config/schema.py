@@ -121,6 +121,8 @@ class ClusterConfig:
     sync_backend: Literal["auto", "gloo", "nccl"] = "auto"
     sync_timeout_s: float = 120.0
     sync_bucket_mb: int = 64
+    engine_max_restarts: int = 2  # Ray restarts a dead rollout engine this often; its chunk is re-issued
+    engine_restart_timeout_s: float = 900.0  # wait this long for a restarted engine to load its model again
     dashboard_host: str = "127.0.0.1"
 
 
