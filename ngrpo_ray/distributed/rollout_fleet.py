@@ -4,16 +4,29 @@
 (prompts in flight), and returns one ObjectRef per chunk in prompt order, with the offset of each chunk's first
 prompt, so the caller can map a chunk's local group index back to the global prompt index. Tensors stay in the
 object store: the driver only holds refs.
+
+Fault tolerance: engines are Ray actors with `max_restarts` (Ray re-runs `__init__`, which loads the model at
+spec['model'] again) and `max_task_retries=0` (a rollout is not silently re-run on a half-synced engine). `collect`
+is the one place chunk results are resolved: when a chunk's engine died mid-rollout it waits for the restart, has the
+engine re-synced to the current policy (`resync` hook, set by the driver), re-issues the chunk, and records the
+restart in `restarts`. Callers hand only the chunks `collect` returns to later consumers (the trainer).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Any, Sequence
+import os
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Sequence
 
 import ray
+from ray.exceptions import RayActorError
 
 from ngrpo_ray.distributed.synced_engine import SyncedRolloutEngine
+
+# ActorDiedError and ActorUnavailableError are RayActorErrors; a consumer task whose input came from a dead engine
+# raises RayTaskError(ActorUnavailableError), which is one too.
+ENGINE_LOST = (RayActorError,)
 
 
 @dataclass
@@ -22,37 +35,136 @@ class Chunk:
     first_prompt: int
     num_prompts: int
     engine: int
+    request: tuple = field(default=(), repr=False)  # generate's arguments, kept to re-issue the chunk
+    incarnation: int = 0  # the engine's restart count when the chunk was issued
+    attempt: int = 0
 
 
 class RolloutFleet:
     def __init__(self, spec: dict, num_engines: int, num_cpus: float = 1.0, num_gpus: float = 0.0,
-                 policy_version: int = 0):
+                 policy_version: int = 0, max_restarts: int = 2, restart_timeout_s: float = 900.0):
         self.spec = spec
         self.engines = [
-            SyncedRolloutEngine.options(num_cpus=num_cpus, num_gpus=num_gpus).remote(spec, policy_version)
+            SyncedRolloutEngine.options(num_cpus=num_cpus, num_gpus=num_gpus, max_restarts=max_restarts,
+                                        max_task_retries=0).remote(spec, policy_version)
             for _ in range(num_engines)
         ]
         ray.get([e.health.remote() for e in self.engines])  # fail here, clearly, if an engine cannot start
         self.prompts_served = [0] * num_engines
+        self.restart_timeout_s = restart_timeout_s
+        self.incarnations = [0] * num_engines  # restarts seen per engine
+        self.restarts: list[dict] = []
+        # resync(engine_indices, policy_version): bring the restarted engines (and the sync group) to the current
+        # policy before they serve again. None: the restarted engine's initial model is policy version 0's.
+        self.resync: Callable[[list[int], int], None] | None = None
+        self.iteration: int | None = None  # set by the driver; recorded with each restart
 
     def __len__(self) -> int:
         return len(self.engines)
 
+    # -- generation ----------------------------------------------------------------------------------------------
     def generate(self, prompts: Sequence[Sequence[int]], sampling: dict, mixing: Any, policy_version: int,
                  group_size: int, chunks_per_engine: int = 1) -> list[Chunk]:
         n_chunks = max(1, min(len(prompts), len(self.engines) * chunks_per_engine))
         bounds = [round(i * len(prompts) / n_chunks) for i in range(n_chunks + 1)]
-        outstanding = [0] * len(self.engines)
-        chunks = []
+        chunks: list[Chunk] = []
         for lo, hi in zip(bounds[:-1], bounds[1:]):
-            e = min(range(len(self.engines)), key=lambda i: (outstanding[i], i))
-            outstanding[e] += hi - lo
-            self.prompts_served[e] += hi - lo
-            ref = self.engines[e].generate.remote([list(p) for p in prompts[lo:hi]], sampling, mixing,
-                                                  policy_version, group_size)
-            chunks.append(Chunk(ref, lo, hi - lo, e))
+            request = ([list(p) for p in prompts[lo:hi]], sampling, mixing, policy_version, group_size)
+            chunks.append(self._issue(request, lo, self._least_loaded(chunks)))
+        self._maybe_kill_for_test()
         return chunks
 
+    def _issue(self, request: tuple, first_prompt: int, engine: int, attempt: int = 0) -> Chunk:
+        n = len(request[0])
+        self.prompts_served[engine] += n
+        ref = self.engines[engine].generate.remote(*request)
+        return Chunk(ref, first_prompt, n, engine, request, self.incarnations[engine], attempt)
+
+    def _least_loaded(self, in_flight: Sequence[Chunk]) -> int:
+        outstanding = [0] * len(self.engines)
+        for c in in_flight:
+            outstanding[c.engine] += c.num_prompts
+        return min(range(len(self.engines)), key=lambda i: (outstanding[i], i))
+
+    def collect(self, chunks: Sequence[Chunk], consume: Callable[[Chunk], ray.ObjectRef] | None = None,
+                ) -> tuple[list[Chunk], list[Any]]:
+        """Wait for every chunk; re-issue those whose engine died. Returns (chunks, results), both in prompt order.
+
+        `consume(chunk)` submits the task that uses the chunk (e.g. the scorer) and returns its ref: it runs as soon
+        as its chunk is done, and a dead engine shows up as its error, so the driver never fetches a batch.
+        Without `consume` the results are the batches themselves. The returned chunks hold only valid refs."""
+        consume = consume or (lambda c: c.ref)
+        chunks = list(chunks)
+        pending = {consume(c): i for i, c in enumerate(chunks)}
+        results: list[Any] = [None] * len(chunks)
+        while pending:
+            [ready], _ = ray.wait(list(pending), num_returns=1)
+            i = pending.pop(ready)
+            try:
+                results[i] = ray.get(ready)
+            except ENGINE_LOST:
+                chunks[i] = self._reissue(chunks[i], [chunks[j] for j in pending.values()])
+                pending[consume(chunks[i])] = i
+        return chunks, results
+
+    # -- recovery ------------------------------------------------------------------------------------------------
+    def _reissue(self, chunk: Chunk, in_flight: list[Chunk]) -> Chunk:
+        if chunk.attempt >= len(self.engines) + 2:
+            raise RuntimeError(f"rollout chunk at prompt {chunk.first_prompt} failed {chunk.attempt + 1} times")
+        if chunk.incarnation == self.incarnations[chunk.engine]:  # not recovered yet (its other chunks may have)
+            self._recover(chunk.engine, policy_version=chunk.request[3], in_flight=in_flight)
+        engine = self._least_loaded(in_flight)
+        return self._issue(chunk.request, chunk.first_prompt, engine, chunk.attempt + 1)
+
+    def _recover(self, engine: int, policy_version: int, in_flight: list[Chunk]) -> None:
+        t0 = time.perf_counter()
+        health = self._wait_alive(engine)
+        self.incarnations[engine] += 1
+        if self.resync is not None:
+            # Re-syncing rebuilds the group with every engine; an engine joins only after its current rollout, so
+            # wait for those first (fetch_local=False: nothing comes to the driver).
+            refs = [c.ref for c in in_flight if c.engine != engine]
+            ray.wait(refs, num_returns=len(refs), fetch_local=False)
+            self.resync([engine], policy_version)
+        elif health["policy_version"] != policy_version:
+            raise RuntimeError(f"engine {engine} restarted at policy version {health['policy_version']}, the rollout "
+                               f"needs {policy_version}, and the fleet has no resync hook")
+        served = ray.get(self.engines[engine].health.remote())["policy_version"]  # what it serves from now on
+        self.restarts.append({"engine": engine, "iteration": self.iteration, "policy_version": policy_version,
+                              "engine_policy_version": int(served), "recover_s": round(time.perf_counter() - t0, 3),
+                              "time": time.time()})
+
+    def _wait_alive(self, engine: int) -> dict:
+        """The engine's health once Ray restarted it (its __init__ loads the model: minutes on a busy CPU)."""
+        deadline = time.monotonic() + self.restart_timeout_s
+        died_since = None  # ActorDiedError for a while means its restarts are used up
+        while True:
+            try:
+                return ray.get(self.engines[engine].health.remote(), timeout=max(1.0, deadline - time.monotonic()))
+            except (RayActorError, ray.exceptions.GetTimeoutError) as exc:
+                now = time.monotonic()
+                died = isinstance(exc, ray.exceptions.ActorDiedError)
+                died_since = (died_since or now) if died else None
+                if now > deadline or (died_since is not None and now - died_since > 10.0):
+                    raise RuntimeError(f"rollout engine {engine} did not come back (restarts used up, or "
+                                       f"{self.restart_timeout_s:.0f}s passed): {exc}") from exc
+                time.sleep(1.0)
+
+    def _maybe_kill_for_test(self) -> None:
+        """Tests only: NGRPO_TEST_KILL_ENGINE="<iteration>:<engine>" kills that engine (Ray restarts it) once,
+        right after its chunk of that iteration's rollout was issued."""
+        spec = os.environ.get("NGRPO_TEST_KILL_ENGINE")
+        if not spec or getattr(self, "_test_killed", False):
+            return
+        iteration, engine = (int(x) for x in spec.split(":"))
+        if self.iteration == iteration:
+            self._test_killed = True
+            ray.kill(self.engines[engine], no_restart=False)
+
+    def policy_versions(self) -> list[int]:
+        return [int(h["policy_version"]) for h in ray.get([e.health.remote() for e in self.engines])]
+
+    # -- weight sync ---------------------------------------------------------------------------------------------
     def join_weight_sync(self, endpoint: dict) -> list[ray.ObjectRef]:
         tp = 1  # tensor parallel ranks per engine (CPU: 1); rank 0 of the sync group is the trainer
         return [e.join_weight_sync.remote(endpoint, 1 + i * tp) for i, e in enumerate(self.engines)]

@@ -6,7 +6,6 @@ from dataclasses import dataclass, field
 from typing import Any, Sequence
 
 import numpy as np
-import ray
 
 from ngrpo_ray.distributed.rollout_fleet import Chunk, RolloutFleet
 
@@ -35,9 +34,10 @@ class Scored:
 def sample_and_score(fleet: RolloutFleet, scorer: Any, prompts: Sequence[Sequence[int]], golds: Sequence[str],
                      group_size: int, sampling: dict, mixing: Any, policy_version: int, kind: str = "math") -> Scored:
     chunks = fleet.generate(prompts, sampling, mixing, policy_version, group_size)
-    score_refs = [scorer.score.remote(c.ref, list(golds[c.first_prompt: c.first_prompt + c.num_prompts]), kind)
-                  for c in chunks]
-    parts = ray.get(score_refs)
+    # Each chunk is scored as soon as it is done; `collect` re-issues the chunks of an engine that died and returns
+    # the chunks whose refs are valid (the trainer gets those).
+    chunks, parts = fleet.collect(chunks, lambda c: scorer.score.remote(
+        c.ref, list(golds[c.first_prompt: c.first_prompt + c.num_prompts]), kind))
     grading: dict[str, int] = {}
     for p in parts:
         for key, value in p["grading"].items():

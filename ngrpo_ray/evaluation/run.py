@@ -67,7 +67,9 @@ def evaluate(cfg: Config, model_path: str | None = None, out_dir: str | Path | N
         t0 = time.perf_counter()
         r = cfg.rollout
         fleet = RolloutFleet(components.engine_spec(cfg, model, longest), r.num_engines, num_cpus=r.engine_cpus,
-                             num_gpus=r.engine_gpus if cfg.trainer.use_gpu else 0.0)
+                             num_gpus=r.engine_gpus if cfg.trainer.use_gpu else 0.0,
+                             max_restarts=cfg.cluster.engine_max_restarts,
+                             restart_timeout_s=cfg.cluster.engine_restart_timeout_s)  # no resync: version 0 is spec's
         scorer = RewardScorer.remote(e.grade_workers, e.grade_timeout_s, e.grading)
         log(f"eval: {len(fleet)} engine(s) started in {time.perf_counter() - t0:.0f}s; model {model}; "
             f"MLflow run {mlflow.run_id} at {mlflow.tracking_uri}")
