@@ -31,6 +31,8 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Resolve a preset and overrides, validate them, and print the result as YAML.",
                        epilog=EPILOG_OVERRIDES)
     _add_config_args(p)
+    p.add_argument("--dry-run", action="store_true",
+                   help="also load the preset's data and read its model config (no weights, no training)")
 
     p = sub.add_parser("train", help="run GRPO/GSPO (N-GRPO/N-GSPO with mixing) training iterations",
                        description="Train with rollouts on vLLM engines (Ray actors), a DeepSpeed trainer group "
@@ -112,7 +114,14 @@ def main(argv: list[str] | None = None) -> int:
 
 def _dispatch(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     if args.command == "config":
-        print(to_yaml(load_config(args.config, args.overrides)), end="")
+        cfg = load_config(args.config, args.overrides)
+        print(to_yaml(cfg), end="")
+        if args.dry_run:
+            from ngrpo_ray.config.dry_run import dry_run, format_dry_run
+
+            items = dry_run(cfg)
+            print("# dry run\n" + format_dry_run(items))
+            return 1 if any(i.status == "failed" for i in items) else 0
         return 0
     if args.command == "bench":
         return _bench(args, parser)

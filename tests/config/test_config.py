@@ -103,3 +103,25 @@ def test_cli_lists_subcommands_and_rejects_bad_keys():
     assert "unknown key 'mixing.rhoo'" in bad.stderr
     good = _ngrpo("config", "mixing.rho=0.25")
     assert good.returncode == 0 and "rho: 0.25" in good.stdout
+
+
+def test_every_preset_passes_a_cpu_dry_run():
+    """Data loads and the model config is readable when present; only hub/user-file items may be skipped."""
+    from ngrpo_ray.config.dry_run import dry_run
+
+    skipped_reasons = set()
+    for preset in sorted(PRESET_DIR.glob("*.yaml")):
+        if preset.stem == "paper_base":  # a shared base, not a runnable preset
+            continue
+        items = dry_run(load_config(preset))
+        failed = [i for i in items if i.status == "failed"]
+        assert not failed, (preset.name, failed)
+        by_what = {i.what.split(" ")[0]: i for i in items}
+        assert by_what["train"].status in ("ok", "skipped") and by_what["hardware"].detail.startswith("written for")
+        for i in items:
+            if i.status == "skipped":
+                skipped_reasons.add(i.what)
+            if i.what.startswith("eval math500"):
+                assert i.status == "ok" and i.detail.startswith("500 problems"), i
+    # only what needs a hub or a user file is skipped: DeepScaleR and the hub models
+    assert all(w.startswith(("train deepscaler", "model ")) for w in skipped_reasons), skipped_reasons
