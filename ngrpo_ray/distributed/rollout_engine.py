@@ -15,6 +15,10 @@ from typing import Any
 import ray
 
 
+class StalePolicyVersion(ValueError):
+    """`generate` asked for a policy version the engine does not hold (e.g. Ray restarted it: initial model)."""
+
+
 class RolloutEngineImpl:
     """The actor body (also usable without Ray, e.g. in a single-process script)."""
 
@@ -42,7 +46,7 @@ class RolloutEngineImpl:
 
         version = self.policy_version if policy_version is None else int(policy_version)
         if version != self.policy_version:
-            raise ValueError(f"generate asked for policy version {version}, the engine holds {self.policy_version}")
+            raise StalePolicyVersion(f"generate asked for policy version {version}, the engine holds {self.policy_version}")
         return generate_rollout(self.llm, prompt_token_ids, sampling, mixing, policy_version=version,
                                 group_size=group_size, stop_token_ids=self.stop_ids, tokenizer=self.tokenizer)
 

@@ -22,11 +22,13 @@ from typing import Any, Callable, Sequence
 import ray
 from ray.exceptions import RayActorError
 
+from ngrpo_ray.distributed.rollout_engine import StalePolicyVersion
 from ngrpo_ray.distributed.synced_engine import SyncedRolloutEngine
 
 # ActorDiedError and ActorUnavailableError are RayActorErrors; a consumer task whose input came from a dead engine
-# raises RayTaskError(ActorUnavailableError), which is one too.
-ENGINE_LOST = (RayActorError,)
+# raises RayTaskError(ActorUnavailableError), which is one too. A chunk queued while Ray restarted its engine runs on
+# the restarted (initial) model and is refused as StalePolicyVersion: the same recovery applies.
+ENGINE_LOST = (RayActorError, StalePolicyVersion)
 
 
 @dataclass
@@ -124,7 +126,8 @@ class RolloutFleet:
             # Re-syncing rebuilds the group with every engine; an engine joins only after its current rollout, so
             # wait for those first (fetch_local=False: nothing comes to the driver).
             refs = [c.ref for c in in_flight if c.engine != engine]
-            ray.wait(refs, num_returns=len(refs), fetch_local=False)
+            if refs:
+                ray.wait(refs, num_returns=len(refs), fetch_local=False)
             self.resync([engine], policy_version)
         elif health["policy_version"] != policy_version:
             raise RuntimeError(f"engine {engine} restarted at policy version {health['policy_version']}, the rollout "
