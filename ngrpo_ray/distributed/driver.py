@@ -135,16 +135,17 @@ class Session:
         r = cfg.rollout
         self.fleet = RolloutFleet(components.engine_spec(cfg, policy_path, longest), r.num_engines,
                                   num_cpus=r.engine_cpus, num_gpus=r.engine_gpus if cfg.trainer.use_gpu else 0.0,
-                                  policy_version=self.state.policy_version)
+                                  policy_version=self.state.policy_version,
+                                  max_restarts=cfg.cluster.engine_max_restarts,
+                                  restart_timeout_s=cfg.cluster.engine_restart_timeout_s)
+        self.fleet.resync = self.resync_engines
+        self.restarts_logged = 0
         pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
         self.trainer = TrainerGroup(components.trainer_config(cfg, self.base_model, pad, str(self.out / "ray_train")))
         self.trainer.start()
         if checkpoint is not None:
             self.trainer.load_checkpoint(str(checkpoint / "trainer"), "ds")
-        endpoint = self.trainer.open_weight_sync(len(self.fleet), timeout_s=cfg.cluster.sync_timeout_s)
-        joins = self.fleet.join_weight_sync(endpoint.__dict__)
-        self.trainer.finish_open_weight_sync()
-        ray.get(joins)
+        self.open_weight_sync()
         self.scorer = RewardScorer.remote(cfg.eval.grade_workers, cfg.eval.grade_timeout_s, cfg.eval.grading)
         self.startup_s = time.perf_counter() - t0
         self.mixing = components.mixing_params(cfg, self.tokenizer)
@@ -154,6 +155,37 @@ class Session:
                  f"worker(s); {len(self.train_set.prompts)} train prompts"
                  + (f", {len(self.val_set.prompts)} validation prompts" if self.val_set else "")
                  + f"; MLflow run {self.mlflow.run_id} at {self.mlflow.tracking_uri}")
+
+    def open_weight_sync(self) -> None:
+        """(Re)build the sync group: trainer rank 0 plus every engine. Joining closes a member's previous group."""
+        endpoint = self.trainer.open_weight_sync(len(self.fleet), timeout_s=self.cfg.cluster.sync_timeout_s)
+        joins = self.fleet.join_weight_sync(endpoint.__dict__)
+        self.trainer.finish_open_weight_sync()
+        ray.get(joins)
+
+    def sync_weights(self, version: int) -> tuple[Any, list]:
+        """Send the trainer's weights to every engine as `version`; returns (trainer stats, engine stats)."""
+        timeout = self.cfg.cluster.sync_timeout_s
+        handle = self.trainer.start_sync(version, bucket_mb=self.cfg.cluster.sync_bucket_mb)
+        received = self.fleet.receive_weights(version)
+        sent = self.trainer.wait(handle, timeout_s=timeout)[0]
+        return sent, ray.get(received, timeout=timeout)
+
+    def resync_engines(self, engines: list[int], version: int) -> None:
+        """The fleet's hook after engines restarted (they hold the initial model and are outside the sync group,
+        which cannot take a new member): rebuild the group and send the current weights, the trainer's, again."""
+        self.log(f"engine(s) {engines} restarted; re-syncing the fleet to policy version {version}")
+        self.open_weight_sync()
+        self.sync_weights(version)
+
+    def _log_restarts(self) -> None:
+        """restarts.json (all of this session's engine restarts) as an artifact, when there are new ones."""
+        if len(self.fleet.restarts) > self.restarts_logged:
+            self.restarts_logged = len(self.fleet.restarts)
+            path = self.out / "restarts.json"
+            path.write_text(json.dumps(self.fleet.restarts, indent=2))
+            self.mlflow.log_artifact(path)
+            self.mlflow.set_tag("fault.engine_restarts", len(self.fleet.restarts))
 
     # ------------------------------------------------------------------------------------------------------------
     def total_iterations(self) -> int:
@@ -167,6 +199,7 @@ class Session:
         idx = self.order.batch_at(it)
         with (self.out / "prompt_order.jsonl").open("a") as f:  # which prompts each iteration saw (resume audits)
             f.write(json.dumps({"iteration": it + 1, "problems": [self.train_set.ids[i] for i in idx]}) + "\n")
+        self.fleet.iteration = it + 1
         prompts = [self.train_set.prompts[i] for i in idx]
         golds = [self.train_set.golds[i] for i in idx]
         t0 = time.perf_counter()
@@ -178,10 +211,7 @@ class Session:
         train_metrics = self.trainer.train([c.ref for c in scored.chunks], advantages, version=version + 1)
         t_train = time.perf_counter() - t0
         t0 = time.perf_counter()
-        handle = self.trainer.start_sync(version + 1, bucket_mb=cfg.cluster.sync_bucket_mb)
-        received = self.fleet.receive_weights(version + 1)
-        sent = self.trainer.wait(handle, timeout_s=cfg.cluster.sync_timeout_s)[0]
-        recv_stats = ray.get(received, timeout=cfg.cluster.sync_timeout_s)
+        sent, recv_stats = self.sync_weights(version + 1)
         t_sync = time.perf_counter() - t0
         self.state.policy_version = version + 1
 
@@ -214,6 +244,8 @@ class Session:
             metrics["sync/engine_load_s"] = float(recv_stats[0].get("load_seconds", 0.0))
         if self.val_set and cfg.trainer.validate_every and (it + 1) % cfg.trainer.validate_every == 0:
             metrics.update(self.validate(it + 1))
+        metrics["fault/engine_restarts"] = float(len(self.fleet.restarts))  # cumulative over this session
+        self._log_restarts()
         metrics["time/total_s"] = time.perf_counter() - t_start
         return metrics
 
