@@ -52,12 +52,12 @@ class RolloutFleet:
             for _ in range(num_engines)
         ]
         ray.get([e.health.remote() for e in self.engines])  # fail here, clearly, if an engine cannot start
-        self.prompts_served = [0] * num_engines
+        self.prompts_served = [0] * num_engines  # prompts issued per engine (a re-issued chunk counts again)
         self.restart_timeout_s = restart_timeout_s
         self.incarnations = [0] * num_engines  # restarts seen per engine
         self.restarts: list[dict] = []
         # resync(engine_indices, policy_version): bring the restarted engines (and the sync group) to the current
-        # policy before they serve again. None: the restarted engine's initial model is policy version 0's.
+        # policy before they serve again. None (evaluation): a restarted engine's initial model is the one asked for.
         self.resync: Callable[[list[int], int], None] | None = None
         self.iteration: int | None = None  # set by the driver; recorded with each restart
 
