@@ -102,6 +102,9 @@ class TrainerConfig:
     mini_batches: int = 4  # optimizer steps per rollout batch (paper: gradient accumulation 4)
     micro_batch_size: int = 4  # responses per forward/backward
     epochs_per_batch: int = 1
+    # old log-probs of the PPO ratio: recomputed by the trainer before the update (one extra forward), or the
+    # engine's rollout log-probs (exact up to ~1e-4 here, since the trainer rebuilds the mixed inputs)
+    old_logprobs: Literal["recompute", "rollout"] = "recompute"
     iterations: int = 100
     epochs: Optional[int] = None  # if set, overrides iterations to cover the train set this many times
     validate_every: int = 0

@@ -39,8 +39,11 @@ PROMPT_TEMPLATES: dict[str, PromptTemplate] = {
         ),
         PromptTemplate(
             "demo",
-            "{question} Put the final answer in \\boxed{}.",
-            "short instruction for the small CPU demo model",
+            "Example: Sam has 2 cards. He finds 5 more cards. How many cards does Sam have now?\n"
+            "Answer: 2 + 5 = 7. The answer is \\boxed{7}.\n\n"
+            "Now solve: {question}\nAnswer in the same way, with the final number in \\boxed{}.",
+            "one-shot instruction for the small CPU demo model: SmolLM2-135M boxes ~2% of answers with a bare "
+            "instruction and ~43% with this example (measured on level-1 problems, T 0.7)",
         ),
         PromptTemplate("plain", "{question}", "the question alone"),
     )
