@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 # The stamp changes when the pins change, so a second run reuses the environment and a new pin reinstalls.
 STAMP := $(VENV)/.installed-$(shell cat pyproject.toml requirements/cpu.lock | sha1sum | cut -c1-12)
 
-.PHONY: env demo test test-fast lint clean-env
+.PHONY: env demo compare test test-fast lint clean-env
 
 env: $(STAMP)
 
@@ -23,6 +23,9 @@ $(STAMP): pyproject.toml requirements/cpu.lock
 
 demo: $(STAMP)
 	$(VENV)/bin/ngrpo demo
+
+compare: $(STAMP)
+	$(VENV)/bin/ngrpo compare
 
 test: $(STAMP)
 	$(PY) -m pytest -q

@@ -86,6 +86,16 @@ def build_parser() -> argparse.ArgumentParser:
                        epilog=EPILOG_OVERRIDES)
     _add_config_args(p, default="cpu_default")
     p.add_argument("--resume", action="store_true", help="finish an interrupted demo from its last checkpoint")
+
+    p = sub.add_parser("compare", help="GRPO vs N-GRPO vs STHT on the demo task over several seeds, one table",
+                       description="Train each method with each seed (same preset, schedule and gate rate), then "
+                                   "report held-out Mean@n and Pass@k per method (seeds pooled) with 95%% intervals "
+                                   "and paired differences to GRPO. Finished runs are reused on a second call.",
+                       epilog=EPILOG_OVERRIDES)
+    _add_config_args(p, default="compare_cpu")
+    p.add_argument("--methods", nargs="+", default=["grpo", "n-grpo", "stht"], help="default: %(default)s")
+    p.add_argument("--seeds", nargs="+", type=int, default=[0, 1], help="default: %(default)s")
+    p.add_argument("--out", default="runs/compare", help="output folder (default: %(default)s)")
     return parser
 
 
@@ -125,6 +135,11 @@ def _dispatch(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
         return 0
     if args.command == "bench":
         return _bench(args, parser)
+    if args.command == "compare":
+        from ngrpo_ray.compare import run_comparison
+
+        run_comparison(args.config, args.overrides, args.methods, args.seeds, args.out)
+        return 0
     cfg = load_config(args.config, args.overrides)
     if args.command == "train":
         from ngrpo_ray.distributed.driver import train

@@ -183,6 +183,7 @@ def validate(cfg: Config) -> None:
            f"trainer.prompts_per_iteration x rollout.group_size = {rollout_batch}")
     c = cfg.cluster
     _check(c.engine_max_restarts >= 0, "cluster.engine_max_restarts", f"must be >= 0, got {c.engine_max_restarts}")
+    _check(c.trainer_max_restarts >= 0, "cluster.trainer_max_restarts", f"must be >= 0, got {c.trainer_max_restarts}")
     _check(c.engine_restart_timeout_s > 0, "cluster.engine_restart_timeout_s",
            f"must be > 0, got {c.engine_restart_timeout_s}")
     _check(cfg.eval.n >= 1, "eval.n", f"must be >= 1, got {cfg.eval.n}")

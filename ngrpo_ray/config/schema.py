@@ -126,6 +126,7 @@ class ClusterConfig:
     sync_bucket_mb: int = 64
     engine_max_restarts: int = 2  # Ray restarts a dead rollout engine this often; its chunk is re-issued
     engine_restart_timeout_s: float = 900.0  # wait this long for a restarted engine to load its model again
+    trainer_max_restarts: int = 2  # Ray Train restarts a dead trainer worker group this often; the last checkpoint is reloaded
     dashboard_host: str = "127.0.0.1"
 
 

@@ -44,6 +44,7 @@ class RolloutBatch:
     sample_index: torch.Tensor  # [B] int64: which sample of that prompt
     policy_version: torch.Tensor  # [B] int64: weights version that generated the response
     timings: dict[str, float] = field(default_factory=dict)  # generation_s, tokens, tokens_per_s
+    noise_seed: list[torch.Tensor] | None = None  # B x [T_b] int64 (-1: no noise): the gaussian_noise baseline
 
     def __post_init__(self) -> None:
         B = len(self.prompt_ids)
@@ -61,6 +62,8 @@ class RolloutBatch:
             if (self.logprobs[b].shape != (T,) or self.mixed_mask[b].shape != (T,)
                     or self.cand_ids[b].shape[0] != T or self.alpha[b].shape != self.cand_ids[b].shape):
                 raise ValueError(f"RolloutBatch response {b}: record lengths disagree with response_ids ({T})")
+            if self.noise_seed is not None and self.noise_seed[b].shape != (T,):
+                raise ValueError(f"RolloutBatch response {b}: noise_seed length disagrees with response_ids ({T})")
             if self.finish_reason[b] not in FINISH_REASONS:
                 raise ValueError(f"RolloutBatch.finish_reason[{b}]={self.finish_reason[b]!r}, "
                                  f"expected one of {FINISH_REASONS}")
@@ -81,10 +84,11 @@ class RolloutBatch:
         return self.num_mixed / max(self.num_tokens, 1)
 
     def records(self) -> list[ResponseRecord]:
+        seeds = self.noise_seed or [None] * len(self)
         return [ResponseRecord(response_ids=r, logprobs=lp, mixed_mask=m, cand_ids=c, alpha=a,
-                               stop_reason=f)
-                for r, lp, m, c, a, f in zip(self.response_ids, self.logprobs, self.mixed_mask, self.cand_ids,
-                                             self.alpha, self.finish_reason)]
+                               stop_reason=f, extras={} if s is None else {"noise_seed": s})
+                for r, lp, m, c, a, f, s in zip(self.response_ids, self.logprobs, self.mixed_mask, self.cand_ids,
+                                                self.alpha, self.finish_reason, seeds)]
 
     def to_padded(self, pad_id: int, padding_side: str = "right") -> PaddedRollout:
         aligned = align_records(self.prompt_ids, self.records(), pad_id=pad_id, padding_side=padding_side)
@@ -109,10 +113,15 @@ class RolloutBatch:
         if timings.get("generation_s"):
             timings["tokens_per_s"] = timings["tokens"] / timings["generation_s"]
         cat = lambda name: [x for b in batches for x in getattr(b, name)]  # noqa: E731
+        noise = None
+        if any(b.noise_seed is not None for b in batches):
+            noise = [x for b in batches
+                     for x in (b.noise_seed or [torch.full((int(r.numel()),), -1, dtype=torch.long)
+                                                for r in b.response_ids])]
         return RolloutBatch(
             prompt_ids=cat("prompt_ids"), response_ids=cat("response_ids"), response_text=cat("response_text"),
             logprobs=cat("logprobs"), mixed_mask=cat("mixed_mask"), cand_ids=cat("cand_ids"), alpha=cat("alpha"),
             finish_reason=cat("finish_reason"), group_index=torch.cat(groups),
             sample_index=torch.cat([b.sample_index for b in batches]),
-            policy_version=torch.cat([b.policy_version for b in batches]), timings=timings,
+            policy_version=torch.cat([b.policy_version for b in batches]), timings=timings, noise_seed=noise,
         )

@@ -63,6 +63,7 @@ def engine_spec(cfg: Config, model_path: str, max_prompt_tokens: int) -> dict:
         "enforce_eager": r.enforce_eager,
         "table_capacity": int(m.table_slots),
         "k_max": max(m.k, 4),
+        "noise_table": m.strategy == "gaussian_noise",
         "dtype": "float32" if cfg.model.dtype == "float32" else cfg.model.dtype,
     }
     if cfg.trainer.use_gpu:
@@ -74,7 +75,7 @@ def engine_spec(cfg: Config, model_path: str, max_prompt_tokens: int) -> dict:
 
 
 def trainer_config(cfg: Config, model_path: str, pad_id: int, storage_path: str | None = None) -> TrainerGroupConfig:
-    t, a = cfg.trainer, cfg.algorithm
+    t, a, m = cfg.trainer, cfg.algorithm, cfg.mixing
     rollout_batch = t.prompts_per_iteration * cfg.rollout.group_size
     per_rank_mini = rollout_batch // (t.mini_batches * t.num_workers)
     micro = max(1, -(-per_rank_mini // t.micro_batch_size))
@@ -93,9 +94,10 @@ def trainer_config(cfg: Config, model_path: str, pad_id: int, storage_path: str 
                                     lr=t.lr, weight_decay=t.weight_decay, grad_clip=t.grad_clip),
         step=StepSettings(temperature=cfg.rollout.temperature, mini_batches=t.mini_batches, micro_batches=micro,
                           epochs=t.epochs_per_batch, old_logprobs=t.old_logprobs, seed=t.seed,
-                          pad_id=pad_id),
+                          pad_id=pad_id, noise_std=m.noise_std),
         loss=loss,
         ref_model=a.beta > 0,
         seed=t.seed,
         storage_path=storage_path,
+        max_failures=cfg.cluster.trainer_max_restarts,
     )

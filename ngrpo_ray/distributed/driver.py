@@ -25,7 +25,7 @@ from ngrpo_ray.distributed import components
 from ngrpo_ray.distributed.reward_scorer import RewardScorer
 from ngrpo_ray.distributed.rollout_fleet import RolloutFleet
 from ngrpo_ray.distributed.sample_and_score import Scored, sample_and_score
-from ngrpo_ray.distributed.trainer_group import TrainerGroup
+from ngrpo_ray.distributed.trainer_group import TrainerGroup, TrainerRestarted
 from ngrpo_ray.evaluation.report import summarize
 from ngrpo_ray.models.offline import resolve_model
 from ngrpo_ray.tracking.mlflow_run import MlflowRun, tracking_uri_for
@@ -139,6 +139,7 @@ class Session:
                                   max_restarts=cfg.cluster.engine_max_restarts,
                                   restart_timeout_s=cfg.cluster.engine_restart_timeout_s)
         self.fleet.resync = self.resync_engines
+        self.trainer_restarts: list[dict] = []
         self.restarts_logged = 0
         pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
         self.trainer = TrainerGroup(components.trainer_config(cfg, self.base_model, pad, str(self.out / "ray_train")))
@@ -164,7 +165,16 @@ class Session:
         ray.get(joins)
 
     def sync_weights(self, version: int) -> tuple[Any, list]:
-        """Send the trainer's weights to every engine as `version`; returns (trainer stats, engine stats)."""
+        """Send the trainer's weights to every engine as `version`; returns (trainer stats, engine stats).
+        Engines Ray restarted since the last look (say, killed during the train step) left the sync group: it is
+        rebuilt first, and the restart recorded."""
+        t0 = time.perf_counter()
+        restarted = self.fleet.find_restarted()
+        if restarted:
+            self.log(f"engine(s) {restarted} restarted outside a rollout; rebuilding the weight-sync group")
+            self.open_weight_sync()
+            for engine in restarted:
+                self.fleet.record_restart(engine, "between_rollouts", version, version, t0)
         timeout = self.cfg.cluster.sync_timeout_s
         handle = self.trainer.start_sync(version, bucket_mb=self.cfg.cluster.sync_bucket_mb)
         received = self.fleet.receive_weights(version)
@@ -178,14 +188,44 @@ class Session:
         self.open_weight_sync()
         self.sync_weights(version)
 
+    def recover_trainer(self, error: TrainerRestarted) -> int:
+        """Ray Train restarted the trainer group (a worker died): restore the last checkpoint (or the initial model
+        when there is none yet), roll the run state back to it, and send those weights to the engines. The
+        iterations after that checkpoint are run again (same prompts: the order is a function of the iteration).
+        Returns the iteration to continue from."""
+        t0 = time.perf_counter()
+        failed = self.fleet.iteration
+        self.log(f"trainer worker group restarted in iteration {failed} ({error}); restoring the last checkpoint")
+        self.trainer.recover()
+        checkpoint = latest_checkpoint(self.out)
+        if checkpoint is not None:
+            self.trainer.load_checkpoint(str(checkpoint / "trainer"), "ds")
+            self.state = load_checkpoint(checkpoint)
+        else:
+            self.state = RunState(iteration=0, policy_version=0, mlflow_run_id=self.mlflow.run_id,
+                                  config=flatten(self.cfg))
+        self.history = IterationLog(self.state.history)
+        self.open_weight_sync()  # trainer rank 0 is a new process: the old group is gone
+        self.sync_weights(self.state.policy_version)
+        self.trainer_restarts.append({
+            "kind": "trainer", "iteration": failed, "resumed_from_iteration": self.state.iteration,
+            "checkpoint": str(checkpoint) if checkpoint else None, "policy_version": self.state.policy_version,
+            "recover_s": round(time.perf_counter() - t0, 3), "time": time.time()})
+        self._log_restarts()
+        self.log(f"trainer recovered in {time.perf_counter() - t0:.0f}s; continuing from iteration "
+                 f"{self.state.iteration + 1} at policy version {self.state.policy_version}")
+        return self.state.iteration
+
     def _log_restarts(self) -> None:
-        """restarts.json (all of this session's engine restarts) as an artifact, when there are new ones."""
-        if len(self.fleet.restarts) > self.restarts_logged:
-            self.restarts_logged = len(self.fleet.restarts)
+        """restarts.json (this session's engine and trainer restarts) as an artifact, when there are new ones."""
+        restarts = self.fleet.restarts + self.trainer_restarts
+        if len(restarts) > self.restarts_logged:
+            self.restarts_logged = len(restarts)
             path = self.out / "restarts.json"
-            path.write_text(json.dumps(self.fleet.restarts, indent=2))
+            path.write_text(json.dumps(sorted(restarts, key=lambda r: r["time"]), indent=2))
             self.mlflow.log_artifact(path)
             self.mlflow.set_tag("fault.engine_restarts", len(self.fleet.restarts))
+            self.mlflow.set_tag("fault.trainer_restarts", len(self.trainer_restarts))
 
     # ------------------------------------------------------------------------------------------------------------
     def total_iterations(self) -> int:
@@ -206,6 +246,7 @@ class Session:
         scored = sample_and_score(self.fleet, self.scorer, prompts, golds, cfg.rollout.group_size,
                                   components.rollout_sampling(cfg), self.mixing, version, self.train_set.kind)
         t_rollout = time.perf_counter() - t0
+        self.fleet.maybe_kill_for_test("train")
         advantages, adv_info = compute_advantages(cfg, scored)
         t0 = time.perf_counter()
         train_metrics = self.trainer.train([c.ref for c in scored.chunks], advantages, version=version + 1)
@@ -245,6 +286,7 @@ class Session:
         if self.val_set and cfg.trainer.validate_every and (it + 1) % cfg.trainer.validate_every == 0:
             metrics.update(self.validate(it + 1))
         metrics["fault/engine_restarts"] = float(len(self.fleet.restarts))  # cumulative over this session
+        metrics["fault/trainer_restarts"] = float(len(self.trainer_restarts))
         self._log_restarts()
         metrics["time/total_s"] = time.perf_counter() - t_start
         return metrics
@@ -286,6 +328,22 @@ class Session:
         self.mlflow.finish(status)
 
 
+def run_iteration(session: Session, it: int, end: int, write) -> None:
+    """Iteration `it` (0-based): train, log, print its line, checkpoint when due."""
+    cfg = session.cfg
+    metrics = session.iteration(it)
+    session.mlflow.log_metrics(metrics, step=it + 1)
+    session.history.add(it + 1, metrics)
+    best = session.history.update_best(session.state, cfg.trainer.best_metric, it + 1, metrics)
+    write(session.history.line(it + 1, metrics))
+    last = it + 1 == end
+    if last or (cfg.trainer.checkpoint_every and (it + 1) % cfg.trainer.checkpoint_every == 0) or best:
+        path = session.save(it)
+        if best:
+            session.mlflow.set_tag("best_checkpoint", str(path))
+        session.mlflow.set_tag("latest_checkpoint", str(path))
+
+
 def train(cfg: Config, resume: bool = False, log=print, stop_after: int | None = None) -> dict:
     """Run (or resume) training. `stop_after` ends cleanly after that many iterations in total (tests, demos)."""
     from tqdm import tqdm
@@ -305,19 +363,18 @@ def train(cfg: Config, resume: bool = False, log=print, stop_after: int | None =
             session.history.add(0, before)
             log(f"initial policy: val mean@n {before['val/mean_at_n']:.3f} "
                 f"[{before['val/mean_at_n_ci_low']:.3f}, {before['val/mean_at_n_ci_high']:.3f}]")
-        bar = tqdm(range(start, end), initial=start, total=end, desc="iterations", unit="it", dynamic_ncols=True)
-        for it in bar:
-            metrics = session.iteration(it)
-            session.mlflow.log_metrics(metrics, step=it + 1)
-            session.history.add(it + 1, metrics)
-            best = session.history.update_best(session.state, cfg.trainer.best_metric, it + 1, metrics)
-            bar.write(session.history.line(it + 1, metrics))
-            last = it + 1 == end
-            if last or (cfg.trainer.checkpoint_every and (it + 1) % cfg.trainer.checkpoint_every == 0) or best:
-                path = session.save(it)
-                if best:
-                    session.mlflow.set_tag("best_checkpoint", str(path))
-                session.mlflow.set_tag("latest_checkpoint", str(path))
+        bar = tqdm(initial=start, total=end, desc="iterations", unit="it", dynamic_ncols=True)
+        it = start
+        while it < end:
+            try:
+                run_iteration(session, it, end, bar.write)
+            except TrainerRestarted as exc:  # a trainer worker died: back to the last checkpoint
+                it = session.recover_trainer(exc)
+                bar.n = it
+                bar.refresh()
+                continue
+            it += 1
+            bar.update(1)
         if cfg.tracking.plots:
             for plot in session.history.plots(session.out / "plots"):
                 session.mlflow.log_artifact(plot, "plots")

@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import tempfile
 import time
+import uuid
 from typing import Any
 
 import ray
@@ -39,6 +40,7 @@ class RolloutEngineImpl:
         except (OSError, ValueError):  # a checkpoint without a tokenizer: text stays empty
             self.tokenizer = None
         self.policy_version = int(policy_version)
+        self.incarnation = uuid.uuid4().hex  # new on every (re)start: lets the driver see a restart it missed
 
     def generate(self, prompt_token_ids: list[list[int]], sampling: Any, mixing: Any,
                  policy_version: int | None = None, group_size: int = 1):
@@ -72,6 +74,7 @@ class RolloutEngineImpl:
 
         stats = check(self.llm.collective_rpc("ngrpo_stats", timeout=60))
         return {"ok": True, "policy_version": self.policy_version, "model": self.spec.model,
+                "incarnation": self.incarnation,
                 "start_seconds": self.start_seconds, **{k: v for k, v in stats.items() if k != "ok"}}
 
     def shutdown(self) -> bool:

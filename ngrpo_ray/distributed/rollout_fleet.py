@@ -10,6 +10,8 @@ spec['model'] again) and `max_task_retries=0` (a rollout is not silently re-run 
 is the one place chunk results are resolved: when a chunk's engine died mid-rollout it waits for the restart, has the
 engine re-synced to the current policy (`resync` hook, set by the driver), re-issues the chunk, and records the
 restart in `restarts`. Callers hand only the chunks `collect` returns to later consumers (the trainer).
+An engine that died between rollouts (during the train step, say) is found by `find_restarted` (each engine start has
+its own incarnation id), which the driver calls before every weight sync.
 """
 
 from __future__ import annotations
@@ -51,7 +53,8 @@ class RolloutFleet:
                                         max_task_retries=0).remote(spec, policy_version)
             for _ in range(num_engines)
         ]
-        ray.get([e.health.remote() for e in self.engines])  # fail here, clearly, if an engine cannot start
+        health = ray.get([e.health.remote() for e in self.engines])  # fail here, clearly, if one cannot start
+        self.engine_ids = [h["incarnation"] for h in health]
         self.prompts_served = [0] * num_engines  # prompts issued per engine (a re-issued chunk counts again)
         self.restart_timeout_s = restart_timeout_s
         self.incarnations = [0] * num_engines  # restarts seen per engine
@@ -60,6 +63,7 @@ class RolloutFleet:
         # policy before they serve again. None (evaluation): a restarted engine's initial model is the one asked for.
         self.resync: Callable[[list[int], int], None] | None = None
         self.iteration: int | None = None  # set by the driver; recorded with each restart
+        self._test_killed: set[str] = set()  # test hooks already fired (each fires once)
 
     def __len__(self) -> int:
         return len(self.engines)
@@ -73,7 +77,7 @@ class RolloutFleet:
         for lo, hi in zip(bounds[:-1], bounds[1:]):
             request = ([list(p) for p in prompts[lo:hi]], sampling, mixing, policy_version, group_size)
             chunks.append(self._issue(request, lo, self._least_loaded(chunks)))
-        self._maybe_kill_for_test()
+        self.maybe_kill_for_test("rollout")
         return chunks
 
     def _issue(self, request: tuple, first_prompt: int, engine: int, attempt: int = 0) -> Chunk:
@@ -122,6 +126,7 @@ class RolloutFleet:
         t0 = time.perf_counter()
         health = self._wait_alive(engine)
         self.incarnations[engine] += 1
+        self.engine_ids[engine] = health["incarnation"]
         if self.resync is not None:
             # Re-syncing rebuilds the group with every engine; an engine joins only after its current rollout, so
             # wait for those first (fetch_local=False: nothing comes to the driver).
@@ -133,9 +138,24 @@ class RolloutFleet:
             raise RuntimeError(f"engine {engine} restarted at policy version {health['policy_version']}, the rollout "
                                f"needs {policy_version}, and the fleet has no resync hook")
         served = ray.get(self.engines[engine].health.remote())["policy_version"]  # what it serves from now on
-        self.restarts.append({"engine": engine, "iteration": self.iteration, "policy_version": policy_version,
-                              "engine_policy_version": int(served), "recover_s": round(time.perf_counter() - t0, 3),
-                              "time": time.time()})
+        self.record_restart(engine, "rollout", policy_version, int(served), t0)
+
+    def record_restart(self, engine: int, phase: str, policy_version: int, served: int, t0: float) -> None:
+        self.restarts.append({"kind": "engine", "engine": engine, "phase": phase, "iteration": self.iteration,
+                              "policy_version": policy_version, "engine_policy_version": served,
+                              "recover_s": round(time.perf_counter() - t0, 3), "time": time.time()})
+
+    def find_restarted(self) -> list[int]:
+        """Engines Ray restarted since the fleet last saw them (e.g. killed during the train step), each waited for
+        until it is back. They hold the initial model and are outside the weight-sync group: the caller re-syncs."""
+        restarted = []
+        for i in range(len(self.engines)):
+            health = self._wait_alive(i)
+            if health["incarnation"] != self.engine_ids[i]:
+                self.engine_ids[i] = health["incarnation"]
+                self.incarnations[i] += 1
+                restarted.append(i)
+        return restarted
 
     def _wait_alive(self, engine: int) -> dict:
         """The engine's health once Ray restarted it (its __init__ loads the model: minutes on a busy CPU)."""
@@ -153,16 +173,15 @@ class RolloutFleet:
                                        f"{self.restart_timeout_s:.0f}s passed): {exc}") from exc
                 time.sleep(1.0)
 
-    def _maybe_kill_for_test(self) -> None:
-        """Tests only: NGRPO_TEST_KILL_ENGINE="<iteration>:<engine>" kills that engine (Ray restarts it) once,
-        right after its chunk of that iteration's rollout was issued."""
-        spec = os.environ.get("NGRPO_TEST_KILL_ENGINE")
-        if not spec or getattr(self, "_test_killed", False):
-            return
-        iteration, engine = (int(x) for x in spec.split(":"))
-        if self.iteration == iteration:
-            self._test_killed = True
-            ray.kill(self.engines[engine], no_restart=False)
+    def maybe_kill_for_test(self, phase: str) -> None:
+        """Tests only: NGRPO_TEST_KILL_ENGINE="<iteration>:<engine>[:<phase>],..." kills that engine once (Ray restarts
+        it); phase "rollout" (the default) right after that iteration's chunks were issued, "train" after the
+        rollout, while the trainer updates."""
+        for spec in filter(None, os.environ.get("NGRPO_TEST_KILL_ENGINE", "").split(",")):
+            iteration, engine, at = (spec.split(":") + ["rollout"])[:3]
+            if spec not in self._test_killed and self.iteration == int(iteration) and at == phase:
+                self._test_killed.add(spec)
+                ray.kill(self.engines[int(engine)], no_restart=False)
 
     def policy_versions(self) -> list[int]:
         return [int(h["policy_version"]) for h in ray.get([e.health.remote() for e in self.engines])]

@@ -17,20 +17,27 @@ class SyncedRolloutEngineImpl(RolloutEngineImpl):
         computed here where E lives; stored in `timings` under `mix_cosine_*` (they travel with the batch)."""
         batch = super().generate(*args, **kwargs)
         if batch.num_mixed:
-            batch.timings.update(self._mix_cosine(batch))
+            mixing = kwargs.get("mixing", args[2] if len(args) > 2 else None)
+            noise_std = (mixing or {}).get("noise_std") if isinstance(mixing, dict) else getattr(mixing, "noise_std", 0)
+            batch.timings.update(self._mix_cosine(batch, float(noise_std or 0.0)))
         return batch
 
-    def _mix_cosine(self, batch) -> dict[str, float]:
+    def _mix_cosine(self, batch, noise_std: float = 0.0) -> dict[str, float]:
         import torch
 
         from ngrpo_ray.core.diagnostics import mixed_anchor_cosine
+        from ngrpo_ray.core.records import noise_from_seeds
         from ngrpo_ray.engine.records_client import check
 
         cand = torch.cat([c[m] for c, m in zip(batch.cand_ids, batch.mixed_mask)])
         alpha = torch.cat([a[m] for a, m in zip(batch.alpha, batch.mixed_mask)])
         ids, local = torch.unique(cand, return_inverse=True)
         rows = torch.tensor(check(self.llm.collective_rpc("ngrpo_embedding_rows", args=(ids.tolist(),)))["rows"])
-        stats = mixed_anchor_cosine(rows, local, alpha)
+        noise = None
+        if batch.noise_seed is not None:  # Gaussian noise: the fed input is E[token] + noise from the seed
+            seeds = torch.cat([s[m] for s, m in zip(batch.noise_seed, batch.mixed_mask)])
+            noise = noise_from_seeds(seeds, rows.shape[1], noise_std)
+        stats = mixed_anchor_cosine(rows, local, alpha, noise=noise)
         return {f"mix_cosine_{k}": float(v) for k, v in stats.items()}
 
     def join_weight_sync(self, endpoint: dict, rank_offset: int) -> dict:

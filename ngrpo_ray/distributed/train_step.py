@@ -30,7 +30,7 @@ from ngrpo_ray.core.losses import (
     policy_loss,
     reduce_policy_metrics,
 )
-from ngrpo_ray.core.records import ResponseRecord, align_records, rebuild_inputs_embeds
+from ngrpo_ray.core.records import ResponseRecord, align_records, noise_from_seeds, rebuild_inputs_embeds
 
 
 @dataclass
@@ -53,6 +53,7 @@ class StepSettings:
     shuffle: bool = True
     seed: int = 0
     pad_id: int = 0
+    noise_std: float = 0.0  # gaussian_noise (STHT) records: the std their seeds' noise is scaled by
 
     def validate(self) -> None:
         if self.old_logprobs not in ("recompute", "rollout"):
@@ -93,23 +94,29 @@ def response_logprobs(
     pad_id: int = 0,
     use_records: bool = True,
     keep_logits: bool = False,
+    noise_std: float | None = None,
 ) -> TokenBatch:
     """log_softmax(logits / T)[response token] for every response step, teacher-forced on the rebuilt inputs.
 
     With ``use_records=False`` the mixtures are ignored (plain token embeddings): the control that must disagree.
+    Records with noise seeds (the gaussian_noise baseline) get noise_std * N(0, I) regenerated from each seed added at
+    their positions, as the engine added it; ``noise_std`` must then be given.
     Only response positions go through the output head, so memory is O(response tokens x V), not O(B L V).
     """
     device = next(model.parameters()).device
     al = align_records(list(prompts), list(records), pad_id, padding_side="right")
-    if al.noise_seed is not None and bool((al.noise_seed >= 0).any()):
-        # the Gaussian-noise baseline needs its noise_std to regenerate the inputs; not wired yet: refuse, never
-        # silently train on inputs the engine did not see
-        raise NotImplementedError("records with noise_seed (gaussian_noise strategy) are not supported by the trainer yet")
     body, head = _causal_lm_parts(model)
     E = model.get_input_embeddings().weight
     mixed = al.mixed_mask if use_records else torch.zeros_like(al.mixed_mask)
     embeds = rebuild_inputs_embeds(al.input_ids.to(device), E, mixed.to(device), al.cand_ids.to(device),
                                    al.alpha.to(device))
+    if use_records and al.noise_seed is not None and bool((al.noise_seed >= 0).any()):
+        if noise_std is None:  # never train on inputs the engine did not see
+            raise ValueError("records carry noise seeds (gaussian_noise) but no noise_std was given")
+        # A noise step's record is (token, alpha 1), so embeds there is E[token]; adding the noise after the mixture,
+        # with zeros elsewhere, is the engine's order of operations.
+        noise = noise_from_seeds(al.noise_seed, E.shape[1], noise_std).to(device=device, dtype=E.dtype)
+        embeds = embeds + noise
     hidden = body(inputs_embeds=embeds, attention_mask=al.attention_mask.to(device),
                   position_ids=al.position_ids.to(device), use_cache=False).last_hidden_state
     B = len(records)
@@ -142,12 +149,13 @@ def _pad_rows(values: Sequence[torch.Tensor], T: int, device) -> torch.Tensor:
 
 @torch.no_grad()
 def batched_logprobs(model: torch.nn.Module, seqs: Sequence[TrainSequence], temperature: float, pad_id: int,
-                     chunk: int = 8) -> list[torch.Tensor]:
+                     chunk: int = 8, noise_std: float | None = None) -> list[torch.Tensor]:
     """Per-sequence [T_i] log-probs without gradient (old / reference / parity checks), in chunks of ``chunk``."""
     out: list[torch.Tensor] = []
     for i in range(0, len(seqs), chunk):
         part = seqs[i: i + chunk]
-        tb = response_logprobs(model, [s.prompt_ids for s in part], [s.record for s in part], temperature, pad_id)
+        tb = response_logprobs(model, [s.prompt_ids for s in part], [s.record for s in part], temperature, pad_id,
+                               noise_std=noise_std)
         out.extend(tb.logp[j, : len(s.record)].float().cpu() for j, s in enumerate(part))
     return out
 
@@ -214,14 +222,14 @@ def train_on_sequences(
     # 1. old and reference log-probs, before any update
     model.eval()
     if settings.old_logprobs == "recompute":
-        old = batched_logprobs(model, local, settings.temperature, settings.pad_id)
+        old = batched_logprobs(model, local, settings.temperature, settings.pad_id, noise_std=settings.noise_std)
     else:
         old = [s.record.logprobs.float() for s in local]
     ref = None
     if loss_config.beta != 0.0:
         if ref_model is None:
             raise ValueError(f"loss beta={loss_config.beta} needs a reference model (trainer.ref_model)")
-        ref = batched_logprobs(ref_model, local, settings.temperature, settings.pad_id)
+        ref = batched_logprobs(ref_model, local, settings.temperature, settings.pad_id, noise_std=settings.noise_std)
     model.train()
     by_index = {s.index: (s, o, ref[i] if ref is not None else None) for i, (s, o) in enumerate(zip(local, old))}
 
@@ -244,7 +252,8 @@ def train_on_sequences(
                     micro, weight = [by_index[local[0].index]], 0.0
                 seqs = [m[0] for m in micro]
                 tb = response_logprobs(model, [s.prompt_ids for s in seqs], [s.record for s in seqs],
-                                       settings.temperature, settings.pad_id, keep_logits=True)
+                                       settings.temperature, settings.pad_id, keep_logits=True,
+                                       noise_std=settings.noise_std)
                 T = tb.logp.shape[1]
                 old_t = _pad_rows([m[1] for m in micro], T, device)
                 ref_t = _pad_rows([m[2] for m in micro], T, device) if ref is not None else None

@@ -12,13 +12,16 @@ per-iteration logging. What ``TorchTrainer`` still gives us: placement of the wo
 ``torch.distributed`` set up on the right backend (gloo on CPU, NCCL on GPU) with rank/world/local-rank env vars,
 failure reporting, and the same entry point as every other Ray Train job (cluster YAML / KubeRay unchanged).
 
-A command that fails on one rank returns its traceback; the driver raises ``TrainerGroupError`` with it. If the fit
-thread dies (a worker crashed), every pending wait raises instead of hanging.
+A command that fails on one rank returns its traceback; the driver raises ``TrainerGroupError`` with it. A worker
+that dies (killed, out of memory) makes Ray Train restart the whole group (``max_failures`` times): pending waits
+raise ``TrainerRestarted`` and the caller calls ``recover()`` and restores its last checkpoint (see the channel's
+generations). Once the restarts are used up the fit thread dies and every pending wait raises instead of hanging.
 """
 
 from __future__ import annotations
 
 import asyncio
+import collections
 import itertools
 import os
 import tempfile
@@ -43,6 +46,11 @@ class TrainerGroupError(RuntimeError):
     """A trainer command failed on some rank, or the worker group died."""
 
 
+class TrainerRestarted(TrainerGroupError):
+    """Ray Train restarted the worker group (a worker died): the new workers hold the initial model until
+    ``TrainerGroup.recover()`` and the caller restore the last checkpoint."""
+
+
 @dataclass
 class TrainerGroupConfig:
     model_path: str  # HF directory of the initial policy (and of the reference model)
@@ -56,6 +64,7 @@ class TrainerGroupConfig:
     ref_model: bool | None = None  # None: load it only when loss.beta != 0
     collective_timeout_s: float = 600.0
     command_timeout_s: float = 3600.0
+    max_failures: int = 0  # worker-group restarts Ray Train may make after a worker dies (FailureConfig)
     seed: int = 0
     storage_path: str | None = None  # Ray Train's run folder; a temp dir by default
 
@@ -63,24 +72,53 @@ class TrainerGroupConfig:
 # ------------------------------------------------------------------------------------------------ command channel
 
 
-@ray.remote(num_cpus=0)
-class _CommandChannel:
-    """Per-rank command queues and per-command result slots (async actor: waits do not block each other)."""
+class CommandChannel:
+    """Per-rank command queues and per-command result slots (async actor: waits do not block each other).
+
+    Generations: Ray Train restarts the whole worker group after a worker dies (FailureConfig). Each new worker
+    registers and gets the group's new generation; commands carry the generation the driver knows. A command from
+    before the restart is dropped unseen, a worker of a replaced group takes nothing more, and
+    ``put`` refuses commands for an old generation, so nothing runs on a restarted group (which holds the initial
+    model) until the driver has seen the restart and restored the last checkpoint."""
 
     def __init__(self, world_size: int):
-        self.queues = [asyncio.Queue() for _ in range(world_size)]
+        self.queues: list[collections.deque] = [collections.deque() for _ in range(world_size)]
+        self.ready = [asyncio.Condition() for _ in range(world_size)]
+        self.attempts = [0] * world_size
+        self.generation = 0
         self.results: dict[int, dict[int, Any]] = {}
         self.events: dict[int, asyncio.Event] = {}
 
     def _event(self, cmd_id: int) -> asyncio.Event:
         return self.events.setdefault(cmd_id, asyncio.Event())
 
-    async def put(self, ranks: list[int], command: dict) -> None:
-        for r in ranks:
-            await self.queues[r].put(command)
+    async def register(self, rank: int) -> int:
+        """A worker (re)started: its generation (0 for the first group, 1 after one restart, ...)."""
+        self.attempts[rank] += 1
+        self.generation = max(self.generation, self.attempts[rank] - 1)
+        return self.attempts[rank] - 1
 
-    async def next_command(self, rank: int) -> dict:
-        return await self.queues[rank].get()
+    async def get_generation(self) -> int:
+        return self.generation
+
+    async def put(self, ranks: list[int], command: dict) -> bool:
+        if command["generation"] != self.generation:
+            return False  # the group restarted since the driver last looked
+        for r in ranks:
+            async with self.ready[r]:
+                self.queues[r].append(command)
+                self.ready[r].notify_all()
+        return True
+
+    async def next_command(self, rank: int, generation: int) -> dict:
+        queue = self.queues[rank]
+        async with self.ready[rank]:
+            while True:
+                while queue and queue[0]["generation"] < generation:
+                    queue.popleft()  # meant for the group before a restart
+                if queue and queue[0]["generation"] == generation == self.generation:
+                    return queue.popleft()
+                await self.ready[rank].wait()  # empty, or this worker's group was replaced (it is being killed)
 
     async def put_result(self, cmd_id: int, rank: int, expected: int, result: Any) -> None:
         slot = self.results.setdefault(cmd_id, {})
@@ -88,13 +126,17 @@ class _CommandChannel:
         if len(slot) == expected:
             self._event(cmd_id).set()
 
-    async def wait_results(self, cmd_id: int, timeout_s: float) -> dict[int, Any] | None:
+    async def wait_results(self, cmd_id: int, timeout_s: float, generation: int) -> Any:
+        """The results, None on timeout, or "restarted" when the group restarted after the command was sent."""
         try:
             await asyncio.wait_for(self._event(cmd_id).wait(), timeout_s)
         except asyncio.TimeoutError:
-            return None
+            return "restarted" if self.generation > generation else None
         self.events.pop(cmd_id, None)
         return self.results.pop(cmd_id)
+
+
+_CommandChannel = ray.remote(num_cpus=0)(CommandChannel)  # an async actor: waits do not block each other
 
 
 # ----------------------------------------------------------------------------------------------- batch adapters
@@ -215,7 +257,7 @@ class _PolicyWorker:
         with torch.no_grad():
             for s in local:
                 tb = response_logprobs(model, [s.prompt_ids], [s.record], self.cfg.step.temperature,
-                                       self.cfg.step.pad_id, use_records=use_records)
+                                       self.cfg.step.pad_id, use_records=use_records, noise_std=self.cfg.step.noise_std)
                 out.append((s.index, tb.logp[0, : len(s.record)].float().cpu()))
         model.train()
         return out
@@ -298,6 +340,7 @@ def _worker_loop(config: dict) -> None:
     channel = config["channel"]
     cfg: TrainerGroupConfig = config["cfg"]
     rank = ray.train.get_context().get_world_rank()
+    generation = ray.get(channel.register.remote(rank))  # first thing: the driver learns of a restart at once
     worker: _PolicyWorker | None = None
     try:
         worker = _PolicyWorker(cfg)
@@ -306,7 +349,7 @@ def _worker_loop(config: dict) -> None:
     else:
         init_error = None
     while True:
-        cmd = ray.get(channel.next_command.remote(rank))
+        cmd = ray.get(channel.next_command.remote(rank, generation))
         if cmd["op"] == "stop":
             ray.get(channel.put_result.remote(cmd["id"], rank, len(cmd["ranks"]), {"ok": True}))
             return
@@ -333,10 +376,12 @@ class TrainerGroup:
         self.channel = None
         self.sync_endpoint: SyncEndpoint | None = None
         self.startup_seconds = 0.0
+        self.generation = 0  # the worker group's restarts the driver has seen and recovered from
+        self._test_killed: set[str] = set()
 
     # -- life cycle -------------------------------------------------------------------------------------------
     def start(self) -> "TrainerGroup":
-        from ray.train import RunConfig, ScalingConfig
+        from ray.train import FailureConfig, RunConfig, ScalingConfig
         from ray.train.torch import TorchConfig, TorchTrainer
 
         start = time.monotonic()
@@ -353,7 +398,8 @@ class TrainerGroup:
             torch_config=TorchConfig(backend="nccl" if cfg.use_gpu else "gloo",
                                      timeout_s=int(cfg.collective_timeout_s)),
             run_config=RunConfig(name=f"ngrpo-trainer-{uuid.uuid4().hex[:12]}",  # id(self) can be reused: names must not
-                                 storage_path=cfg.storage_path or tempfile.mkdtemp(prefix="ngrpo_train_")),
+                                 storage_path=cfg.storage_path or tempfile.mkdtemp(prefix="ngrpo_train_"),
+                                 failure_config=FailureConfig(max_failures=cfg.max_failures)),
         )
 
         def fit() -> None:
@@ -389,15 +435,20 @@ class TrainerGroup:
     def submit(self, op: str, ranks: Sequence[int] | None = None, **kwargs) -> tuple[int, list[int]]:
         ranks = list(range(self.cfg.num_workers)) if ranks is None else list(ranks)
         cmd_id = next(self._ids)
-        ray.get(self.channel.put.remote(ranks, {"id": cmd_id, "op": op, "kwargs": kwargs, "ranks": ranks}))
+        command = {"id": cmd_id, "op": op, "kwargs": kwargs, "ranks": ranks, "generation": self.generation}
+        if not ray.get(self.channel.put.remote(ranks, command)):
+            raise TrainerRestarted(f"the trainer worker group restarted before command {cmd_id} ({op}) was sent")
         return cmd_id, ranks
 
     def wait(self, handle: tuple[int, list[int]], timeout_s: float | None = None) -> list[Any]:
-        """Results in rank order; raises if any rank failed, the group died, or the timeout passed."""
+        """Results in rank order; raises if any rank failed, the group died or restarted, or the timeout passed."""
         cmd_id, ranks = handle
         deadline = time.monotonic() + (timeout_s or self.cfg.command_timeout_s)
         while True:
-            got = ray.get(self.channel.wait_results.remote(cmd_id, 1.0))
+            got = ray.get(self.channel.wait_results.remote(cmd_id, 1.0, self.generation))
+            if got == "restarted":
+                raise TrainerRestarted(f"the trainer worker group restarted while running command {cmd_id} "
+                                       "(a worker died); its result is lost")
             if got is not None:
                 break
             if self._thread is not None and not self._thread.is_alive():
@@ -416,6 +467,21 @@ class TrainerGroup:
     def _call(self, op: str, ranks: Sequence[int] | None = None, timeout_s: float | None = None, **kwargs) -> list:
         return self.wait(self.submit(op, ranks, **kwargs), timeout_s)
 
+    def recover(self) -> int:
+        """After ``TrainerRestarted``: adopt the new worker group (every rank answers a ping). Its workers hold the
+        initial model and a fresh optimizer; the caller restores the last checkpoint (``load_checkpoint``) and rebuilds
+        the weight-sync group. Returns the new generation."""
+        self.generation = ray.get(self.channel.get_generation.remote())
+        self.workers = self._call("ping", timeout_s=self.cfg.command_timeout_s)
+        self.sync_endpoint = None
+        return self.generation
+
+    def kill_worker_for_test(self, rank: int) -> None:
+        """Tests only: SIGKILL one worker process (as the kernel's OOM killer would); Ray Train sees it die."""
+        import signal
+
+        os.kill(self.workers[rank]["pid"], signal.SIGKILL)
+
     # -- the API ------------------------------------------------------------------------------------------------
     def train(self, batch_refs: Sequence[ray.ObjectRef], advantages: Any, version: int | None = None,
               loss: PolicyLossConfig | None = None, step: StepSettings | None = None) -> dict:
@@ -425,8 +491,18 @@ class TrainerGroup:
         ``loss`` / ``step`` override the configured settings for this call (e.g. per-phase schedules, tests)."""
         if isinstance(advantages, (torch.Tensor, list)):
             advantages = ray.put(advantages)
-        return self._call("train", batch_refs=list(batch_refs), advantages=advantages, version=version,
-                          loss=loss, step=step)[0]
+        handle = self.submit("train", batch_refs=list(batch_refs), advantages=advantages, version=version,
+                             loss=loss, step=step)
+        self._maybe_kill_for_test(version)
+        return self.wait(handle)[0]
+
+    def _maybe_kill_for_test(self, version: int | None) -> None:
+        """Tests only: NGRPO_TEST_KILL_TRAINER="<version>:<rank>" kills that rank's process once, right after the
+        update to that policy version was sent."""
+        spec = os.environ.get("NGRPO_TEST_KILL_TRAINER")
+        if spec and spec not in self._test_killed and version == int(spec.split(":")[0]):
+            self._test_killed.add(spec)
+            self.kill_worker_for_test(int(spec.split(":")[1]))
 
     def logprobs(self, batch_refs: Sequence[ray.ObjectRef], use_records: bool = True) -> list[torch.Tensor]:
         """The trainer's log-probs of every response, in batch order (each rank computes its shard)."""

@@ -8,7 +8,11 @@ The layer replaces ``VocabParallelEmbedding`` through vLLM's out-of-tree registr
 compiled graph and the engine does not need prompt-embeds mode (which would run the embedding eagerly every step).
 Only static-shape ops are used (gathers, a k-term sum, ``torch.where``). The ring table lives in non-persistent
 buffers that the sampler post-hook writes in place; their size is fixed at construction from
-``additional_config["ngrpo"]`` (``table_capacity``, ``k_max``).
+``additional_config["ngrpo"]`` (``table_capacity``, ``k_max``, ``noise``).
+
+Gaussian noise (the STHT baseline) uses the same slots: cand = the sampled token with alpha (1, 0, ...) plus a noise
+row, so its input is E[token] + noise. The [capacity + 1, d] noise table exists only in engines built with
+``noise: true`` (else one zero row, always indexed 0): it costs capacity * d floats.
 """
 
 from __future__ import annotations
@@ -51,6 +55,10 @@ class MixingEmbedding(VocabParallelEmbedding):
         # Effective ring size (<= capacity) as a tensor so changing it never recompiles the graph.
         self.register_buffer("ngrpo_slots", torch.tensor(capacity, dtype=torch.int64, device=device), persistent=False)
         self.register_buffer("ngrpo_stale", torch.zeros((), dtype=torch.int64, device=device), persistent=False)
+        noise_rows = capacity + 1 if settings.get("noise") else 1
+        self.register_buffer("ngrpo_noise", torch.zeros(noise_rows, self.embedding_dim, dtype=self.weight.dtype,
+                                                        device=device), persistent=False)
+        self.ngrpo_has_noise = noise_rows > 1
         self.ngrpo_capacity = capacity
         self.ngrpo_k_max = k_max
 
@@ -70,6 +78,8 @@ class MixingEmbedding(VocabParallelEmbedding):
         mixed = a[:, 0:1] * self.weight[cand[:, 0]]
         for j in range(1, cand.shape[1]):
             mixed = mixed + a[:, j : j + 1] * self.weight[cand[:, j]]
+        if self.ngrpo_has_noise:  # zero rows for neighbor mixtures: x + 0 leaves them bit for bit
+            mixed = mixed + self.ngrpo_noise[slot]
         if not torch.compiler.is_compiling():  # eager: count virtual ids whose slot was overwritten
             self.ngrpo_stale += (is_virtual & (self.ngrpo_ids[slot] != ids)).sum()
         return torch.where(is_virtual.unsqueeze(-1), mixed.to(plain.dtype), plain)

@@ -32,6 +32,7 @@ class EngineSpec:
     table_capacity: int = 1 << 16  # ring slots allocated in the embedding (mixed steps alive per generate call)
     k_max: int = 3  # largest mixing.k the engine serves (paper: 3; each extra column costs a gather per token)
     neighbor_mode: str = "lazy"  # "full": whole table at install / refit; "lazy": rows on first use
+    noise_table: bool = False  # allocate the [capacity, d] noise rows that the gaussian_noise (STHT) baseline needs
     hook_seed: int | None = None  # None -> seed
     dtype: str = "float32"  # exactness needs fp32 on CPU ("auto" turns fp32 checkpoints into bf16 there)
     extra: tuple[tuple[str, Any], ...] = ()  # more LLM kwargs, still checked by the refusals
@@ -58,7 +59,8 @@ def engine_kwargs(spec: EngineSpec, hooked: bool) -> dict[str, Any]:
             worker_extension_cls=EXTENSION_QUALNAME,
             skip_tokenizer_init=True,  # the frontend never sees a tokenizer, so it never decodes a virtual id
             async_scheduling=False,
-            additional_config={"ngrpo": {"table_capacity": spec.table_capacity, "k_max": spec.k_max}},
+            additional_config={"ngrpo": {"table_capacity": spec.table_capacity, "k_max": spec.k_max,
+                                         "noise": spec.noise_table}},
         )
         check_engine_kwargs(kw)
     return kw

@@ -7,6 +7,11 @@ Post-hook (sees vLLM's sampled ids): a mixed row's id becomes VIRTUAL_BASE + c a
 slot c % S; the logprob vLLM reports for every opted-in row is replaced by log_softmax(logits / temperature) of the
 emitted token (the anchor at mixed steps), so every recorded logprob follows the records contract.
 
+Gaussian noise (the STHT baseline, strategy "gaussian_noise"): a gated row keeps vLLM's sampled token as its text;
+its slot gets cand = (token, token, ...), alpha = (1, 0, ...) and the noise row noise_std * N(0, I) regenerated from a
+recorded int64 seed (core.records.noise_from_seeds, on CPU), so the next input is E[token] + noise and the trainer
+rebuilds it from the seed. Its recorded logprob is the sampled token's.
+
 Cost per step stays O(B * k) plus work on the ~rho * B gated rows: the gate is drawn first and anchors / alpha /
 anchor logprobs are computed for gated rows only; when every temperature is 1 and vLLM runs in raw_logprobs mode its
 own logprob of the drawn token is already log_softmax(z)[drawn], so no [B, V] pass happens here at all (otherwise z
@@ -20,6 +25,8 @@ from dataclasses import dataclass
 import torch
 
 from ngrpo_ray.core.neighbors import LazyNeighborTable, build_neighbor_table
+from ngrpo_ray.core.records import noise_from_seeds
+from ngrpo_ray.core.strategies.gaussian_noise import SEED_HIGH
 from ngrpo_ray.engine.embedding_patch import VIRTUAL_BASE, MixingEmbedding
 from ngrpo_ray.engine.request_options import EXTRA_ARGS_KEY, RequestMixing, from_wire
 
@@ -32,6 +39,7 @@ class _RequestState:
     stopped: bool = False  # a stop_after id was emitted
     scanned: int = 0  # output tokens already scanned for stop_after ids
     generator: torch.Generator | None = None
+    noise_generator: torch.Generator | None = None  # CPU: draws the noise seeds of a seeded request
     last_step: int = -1  # last hooked step this request had a row in
 
 
@@ -46,6 +54,10 @@ class _Pending:
     anchor_logprob: torch.Tensor  # [H], valid at mixed rows
     scaled_logits: torch.Tensor | None  # [H, V] logits / temperature; None: vLLM's logprob is reused
     log_norm: torch.Tensor | None  # [H] logsumexp of scaled_logits
+    noise_rows: torch.Tensor | None = None  # [N] positions (in rows) of gated gaussian_noise rows
+    noise_states: list | None = None  # their request states (stop / never-mix sets apply to the sampled token)
+    noise: torch.Tensor | None = None  # [H, d] noise per row, zero outside noise_rows
+    noise_seed: torch.Tensor | None = None  # [H] int64 seed per row, -1 outside noise_rows
 
 
 class NeighborTables:
@@ -93,6 +105,8 @@ class MixingHook:
         self.generator.manual_seed(int(seed))
         self.counter = torch.zeros((), dtype=torch.int64, device=self.device)  # virtual ids handed out so far
         self.record_logprob = torch.zeros(self.capacity + 1, dtype=torch.float32, device=self.device)
+        self.record_noise_seed = torch.full((self.capacity + 1,), -1, dtype=torch.int64, device=self.device)
+        self.noise_generator = torch.Generator().manual_seed(int(seed) + 1)  # CPU: noise seeds of unseeded requests
         self.tables = NeighborTables(self.k_max, neighbor_mode)
         self.tables.bind(self.embedding_matrix())
         self._states: dict[str, _RequestState] = {}
@@ -144,10 +158,14 @@ class MixingHook:
         options = from_wire(wire)
         if options.k > self.k_max:
             raise ValueError(f"mixing.k={options.k} exceeds the engine's k_max={self.k_max}")
+        if options.strategy == "gaussian_noise" and not self.embedding.ngrpo_has_noise:
+            raise ValueError("mixing.strategy='gaussian_noise' needs an engine built with a noise table "
+                             "(EngineSpec.noise_table=True)")
         st = _RequestState(options)
         if options.seed is not None:
             st.generator = torch.Generator(device=self.device)
             st.generator.manual_seed(options.seed)
+            st.noise_generator = torch.Generator().manual_seed(options.seed + 1)
         if len(self._states) > 4096:  # forget finished requests now and then
             live = set(self.runner.requests.keys())
             self._states = {r: s for r, s in self._states.items() if r in live}
@@ -223,6 +241,12 @@ class MixingHook:
         alpha = torch.zeros(len(rows), self.k_max, dtype=torch.float32, device=dev)
         alpha[:, 0] = 1.0
         anchor_logprob = torch.zeros(len(rows), dtype=torch.float32, device=dev)
+        noise_parts = None
+        if gidx.numel() and any(st.options.strategy == "gaussian_noise" for st in states):
+            is_noise = torch.tensor([states[i].options.strategy == "gaussian_noise" for i in gidx.tolist()],
+                                    dtype=torch.bool, device=dev)
+            noise_parts = self._noise_rows(gidx[is_noise], states, len(rows), dev)
+            gidx = gidx[~is_noise]  # the neighbor-mixing path below takes the other gated rows
         if gidx.numel():
             g_states = [states[i] for i in gidx.tolist()]
             g_lg = lg.index_select(0, gidx)
@@ -244,8 +268,21 @@ class MixingHook:
                 cand[midx] = m_cand
                 alpha[midx] = torch.softmax(scores, dim=-1)
                 anchor_logprob[midx] = m_z.gather(1, m_anchor.unsqueeze(1)).squeeze(1) - m_lognorm
-        self._pending = _Pending(rows_t, mixed, cand, alpha, anchor_logprob, scaled, log_norm)
+        self._pending = _Pending(rows_t, mixed, cand, alpha, anchor_logprob, scaled, log_norm,
+                                 *(noise_parts or (None, None, None, None)))
         return None
+
+    def _noise_rows(self, nidx: torch.Tensor, states: list[_RequestState], num_rows: int, dev) -> tuple:
+        """Seeds (CPU generators) and noise_std * N(0, I) rows for the gated gaussian_noise rows `nidx`."""
+        d = self.embedding.embedding_dim
+        noise = torch.zeros(num_rows, d, dtype=self.embedding.ngrpo_noise.dtype, device=dev)
+        seeds = torch.full((num_rows,), -1, dtype=torch.int64)
+        n_states = [states[i] for i in nidx.tolist()]
+        for j, st in zip(nidx.tolist(), n_states):
+            gen = st.noise_generator or self.noise_generator
+            seeds[j] = int(torch.randint(0, SEED_HIGH, (1,), generator=gen))
+            noise[j] = noise_from_seeds(seeds[j : j + 1], d, st.options.noise_std)[0].to(dev, noise.dtype)
+        return nidx, n_states, noise, seeds.to(dev)
 
     def _row_tensors(self, req_ids, rows, states, dev):
         """Per-row option tensors, rebuilt only when the batch composition or a stop flag changes."""
@@ -297,7 +334,23 @@ class MixingHook:
             return None
         sampled = output.sampled_token_ids  # [B, 1] int32
         drawn = sampled.index_select(0, p.rows)[:, 0].long()
-        n = p.mixed.long()
+        lp = output.logprobs_tensors
+        drawn_lp = None
+        if lp is not None:  # the contract's logprob: temperature only, of the emitted token (anchor when mixed)
+            if p.scaled_logits is None:  # temperature 1, raw_logprobs: vLLM's value is already log_softmax(z)[drawn]
+                drawn_lp = lp.logprobs.index_select(0, p.rows)[:, 0].float()
+            else:
+                drawn_lp = p.scaled_logits.gather(1, drawn.clamp_max(self.vocab_size - 1).unsqueeze(1)).squeeze(1) \
+                    - p.log_norm
+        mixed, cand, record_lp = p.mixed, p.cand, p.anchor_logprob
+        if p.noise_rows is not None:  # gaussian_noise rows: the sampled token, unless it is a stop / never-mix id
+            nr = p.noise_rows
+            n_drawn = drawn.index_select(0, nr)
+            mixed = mixed.index_put((nr,), ~self._banned(p.noise_states, n_drawn.clamp_max(self.vocab_size)))
+            cand = cand.index_put((nr,), n_drawn.unsqueeze(1).expand(-1, cand.shape[1]))
+            if drawn_lp is not None:
+                record_lp = record_lp.index_put((nr,), drawn_lp.index_select(0, nr))
+        n = mixed.long()
         offset = torch.cumsum(n, 0) - n  # rank among this step's mixed rows
         c = self.counter + offset
         vid = VIRTUAL_BASE + c
@@ -305,22 +358,19 @@ class MixingHook:
         if VIRTUAL_BASE + self._counter_bound > _INT32_MAX and int(vid.max()) + 1 > _INT32_MAX:
             raise RuntimeError("ngrpo virtual-id counter exhausted (int32); restart the engine")
         self.counter += n.sum()
-        slot = torch.where(p.mixed, torch.remainder(c, self.embedding.ngrpo_slots), self.capacity)
+        slot = torch.where(mixed, torch.remainder(c, self.embedding.ngrpo_slots), self.capacity)
         emb = self.embedding
-        emb.ngrpo_ids[slot] = torch.where(p.mixed, vid, -1)
-        emb.ngrpo_cand[slot] = p.cand
+        emb.ngrpo_ids[slot] = torch.where(mixed, vid, -1)
+        emb.ngrpo_cand[slot] = cand
         emb.ngrpo_alpha[slot] = p.alpha.to(emb.ngrpo_alpha.dtype)
-        self.record_logprob[slot] = p.anchor_logprob
-        final = torch.where(p.mixed, vid, drawn)
+        self.record_logprob[slot] = record_lp
+        if emb.ngrpo_has_noise:  # every slot written this step gets its noise row (zeros for neighbor mixtures)
+            emb.ngrpo_noise[slot] = p.noise if p.noise is not None else 0.0
+            self.record_noise_seed[slot] = p.noise_seed if p.noise_seed is not None else -1
+        final = torch.where(mixed, vid, drawn)
         sampled[p.rows, 0] = final.to(sampled.dtype)
-        lp = output.logprobs_tensors
-        if lp is not None:  # the contract's logprob: temperature only, of the emitted token (anchor when mixed)
-            if p.scaled_logits is None:  # temperature 1, raw_logprobs: vLLM's value is already log_softmax(z)[drawn]
-                drawn_lp = lp.logprobs.index_select(0, p.rows)[:, 0].float()
-            else:
-                drawn_lp = p.scaled_logits.gather(1, drawn.clamp_max(self.vocab_size - 1).unsqueeze(1)).squeeze(1) \
-                    - p.log_norm
-            lp.logprobs[p.rows, 0] = torch.where(p.mixed, p.anchor_logprob, drawn_lp).to(lp.logprobs.dtype)
+        if lp is not None:
+            lp.logprobs[p.rows, 0] = torch.where(mixed, record_lp, drawn_lp).to(lp.logprobs.dtype)
             lp.logprob_token_ids[p.rows, 0] = final.to(lp.logprob_token_ids.dtype)
         return None
 
@@ -329,7 +379,7 @@ class MixingHook:
         """(cand, alpha, logprob) of each virtual id; raises if any id's slot now holds another id (overflow)."""
         emb = self.embedding
         if not virtual_ids:
-            return {"cand": [], "alpha": [], "logprob": []}
+            return {"cand": [], "alpha": [], "logprob": [], "noise_seed": []}
         vid = torch.tensor(virtual_ids, dtype=torch.int64, device=self.device)
         slot = torch.remainder(vid - VIRTUAL_BASE, emb.ngrpo_slots)
         held = emb.ngrpo_ids[slot]
@@ -346,6 +396,7 @@ class MixingHook:
             "cand": emb.ngrpo_cand[slot].tolist(),
             "alpha": emb.ngrpo_alpha[slot].float().tolist(),
             "logprob": self.record_logprob[slot].tolist(),
+            "noise_seed": self.record_noise_seed[slot].tolist(),
         }
 
     def stats(self) -> dict:

@@ -32,6 +32,7 @@ class ResponseRecord:
     cand_ids: np.ndarray  # [T, k] int64
     alpha: np.ndarray  # [T, k] float32
     logprobs: np.ndarray  # [T] float32
+    noise_seed: np.ndarray | None = None  # [T] int64, -1 where no noise; None: no step of the response had noise
 
 
 def fetch_records(llm: Any, outputs_token_ids: list[list[int]], outputs_logprobs: list[list[float]], k: int
@@ -39,12 +40,13 @@ def fetch_records(llm: Any, outputs_token_ids: list[list[int]], outputs_logprobs
     """Resolve every virtual id of every response through one RPC."""
     vids = sorted({t for ids in outputs_token_ids for t in ids if t >= VIRTUAL_BASE})
     table = check(llm.collective_rpc("ngrpo_records", args=(vids,))) if vids else {"cand": [], "alpha": [],
-                                                                                     "logprob": []}
+                                                                                     "logprob": [], "noise_seed": []}
     index = {v: i for i, v in enumerate(vids)}
     width = len(table["cand"][0]) if vids else k
     cand_all = np.asarray(table["cand"], dtype=np.int64).reshape(len(vids), width)
     alpha_all = np.asarray(table["alpha"], dtype=np.float32).reshape(len(vids), width)
     lp_all = np.asarray(table["logprob"], dtype=np.float32)
+    seed_all = np.asarray(table.get("noise_seed") or [-1] * len(vids), dtype=np.int64)
     if vids and cand_all.shape[1] < k:
         raise EngineHookError(f"engine k_max={cand_all.shape[1]} < requested k={k}")
     out = []
@@ -58,14 +60,16 @@ def fetch_records(llm: Any, outputs_token_ids: list[list[int]], outputs_logprobs
         resp = ids_arr.copy()
         cand[:, 0] = ids_arr
         alpha[:, 0] = 1.0
+        seeds = np.full(T, -1, dtype=np.int64)
         for t in np.nonzero(mixed)[0]:
             i = index[int(ids_arr[t])]
             cand[t] = cand_all[i, :k]
             alpha[t] = alpha_all[i, :k]
             resp[t] = cand_all[i, 0]
             logprobs[t] = lp_all[i]
+            seeds[t] = seed_all[i]
         cand[~mixed, 0] = resp[~mixed]
-        out.append(ResponseRecord(resp, mixed, cand, alpha, logprobs))
+        out.append(ResponseRecord(resp, mixed, cand, alpha, logprobs, seeds if (seeds >= 0).any() else None))
     return out
 
 

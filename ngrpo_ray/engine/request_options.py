@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 EXTRA_ARGS_KEY = "ngrpo"
-STRATEGIES_IN_ENGINE = ("neighbor_mix", "sample")  # names of core.mixing_params.MixingParams.strategy
+STRATEGIES_IN_ENGINE = ("neighbor_mix", "gaussian_noise", "sample")  # names of core.mixing_params.MixingParams.strategy
 METRICS = ("cosine", "l2", "l1", "dot")
 
 
@@ -28,10 +28,11 @@ class RequestMixing:
     never_mix_ids: tuple[int, ...] = ()  # an anchor in this set is never mixed
     seed: int | None = None  # a per-request gate generator; None -> the engine hook's shared generator
     no_mix_anchor_ids: tuple[int, ...] = field(default=())  # EOS / stop ids: mixing them would hide the stop
+    noise_std: float = 0.0  # gaussian_noise (STHT): gated inputs are E[sampled] + noise_std * N(0, I)
 
     def key(self) -> tuple:
         return (self.strategy, self.rho, self.k, self.tau, self.metric, self.stop_after_ids, self.never_mix_ids,
-                self.no_mix_anchor_ids)
+                self.no_mix_anchor_ids, self.noise_std)
 
 
 def _as_dict(mixing: Any) -> dict:
@@ -71,12 +72,16 @@ def to_wire(mixing: Any, stop_token_ids: list[int] | tuple[int, ...] = ()) -> di
     if d.get("emit", "anchor") != "anchor":
         raise ValueError(f"mixing.emit={d['emit']!r} is not implemented in the engine hook (it emits the anchor)")
     seed = d.get("seed")
+    noise_std = float(d.get("noise_std", 0.0) or 0.0) if strategy == "gaussian_noise" else 0.0
+    if noise_std < 0:
+        raise ValueError(f"mixing.noise_std must be >= 0, got {noise_std}")
     return {
         "strategy": strategy, "rho": rho, "k": k, "tau": None if tau is None else float(tau), "metric": metric,
         "stop_after_ids": [int(x) for x in (d.get("stop_after_ids") or ())],
         "never_mix_ids": [int(x) for x in (d.get("never_mix_ids") or ())],
         "seed": None if seed is None else int(seed),
         "no_mix_anchor_ids": sorted({int(x) for x in stop_token_ids}),
+        "noise_std": noise_std,
     }
 
 
@@ -85,4 +90,5 @@ def from_wire(d: dict) -> RequestMixing:
         strategy=d["strategy"], rho=float(d["rho"]), k=int(d["k"]), tau=d.get("tau"), metric=d["metric"],
         stop_after_ids=tuple(d.get("stop_after_ids", ())), never_mix_ids=tuple(d.get("never_mix_ids", ())),
         seed=d.get("seed"), no_mix_anchor_ids=tuple(d.get("no_mix_anchor_ids", ())),
+        noise_std=float(d.get("noise_std", 0.0)),
     )

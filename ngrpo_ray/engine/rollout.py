@@ -62,6 +62,10 @@ def generate_rollout(llm: Any, prompt_token_ids: list[list[int]], sampling: Any,
     text = [tokenizer.decode(r.tolist(), skip_special_tokens=True) if tokenizer is not None else "" for r in resp]
     n_tokens = sum(len(t) for t in token_ids)
     B = len(requests)
+    noise = None
+    if any(r.noise_seed is not None for r in recs):  # the gaussian_noise baseline: seeds rebuild the noise
+        noise = [torch.from_numpy(r.noise_seed) if r.noise_seed is not None else torch.full((len(r.response_ids),), -1)
+                 for r in recs]
     return RolloutBatch(
         prompt_ids=[torch.tensor(r["prompt_token_ids"], dtype=torch.long) for r in requests],
         response_ids=resp, response_text=text,
@@ -73,4 +77,5 @@ def generate_rollout(llm: Any, prompt_token_ids: list[list[int]], sampling: Any,
         group_index=torch.tensor(groups, dtype=torch.long), sample_index=torch.tensor(samples, dtype=torch.long),
         policy_version=torch.full((B,), int(policy_version), dtype=torch.long),
         timings={"generation_s": seconds, "tokens": float(n_tokens), "tokens_per_s": n_tokens / max(seconds, 1e-9)},
+        noise_seed=noise,
     )

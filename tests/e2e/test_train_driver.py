@@ -7,12 +7,11 @@ import json
 from pathlib import Path
 
 import pytest
-import ray
-from mlflow.tracking import MlflowClient
 
 from ngrpo_ray.config import load_config
 from ngrpo_ray.distributed.driver import train
 from ngrpo_ray.training.prompt_order import PromptOrder
+from tests.support.runs import train_and_read
 from tests.support.tiny_chat_model import write_tiny_chat_model
 
 pytestmark = [pytest.mark.slow, pytest.mark.ray, pytest.mark.engine]
@@ -40,32 +39,21 @@ def _cfg(model: Path, out: Path, *extra: str):
         "rollout.engine_cpus=1", "trainer.lr=1e-4", "algorithm.beta=0.01", "trainer.validate_before=false", *extra])
 
 
-def _history(run_id: str, uri: str, key: str) -> list[int]:
-    return [m.step for m in MlflowClient(uri).get_metric_history(run_id, key)]
-
-
 @pytest.mark.parametrize("loss_type", ["grpo", "gspo"])
 def test_three_iterations_two_workers_log_everything(tiny_model, tmp_path, loss_type):
     out = tmp_path / loss_type
     cfg = _cfg(tiny_model, out, f"algorithm.loss_type={loss_type}", "trainer.num_workers=2",
                "trainer.iterations=3", "trainer.validate_every=3")
-    try:
-        summary = train(cfg)
-    finally:
-        ray.shutdown()
-    client = MlflowClient(summary["tracking_uri"])
-    run = client.get_run(summary["run_id"])
-    assert run.info.status == "FINISHED"
+    rec = train_and_read(cfg)
+    assert rec.run.info.status == "FINISHED"
     for key in EVERY_STEP:
-        assert _history(summary["run_id"], summary["tracking_uri"], key) == [1, 2, 3], key
-    assert [m.value for m in client.get_metric_history(run.info.run_id, "policy_version")] == [1.0, 2.0, 3.0]
-    assert _history(summary["run_id"], summary["tracking_uri"], "val/mean_at_n") == [3]
-    mixed = client.get_metric_history(run.info.run_id, "mixing/mixed_token_fraction")
-    assert all(0.0 < m.value < 1.0 for m in mixed)  # rho 0.5 on 24 tokens per iteration
-    assert run.data.params["algorithm.loss_type"] == loss_type
-    artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
-    assert "resolved_config.yaml" in artifacts
-    plots = {a.path for a in client.list_artifacts(run.info.run_id, "plots")}
+        assert rec.steps(key) == [1, 2, 3], key
+    assert rec.history("policy_version") == [(1, 1.0), (2, 2.0), (3, 3.0)]
+    assert rec.steps("val/mean_at_n") == [3]
+    assert all(0.0 < v < 1.0 for _, v in rec.history("mixing/mixed_token_fraction"))  # rho 0.5, 24 tokens/iteration
+    assert rec.run.data.params["algorithm.loss_type"] == loss_type
+    assert "resolved_config.yaml" in rec.artifacts()
+    plots = rec.artifacts("plots")
     assert {"plots/reward.png", "plots/timing.png", "plots/mixing.png", "plots/validation.png"} <= plots
     assert (out / "checkpoints" / "iter_000003" / "trainer" / "hf" / "config.json").exists()
 
@@ -73,20 +61,13 @@ def test_three_iterations_two_workers_log_everything(tiny_model, tmp_path, loss_
 def test_resume_continues_the_same_run_with_the_same_prompts(tiny_model, tmp_path):
     out = tmp_path / "resume"
     cfg = _cfg(tiny_model, out, "trainer.iterations=4", "trainer.validate_every=0")
-    try:
-        first = train(cfg, stop_after=2)
-    finally:
-        ray.shutdown()
-    assert first["iterations"] == 2
-    client = MlflowClient(first["tracking_uri"])
-    assert client.get_run(first["run_id"]).info.status == "KILLED"
-    try:
-        second = train(cfg, resume=True)
-    finally:
-        ray.shutdown()
-    assert second["run_id"] == first["run_id"]
-    assert _history(first["run_id"], first["tracking_uri"], "reward/mean") == [1, 2, 3, 4]
-    assert [m.value for m in client.get_metric_history(first["run_id"], "policy_version")] == [1, 2, 3, 4]
+    first = train_and_read(cfg, stop_after=2)
+    assert first.summary["iterations"] == 2
+    assert first.run.info.status == "KILLED"
+    second = train_and_read(cfg, resume=True)
+    assert second.run_id == first.run_id and second.run.info.status == "FINISHED"
+    assert second.steps("reward/mean") == [1, 2, 3, 4]
+    assert second.history("policy_version") == [(1, 1.0), (2, 2.0), (3, 3.0), (4, 4.0)]
     seen = [json.loads(line) for line in (out / "prompt_order.jsonl").read_text().splitlines()]
     assert [s["iteration"] for s in seen] == [1, 2, 3, 4]
     order = PromptOrder(6, 2, seed=cfg.trainer.seed)  # an uninterrupted run sees exactly these

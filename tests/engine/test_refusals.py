@@ -51,7 +51,7 @@ def test_plain_settings_pass_and_carry_the_options():
 
 
 @pytest.mark.parametrize("mixing,message", [
-    (MixingParams(strategy="gaussian_noise", rho=0.1), "strategy='gaussian_noise' is not implemented"),
+    (MixingParams(strategy="gumbel_topk", rho=0.1), "strategy='gumbel_topk' is not implemented"),
     (MixingParams(alpha_source="filtered_probs"), "alpha_source='filtered_probs' is not implemented"),
     (MixingParams(emit="sampled"), "emit='sampled' is not implemented"),
 ])

@@ -1,0 +1,197 @@
+"""`ngrpo compare`: GRPO vs N-GRPO vs STHT on the CPU demo task, over several seeds, in one table.
+
+Each (method, seed) is a full training run of the preset (default `compare_cpu`: the demo, shortened) with the method's mixing settings
+and the seed in `trainer.seed` / `rollout.seed`, all in one MLflow store. The initial policy is validated once, by
+the first run (the shared "base" row). Each run's final validation (its per-sample grades, validation/step_<N>.npy)
+is pooled over seeds per method: Mean@n and unbiased Pass@k with 95% bootstrap intervals over problems, and the paired
+difference of each method's Mean@n to GRPO's on the same problems. A finished run is reused when the workflow runs
+again (so an interrupted comparison continues where it stopped).
+
+Methods differ only in what the rollout feeds at the gated steps (same gate rate, same optimizer and schedule):
+- grpo:   no mixing (plain sampling);
+- n-grpo: Semantic Neighbor Mixing (the preset's rho and k);
+- stht:   Gaussian noise on the sampled token's embedding (the preset's rho and mixing.noise_std).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+
+from ngrpo_ray.config import Config, load_config
+from ngrpo_ray.core.metrics import paired_bootstrap_ci
+from ngrpo_ray.evaluation.report import summarize
+
+METHODS: dict[str, tuple[str, ...]] = {
+    "grpo": ("mixing.strategy=sample", "mixing.rho=0.0"),
+    "n-grpo": ("mixing.strategy=neighbor_mix",),
+    "stht": ("mixing.strategy=gaussian_noise",),
+}
+DEFAULT_SEEDS = (0, 1)
+BASELINE = "grpo"
+
+
+@dataclass(frozen=True)
+class PlannedRun:
+    method: str
+    seed: int
+    output_dir: Path
+    overrides: tuple[str, ...]
+
+
+def plan_runs(preset: str, overrides: Sequence[str], methods: Sequence[str], seeds: Sequence[int],
+              out: Path) -> list[PlannedRun]:
+    """One run per (method, seed), the first one also validating the initial policy. Checks every config now."""
+    unknown = [m for m in methods if m not in METHODS]
+    if unknown:
+        raise ValueError(f"unknown method(s) {unknown}; choose from {sorted(METHODS)}")
+    uri = f"sqlite:///{(out / 'mlflow.db').resolve()}"
+    plan = []
+    for i, (method, seed) in enumerate((m, s) for m in methods for s in seeds):
+        folder = out / f"{method}_seed{seed}"
+        run_overrides = (*overrides, *METHODS[method], f"trainer.seed={seed}", f"rollout.seed={seed}",
+                         f"trainer.output_dir={folder}", f"tracking.tracking_uri={uri}",
+                         "tracking.experiment=ngrpo-compare", f"tracking.run_name={method}_seed{seed}",
+                         f"trainer.validate_before={'true' if i == 0 else 'false'}")
+        cfg = load_config(preset, list(run_overrides))  # fail before any run starts
+        if not cfg.data.validation:
+            raise ValueError("the comparison needs data.validation (the held-out split it reports on)")
+        run_overrides += (f"trainer.validate_every={cfg.trainer.iterations}",)  # the final validation is compared
+        plan.append(PlannedRun(method, seed, folder, run_overrides))
+    return plan
+
+
+def _is_finished(run: PlannedRun, cfg: Config) -> bool:
+    return (run.output_dir / "validation" / f"step_{cfg.trainer.iterations}.npy").exists() \
+        and (run.output_dir / "summary.json").exists()
+
+
+def run_comparison(preset: str = "compare_cpu", overrides: Sequence[str] = (), methods: Sequence[str] = tuple(METHODS),
+                   seeds: Sequence[int] = DEFAULT_SEEDS, out: str | Path = "runs/compare", log: Callable = print) -> dict:
+    import ray
+    from tqdm import tqdm
+
+    from ngrpo_ray.distributed.driver import train
+
+    out = Path(out).expanduser().resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    plan = plan_runs(preset, overrides, methods, seeds, out)
+    started = time.perf_counter()
+    log(f"ngrpo compare: {len(methods)} methods x {len(seeds)} seeds = {len(plan)} training runs of '{preset}'")
+    bar = tqdm(plan, desc="runs", unit="run", dynamic_ncols=True)
+    for run in bar:
+        bar.set_postfix_str(f"{run.method} seed {run.seed}")
+        cfg = load_config(preset, list(run.overrides))
+        if _is_finished(run, cfg):
+            bar.write(f"{run.method} seed {run.seed}: finished earlier, reused ({run.output_dir})")
+            continue
+        t0 = time.perf_counter()
+        resume = (run.output_dir / "checkpoints" / "latest").exists()
+        try:
+            train(cfg, resume=resume, log=bar.write)
+        finally:
+            ray.shutdown()
+        bar.write(f"{run.method} seed {run.seed}: {(time.perf_counter() - t0) / 60:.1f} min")
+    table = comparison_table(plan, out)
+    text = format_comparison(table)
+    (out / "compare_table.md").write_text(text + "\n")
+    (out / "compare_table.json").write_text(json.dumps(table, indent=2))
+    plot = pass_at_k_plot(table, out / "pass_at_k.png")
+    _log_to_mlflow(out, [out / "compare_table.md", out / "compare_table.json", plot], table)
+    minutes = (time.perf_counter() - started) / 60
+    log("\n" + text)
+    log(f"\ntable: {out / 'compare_table.md'}; plot: {plot}; finished in {minutes:.1f} minutes")
+    return {"table": table, "minutes": minutes, "output_dir": str(out)}
+
+
+def _final_grades(folder: Path) -> np.ndarray:
+    steps = sorted((int(p.stem.split("_")[1]), p) for p in (folder / "validation").glob("step_*.npy"))
+    steps = [(s, p) for s, p in steps if s > 0]
+    if not steps:
+        raise FileNotFoundError(f"no final validation in {folder / 'validation'}")
+    return np.load(steps[-1][1])
+
+
+def comparison_table(plan: Sequence[PlannedRun], out: Path) -> dict:
+    """Per method: seeds' final grades pooled along the sample axis ([problems, n * seeds]), summarized; per seed:
+    Mean@n; the paired Mean@n difference to the baseline method over the same problems."""
+    base = np.load(plan[0].output_dir / "validation" / "step_0.npy")
+    pooled: dict[str, np.ndarray] = {}
+    per_seed: dict[str, dict[int, float]] = {}
+    for run in plan:
+        grades = _final_grades(run.output_dir)
+        pooled[run.method] = grades if run.method not in pooled else np.concatenate([pooled[run.method], grades], 1)
+        per_seed.setdefault(run.method, {})[run.seed] = float(grades.mean())
+    n = {m: int(g.shape[1]) for m, g in pooled.items()}
+    k_max = min(min(n.values()), base.shape[1])  # Pass@k up to the smallest n of any row, so rows compare
+    rows = {"base": _summary(base, k_max)}
+    rows["base"]["seeds"] = {}
+    for method, grades in pooled.items():
+        rows[method] = _summary(grades, k_max)
+        rows[method]["seeds"] = per_seed[method]
+        ref = pooled.get(BASELINE)
+        if ref is not None and method != BASELINE:
+            d = paired_bootstrap_ci(grades.mean(axis=1), ref.mean(axis=1))
+            rows[method][f"mean@n - {BASELINE}"] = {"value": d.estimate, "ci_low": d.low, "ci_high": d.high}
+        d = paired_bootstrap_ci(grades.mean(axis=1), base.mean(axis=1))
+        rows[method]["mean@n - base"] = {"value": d.estimate, "ci_low": d.low, "ci_high": d.high}
+    return {"problems": int(base.shape[0]), "n_per_run": int(_final_grades(plan[0].output_dir).shape[1]),
+            "base_n": int(base.shape[1]), "pass_k_max": k_max, "rows": rows}
+
+
+def _summary(grades: np.ndarray, k_max: int) -> dict:
+    s = summarize(grades, n_resamples=2000)
+    return {key: value for key, value in s.items()
+            if key == "mean@n" or (key.startswith("pass@") and int(key.split("@")[1]) <= k_max)}
+
+
+def _cell(c: dict | None, signed: bool = False) -> str:
+    if c is None:
+        return "-"
+    fmt = "{:+.1f}" if signed else "{:.1f}"
+    return f"{fmt.format(100 * c['value'])} [{fmt.format(100 * c['ci_low'])}, {fmt.format(100 * c['ci_high'])}]"
+
+
+def format_comparison(t: dict) -> str:
+    rows = t["rows"]
+    pass_keys = [k for k in rows["base"] if k.startswith("pass@")]
+    header = (["method", "Mean@n"] + [k.replace("pass", "Pass") for k in pass_keys]
+              + ["Mean@n per seed", f"vs {BASELINE} (paired)", "vs base (paired)"])
+    lines = [f"Held-out problems: {t['problems']}; base n = {t['base_n']}, each run n = {t['n_per_run']} "
+             "(seeds pooled per method); values in %, 95% bootstrap intervals over problems", "",
+             "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for name, r in rows.items():
+        seeds = ", ".join(f"{100 * v:.1f}" for _, v in sorted(r.get("seeds", {}).items())) or "-"
+        cells = ([name, _cell(r["mean@n"])] + [_cell(r[k]) for k in pass_keys]
+                 + [seeds, _cell(r.get(f"mean@n - {BASELINE}"), True), _cell(r.get("mean@n - base"), True)])
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def pass_at_k_plot(t: dict, path: Path) -> Path:
+    from ngrpo_ray.tracking.plots import line_plot
+
+    series = {name: [(int(k.split("@")[1]), v["value"]) for k, v in r.items() if k.startswith("pass@")]
+              for name, r in t["rows"].items()}
+    return line_plot(path, "Pass@k on the held-out split", series, xlabel="k", ylabel="Pass@k")
+
+
+def _log_to_mlflow(out: Path, files: Sequence[Path], table: dict) -> None:
+    from ngrpo_ray.tracking.mlflow_run import MlflowRun
+
+    run = MlflowRun(f"sqlite:///{(out / 'mlflow.db').resolve()}", "ngrpo-compare", run_name="comparison",
+                    artifact_root=out / "mlartifacts")
+    for name, row in table["rows"].items():
+        metrics = {f"{name}/mean_at_n": row["mean@n"]["value"]}
+        for key in (f"mean@n - {BASELINE}", "mean@n - base"):
+            if key in row:
+                metrics[f"{name}/{key.replace('mean@n - ', 'diff_vs_')}"] = row[key]["value"]
+        run.log_metrics(metrics, step=0)
+    for f in files:
+        run.log_artifact(f, "comparison")
+    run.finish("FINISHED")
