@@ -123,8 +123,10 @@ def comparison_table(plan: Sequence[PlannedRun], out: Path) -> dict:
     base = np.load(plan[0].output_dir / "validation" / "step_0.npy")
     pooled: dict[str, np.ndarray] = {}
     per_seed: dict[str, dict[int, float]] = {}
+    n_per_run = None
     for run in plan:
         grades = _final_grades(run.output_dir)
+        n_per_run = n_per_run or int(grades.shape[1])
         pooled[run.method] = grades if run.method not in pooled else np.concatenate([pooled[run.method], grades], 1)
         per_seed.setdefault(run.method, {})[run.seed] = float(grades.mean())
     n = {m: int(g.shape[1]) for m, g in pooled.items()}
@@ -140,7 +142,7 @@ def comparison_table(plan: Sequence[PlannedRun], out: Path) -> dict:
             rows[method][f"mean@n - {BASELINE}"] = {"value": d.estimate, "ci_low": d.low, "ci_high": d.high}
         d = paired_bootstrap_ci(grades.mean(axis=1), base.mean(axis=1))
         rows[method]["mean@n - base"] = {"value": d.estimate, "ci_low": d.low, "ci_high": d.high}
-    return {"problems": int(base.shape[0]), "n_per_run": int(_final_grades(plan[0].output_dir).shape[1]),
+    return {"problems": int(base.shape[0]), "n_per_run": n_per_run,
             "base_n": int(base.shape[1]), "pass_k_max": k_max, "rows": rows}
 
 

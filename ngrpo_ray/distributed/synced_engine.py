@@ -17,9 +17,10 @@ class SyncedRolloutEngineImpl(RolloutEngineImpl):
         computed here where E lives; stored in `timings` under `mix_cosine_*` (they travel with the batch)."""
         batch = super().generate(*args, **kwargs)
         if batch.num_mixed:
+            from ngrpo_ray.engine.request_options import to_wire
+
             mixing = kwargs.get("mixing", args[2] if len(args) > 2 else None)
-            noise_std = (mixing or {}).get("noise_std") if isinstance(mixing, dict) else getattr(mixing, "noise_std", 0)
-            batch.timings.update(self._mix_cosine(batch, float(noise_std or 0.0)))
+            batch.timings.update(self._mix_cosine(batch, to_wire(mixing)["noise_std"]))
         return batch
 
     def _mix_cosine(self, batch, noise_std: float = 0.0) -> dict[str, float]:

@@ -108,15 +108,14 @@ def response_logprobs(
     body, head = _causal_lm_parts(model)
     E = model.get_input_embeddings().weight
     mixed = al.mixed_mask if use_records else torch.zeros_like(al.mixed_mask)
-    embeds = rebuild_inputs_embeds(al.input_ids.to(device), E, mixed.to(device), al.cand_ids.to(device),
-                                   al.alpha.to(device))
+    noise = None
     if use_records and al.noise_seed is not None and bool((al.noise_seed >= 0).any()):
         if noise_std is None:  # never train on inputs the engine did not see
             raise ValueError("records carry noise seeds (gaussian_noise) but no noise_std was given")
-        # A noise step's record is (token, alpha 1), so embeds there is E[token]; adding the noise after the mixture,
-        # with zeros elsewhere, is the engine's order of operations.
-        noise = noise_from_seeds(al.noise_seed, E.shape[1], noise_std).to(device=device, dtype=E.dtype)
-        embeds = embeds + noise
+        # a noise step's record is (token, alpha 1): E[token] + noise, as the engine fed it
+        noise = noise_from_seeds(al.noise_seed, E.shape[1], noise_std).to(device)
+    embeds = rebuild_inputs_embeds(al.input_ids.to(device), E, mixed.to(device), al.cand_ids.to(device),
+                                   al.alpha.to(device), noise=noise)
     hidden = body(inputs_embeds=embeds, attention_mask=al.attention_mask.to(device),
                   position_ids=al.position_ids.to(device), use_cache=False).last_hidden_state
     B = len(records)

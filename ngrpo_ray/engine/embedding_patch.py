@@ -12,7 +12,7 @@ buffers that the sampler post-hook writes in place; their size is fixed at const
 
 Gaussian noise (the STHT baseline) uses the same slots: cand = the sampled token with alpha (1, 0, ...) plus a noise
 row, so its input is E[token] + noise. The [capacity + 1, d] noise table exists only in engines built with
-``noise: true`` (else one zero row, always indexed 0): it costs capacity * d floats.
+``noise: true`` (else one unused row, and the forward adds nothing): it costs capacity * d floats.
 """
 
 from __future__ import annotations
