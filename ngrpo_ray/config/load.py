@@ -177,6 +177,9 @@ def validate(cfg: Config) -> None:
     _check(t.lr > 0, "trainer.lr", f"must be > 0, got {t.lr}")
     _check(t.mini_batches >= 1, "trainer.mini_batches", f"must be >= 1, got {t.mini_batches}")
     _check(t.micro_batch_size >= 1, "trainer.micro_batch_size", f"must be >= 1, got {t.micro_batch_size}")
+    _check(t.max_tokens_per_micro_batch is None or t.max_tokens_per_micro_batch >= 1,
+           "trainer.max_tokens_per_micro_batch", f"must be >= 1 or null, got {t.max_tokens_per_micro_batch}")
+    _check(t.logprob_chunk_tokens >= 1, "trainer.logprob_chunk_tokens", f"must be >= 1, got {t.logprob_chunk_tokens}")
     rollout_batch = t.prompts_per_iteration * r.group_size
     _check(rollout_batch % (t.mini_batches * t.num_workers) == 0, "trainer.mini_batches",
            f"x trainer.num_workers ({t.mini_batches} x {t.num_workers}) must divide the rollout batch "

@@ -101,6 +101,12 @@ class TrainerConfig:
     prompts_per_iteration: int = 16  # B; the rollout batch is B * G responses
     mini_batches: int = 4  # optimizer steps per rollout batch (paper: gradient accumulation 4)
     micro_batch_size: int = 4  # responses per forward/backward
+    # Memory at the paper's shapes (8k responses, 152k vocabulary). A token budget per micro-batch (prompt + response
+    # tokens, padding removed) replaces micro_batch_size when set; log-probs and entropy run over chunks of this many
+    # response tokens so no [tokens, vocab] fp32 tensor exists at once.
+    max_tokens_per_micro_batch: Optional[int] = None
+    logprob_chunk_tokens: int = 1024
+    gradient_checkpointing: bool = False
     epochs_per_batch: int = 1
     # old log-probs of the PPO ratio: recomputed by the trainer before the update (one extra forward), or the
     # engine's rollout log-probs (exact up to ~1e-4 here, since the trainer rebuilds the mixed inputs)
