@@ -193,8 +193,9 @@ def _plan(cfg, args: argparse.Namespace, enforce: bool, quiet_fit: bool = False)
     if not quiet_fit or not plan.fits:
         print(format_plan(plan, str(args.config)))
     if enforce and not plan.fits:
-        print("refused: " + "; ".join(plan.failures) + " (see `ngrpo plan`; --gpu-memory-gib sets the card)",
-              file=sys.stderr)
+        hint = "--gpu-memory-gib sets the card" + ("; the table above is `ngrpo plan`'s" if args.command == "train"
+                                                   else "")
+        print("refused: " + "; ".join(plan.failures) + f" ({hint})", file=sys.stderr)
         return 1
     return 0
 

@@ -116,10 +116,10 @@ class Session:
         self.train_set = build_prompt_set(cfg, cfg.data.train, self.tokenizer)
         self.val_set = build_prompt_set(cfg, cfg.data.validation, self.tokenizer) if cfg.data.validation else None
         longest = max(len(p) for s in (self.train_set, self.val_set) if s for p in s.prompts)
-        # A checkpoint without an HF export (trainer.hf_export_every) starts the engines on the base model; the
-        # trainer's restored weights are sent to them once the sync group is open.
-        exported = checkpoint is not None and (checkpoint / "trainer" / "hf" / "config.json").exists()
-        policy_path = str(checkpoint / "trainer" / "hf") if exported else self.base_model
+        # Engines always start from the base model (a path that is never pruned, so Ray can restart them from it);
+        # on resume the trainer's restored weights are sent to them once the sync group is open (checkpoints carry
+        # an HF export only every trainer.hf_export_every iterations).
+        policy_path = self.base_model
 
         self.mlflow = MlflowRun(tracking_uri_for(self.out, cfg.tracking.tracking_uri), cfg.tracking.experiment,
                                 run_name=cfg.tracking.run_name or self.out.name,
@@ -151,7 +151,7 @@ class Session:
         if checkpoint is not None:
             self.trainer.load_checkpoint(str(checkpoint / "trainer"), "ds")
         self.open_weight_sync()
-        if checkpoint is not None and not exported:
+        if checkpoint is not None:
             self.sync_weights(self.state.policy_version)
         self.scorer = RewardScorer.remote(cfg.eval.grade_workers, cfg.eval.grade_timeout_s, cfg.eval.grading)
         self.startup_s = time.perf_counter() - t0

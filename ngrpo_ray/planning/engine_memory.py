@@ -21,7 +21,7 @@ import math
 from dataclasses import dataclass
 
 from ngrpo_ray.planning.model_shape import ModelShape
-from ngrpo_ray.planning.terms import GIB, RESIDENT, ROLLOUT, Term
+from ngrpo_ray.planning.terms import GIB, ROLLOUT, UPDATE, Term
 
 BATCHED_TOKENS = 8192  # vLLM's scheduler token budget per step (profiled at start-up)
 
@@ -75,5 +75,5 @@ def engine_terms(e: EngineSettings) -> list[Term]:
 
 
 def asleep_term(enforce_eager: bool) -> Term:
-    return Term("engine", "asleep (context, CUDA graphs)", (0.5 if enforce_eager else 1.0) * GIB, RESIDENT,
+    return Term("engine", "asleep (context, CUDA graphs)", (0.5 if enforce_eager else 1.0) * GIB, UPDATE,
                 "vLLM sleep level 1: weights offloaded, KV cache dropped")

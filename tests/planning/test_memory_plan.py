@@ -124,7 +124,10 @@ def test_plan_matches_the_peak_measured_on_an_h200():
         "model.path=Qwen/Qwen2.5-1.5B", "trainer.num_workers=1", "trainer.micro_batch_size=2",
         "trainer.max_tokens_per_micro_batch=null", "trainer.gradient_checkpointing=false",
         "trainer.logprob_chunk_tokens=16384", "data.max_prompt_tokens=512", "rollout.max_new_tokens=8192",
-        "algorithm.beta=0", "trainer.prompts_per_iteration=4", "rollout.group_size=1"])
+        "algorithm.beta=0", "trainer.prompts_per_iteration=4", "rollout.group_size=1", "cluster.placement=disaggregated"])
     plan = plan_memory(cfg, gpu_gib=139)
+    assert plan.kinds[0].name == "trainer rank"
     peak = plan.kinds[0].phases["update"] - _terms(plan)["CUDA context, NCCL"].bytes
-    assert abs(peak / 1e9 - 117.6) / 117.6 < 0.10, peak / 1e9
+    assert abs(peak / 1e9 - 117.6) / 117.6 < 0.10, peak / 1e9  # 109.6 GB: 93% of the measured peak
+    # the old path also kept a [B, T, V] fp32 copy of the logits for the entropy: with it, 119.6 GB (+1.7%)
+    assert abs((peak + 16_384 * 151_936 * 4) / 1e9 - 117.6) / 117.6 < 0.02
