@@ -4,7 +4,9 @@ Layouts (cluster.placement):
   colocated      every trainer GPU also holds an engine (or one tensor-parallel shard of one): the engine reserves
                  rollout.gpu_memory_utilization of the card while the trainer's resident state (weights, master
                  weights, gradients, optimizer states, reference model) stays; during the update the engine sleeps
-                 (vLLM sleep mode level 1) and the trainer's activations take the room.
+                 (vLLM sleep mode level 1) and the trainer's activations take the room. This assumes the trainer
+                 hands its cached blocks back (torch.cuda.empty_cache()) before the engine wakes; otherwise the
+                 rollout phase holds the update phase's peak too.
   disaggregated  trainer GPUs and engine GPUs apart.
 A phase fits when its terms sum to at most the card; the engine's own terms must also fit in its reservation.
 `ngrpo plan` prints it; `ngrpo train` runs the same check first (enforced when trainer.use_gpu).

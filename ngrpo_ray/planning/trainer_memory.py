@@ -94,7 +94,9 @@ def trainer_terms(t: TrainerSettings) -> list[Term]:
                           f"{P / 1e9:.2f}B x {b} B, full copy (algorithm.beta > 0)"))
     terms.append(Term("trainer", "CUDA context, NCCL", CUDA_CONTEXT_BYTES, RESIDENT, "1 GiB"))
     per_token = activation_bytes_per_token(s, b, t.gradient_checkpointing)
-    ckpt = "gradient checkpointing" if t.gradient_checkpointing else "no gradient checkpointing"
+    other = t.micro_batch_tokens * activation_bytes_per_token(s, b, not t.gradient_checkpointing) / GIB
+    ckpt = (f"gradient checkpointing; without: {other:.1f} GiB" if t.gradient_checkpointing
+            else f"no gradient checkpointing; with: {other:.1f} GiB")
     terms.append(Term("trainer", "activations", t.micro_batch_tokens * per_token, UPDATE,
                       f"{t.micro_batch_tokens:,} tokens x {per_token / 1024:.0f} KiB ({ckpt}; {t.micro_batch_note})"))
     c = max(1, min(t.logprob_chunk_tokens, t.micro_batch_response_tokens))

@@ -131,3 +131,15 @@ def test_plan_matches_the_peak_measured_on_an_h200():
     assert abs(peak / 1e9 - 117.6) / 117.6 < 0.10, peak / 1e9  # 109.6 GB: 93% of the measured peak
     # the old path also kept a [B, T, V] fp32 copy of the logits for the entropy: with it, 119.6 GB (+1.7%)
     assert abs((peak + 16_384 * 151_936 * 4) / 1e9 - 117.6) / 117.6 < 0.02
+
+
+def test_the_grpo_soft_thinking_eval_reads_the_best_checkpoint_the_grpo_run_writes():
+    from pathlib import Path
+
+    from ngrpo_ray.planning.model_shape import producing_preset
+    from ngrpo_ray.training.run_state import BEST, checkpoint_root
+
+    cfg = load_config("baseline_grpo_soft_thinking_eval_1p5b")
+    assert producing_preset(cfg.model.path) == ("r1_distill_1p5b_grpo", "deepseek-ai/DeepSeek-R1-Distill-Qwen-1.5B")
+    grpo = load_config("r1_distill_1p5b_grpo")
+    assert Path(cfg.model.path) == checkpoint_root(grpo.trainer.output_dir) / BEST / "trainer" / "hf"
