@@ -158,6 +158,9 @@ def _dispatch(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
 
 
 def _bench(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    from ngrpo_ray.cli_bench import json_only_stdout
+
+    json_only_stdout()
     if args.bench == "hook-overhead":
         from ngrpo_ray.cli_bench import run_hook_overhead_bench
 

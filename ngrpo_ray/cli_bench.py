@@ -15,9 +15,16 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import random
 import time
 from typing import Any
+
+
+def json_only_stdout() -> None:
+    """Send vLLM's log lines to stderr (its default is stdout), so a benchmark's stdout is exactly its JSON
+    (``ngrpo bench ... > result.json``). Call before vLLM is imported; Ray workers started afterwards inherit it."""
+    os.environ.setdefault("VLLM_LOGGING_STREAM", "ext://sys.stderr")
 
 DEFAULTS = dict(model="smollm2-135m-instruct", rho=0.1, k=3, num_seqs=32, max_tokens=256, prompt_len=32, rounds=5, temperature=1.0,
                 seed=0, kv_cache_gib=2.0, max_model_len=1024, enforce_eager=False, dtype="float32")
@@ -134,6 +141,7 @@ def run_neighbor_table_bench(vocab: int = 151936, dim: int = 1536, k: int = 3, m
 
 
 def main(argv: list[str] | None = None) -> None:
+    json_only_stdout()
     parser = argparse.ArgumentParser(prog="ngrpo bench hook-overhead")
     add_hook_overhead_arguments(parser)
     print(json.dumps(run_hook_overhead_bench(parser.parse_args(argv)), indent=2))

@@ -155,6 +155,9 @@ def print_sync_bench(args: Any) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from ngrpo_ray.cli_bench import json_only_stdout
+
+    json_only_stdout()
     parser = argparse.ArgumentParser(prog="ngrpo bench sync", description=__doc__.split("\n\n")[0])
     add_sync_bench_arguments(parser)
     return print_sync_bench(parser.parse_args(argv))
