@@ -166,7 +166,8 @@ def _params():
         marks = []
         if rule is not None and rule.kind in ("reduced", "server"):  # "run" ones are cheap (config errors)
             marks = [pytest.mark.slow] + [getattr(pytest.mark, m) for m in rule.marks]
-        out.append(pytest.param(c, id=c.text[:80], marks=marks))
+        added = f" [test adds: {' '.join(rule.add)}]" if rule is not None and rule.kind == "reduced" else ""
+        out.append(pytest.param(c, id=c.text[:90] + added, marks=marks))  # the id says which flags were added
     return out
 
 
