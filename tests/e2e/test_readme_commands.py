@@ -101,6 +101,7 @@ class Rule:
     timeout_s: float = 120.0
     marks: tuple[str, ...] = ()  # engine / ray, besides slow
     json_keys: tuple[str, ...] = ()  # reduced: keys the printed JSON must have
+    progress: str = ""  # reduced: a progress line (with the estimate) it must print on stderr
 
 
 CLUSTER_DOC = "names cluster/README.md's commands (needs a cloud account or a Kubernetes cluster)"
@@ -115,14 +116,16 @@ RULES: dict[str, Rule] = {
         add=("--rounds", "1", "--num-seqs", "2", "--max-tokens", "8", "--prompt-len", "8", "--max-model-len", "64",
              "--kv-cache-gib", "0.25", "--enforce-eager"),
         timeout_s=300, marks=("engine",),
-        json_keys=("model_path", "vanilla_tokens_per_s", "hooked_tokens_per_s", "slowdown", "per_round")),
+        json_keys=("model_path", "vanilla_tokens_per_s", "hooked_tokens_per_s", "slowdown", "per_round"),
+        progress="bench hook-overhead rounds: 1/1, elapsed "),
     "ngrpo bench neighbor-table": Rule(
         "reduced", "the 151,936 x 1,536 build takes 15-18 minutes on 2 cores",
         add=("--vocab", "4096", "--dim", "64"), json_keys=("vocab", "dim", "seconds")),
     "ngrpo bench sync": Rule(
         "reduced", "3 rounds of 538 MB; one round shows the command works",
         add=("--rounds", "1"), timeout_s=400, marks=("engine", "ray"),
-        json_keys=("model_path", "bytes", "sync_send_s", "raw_s", "ratio_send")),
+        json_keys=("model_path", "bytes", "sync_send_s", "raw_s", "ratio_send"),
+        progress="bench sync rounds: 1/1, elapsed "),
     # --- server ---
     "mlflow ui --backend-store-uri sqlite:///runs/cpu_default/mlflow.db": Rule(
         "server", "a server; started in a scratch folder holding runs/cpu_default/ (the demo's output folder)",
@@ -339,6 +342,8 @@ def test_readme_command(cmd: ReadmeCommand, tmp_path: Path):
     if rule.json_keys:
         result = _last_json(out.stdout)  # the JSON is on stdout (progress and engine logs go to stderr)
         assert set(rule.json_keys) <= set(result), sorted(result)
+    if rule.progress:
+        assert rule.progress in out.stderr, f"no progress line {rule.progress!r} on stderr"
 
 
 def test_every_rule_names_a_readme_command():
