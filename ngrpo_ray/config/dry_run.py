@@ -33,11 +33,10 @@ def _check_data(role: str, name: str) -> DryRunItem:
     return DryRunItem(f"{role} {name}", "ok", f"{len(problems)} problems from {report.path}")
 
 
-def _check_model(path: str) -> DryRunItem:
-    from ngrpo_ray.models.offline import DEMO_MODEL, resolve_model
+def _check_model(path: str, cache_dir: str) -> DryRunItem:
+    from ngrpo_ray.models.offline import resolve_model
 
-    local = resolve_model(path) if path == DEMO_MODEL else path
-    folder = Path(local).expanduser()
+    folder = Path(resolve_model(path, cache_dir))  # the same resolution train / eval / bench use
     if not folder.exists():
         from huggingface_hub import try_to_load_from_cache
 
@@ -66,7 +65,7 @@ def dry_run(cfg: Config) -> list[DryRunItem]:
     for name in cfg.eval.benchmarks:
         if name != cfg.data.validation:
             items.append(_check_data("eval", name))
-    items.append(_check_model(cfg.model.path))
+    items.append(_check_model(cfg.model.path, cfg.model.cache_dir))
     return items
 
 
