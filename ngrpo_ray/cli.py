@@ -70,12 +70,9 @@ def build_parser() -> argparse.ArgumentParser:
     b = bench.add_parser("hook-overhead", help="vanilla vLLM vs the neighbor-mixing hook: tokens/s and slowdown",
                          description="Interleaved rounds of a vanilla vLLM engine and the hooked engine on the same "
                                      "prompts; prints JSON with tokens/s for both and slowdown = 1 - hooked/vanilla.")
-    b.add_argument("--model", default="smollm2-135m-instruct", help="model path or the demo model name")
-    b.add_argument("--rho", type=float, default=0.1)
-    b.add_argument("--k", type=int, default=3)
-    b.add_argument("--num-seqs", type=int, default=32)
-    b.add_argument("--max-tokens", type=int, default=256)
-    b.add_argument("--rounds", type=int, default=3)
+    from ngrpo_ray.cli_bench import add_hook_overhead_arguments
+
+    add_hook_overhead_arguments(b)  # one flag set (and defaults) for `ngrpo bench` and `python -m ngrpo_ray.cli_bench`
     b = bench.add_parser("neighbor-table", help="time the full neighbor-table build for a V x d matrix",
                          description="Build the k-nearest-neighbor table of a random V x d embedding matrix and print "
                                      "the seconds it took (default: the R1-Distill-Qwen-1.5B shape).")
@@ -201,6 +198,9 @@ def _plan(cfg, args: argparse.Namespace, enforce: bool, quiet_fit: bool = False)
 
 
 def _bench(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    from ngrpo_ray.cli_bench import json_only_stdout
+
+    json_only_stdout()
     if args.bench == "hook-overhead":
         from ngrpo_ray.cli_bench import run_hook_overhead_bench
 
@@ -211,11 +211,9 @@ def _bench(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
 
         return print_sync_bench(args)
     if args.bench == "neighbor-table":
-        from ngrpo_ray.core.neighbors import time_full_build
+        from ngrpo_ray.cli_bench import run_neighbor_table_bench
 
-        seconds = time_full_build(V=args.vocab, d=args.dim, k=args.k, metric=args.metric)
-        print(json.dumps({"vocab": args.vocab, "dim": args.dim, "k": args.k, "metric": args.metric,
-                          "seconds": round(seconds, 3)}))
+        print(json.dumps(run_neighbor_table_bench(args.vocab, args.dim, args.k, args.metric)))
         return 0
     parser.parse_args(["bench", "--help"])
     return 2

@@ -1,22 +1,32 @@
 """``ngrpo bench hook-overhead``: tokens/s of a vanilla vLLM engine vs the neighbor-mixing engine, one process.
+Also ``ngrpo bench neighbor-table`` (the full table build's seconds). Both print progress with an estimate on stderr.
 
 Both engines are alive together and rounds are interleaved (vanilla, hooked / hooked, vanilla, alternating) so
 machine noise hits both alike; ``slowdown`` is from the summed tokens and seconds, ``slowdown_median_of_rounds`` is
 the median of the per-round slowdowns. Same prompts, same sampling settings (temperature, max_tokens with ignore_eos so every sequence has the
 same length, detokenize off, logprobs=0 since RL needs them either way). The hooked time includes resolving the
 records and building the RolloutBatch. slowdown = 1 - hooked / vanilla.
-Callers that build engines need an ``if __name__ == "__main__":`` guard (vLLM spawns processes).
+Callers that build engines need an ``if __name__ == "__main__":`` guard (vLLM spawns processes). ``--model`` takes
+the demo name (default, offline), a local folder or an HF id, resolved by ``models.offline.resolve_model`` like every
+other entry point.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import random
 import time
 from typing import Any
 
-DEFAULTS = dict(model=None, rho=0.1, k=3, num_seqs=32, max_tokens=256, prompt_len=32, rounds=5, temperature=1.0,
+
+def json_only_stdout() -> None:
+    """Send vLLM's log lines to stderr (its default is stdout), so a benchmark's stdout is exactly its JSON
+    (``ngrpo bench ... > result.json``). Call before vLLM is imported; Ray workers started afterwards inherit it."""
+    os.environ.setdefault("VLLM_LOGGING_STREAM", "ext://sys.stderr")
+
+DEFAULTS = dict(model="smollm2-135m-instruct", rho=0.1, k=3, num_seqs=32, max_tokens=256, prompt_len=32, rounds=5, temperature=1.0,
                 seed=0, kv_cache_gib=2.0, max_model_len=1024, enforce_eager=False, dtype="float32")
 
 
@@ -25,7 +35,7 @@ def _args_dict(args: Any) -> dict:
     d.update({k: v for k, v in (vars(args) if isinstance(args, argparse.Namespace) else dict(args)).items()
               if v is not None})
     if not d["model"]:
-        raise ValueError("bench hook-overhead needs --model (a local checkpoint path)")
+        raise ValueError("bench hook-overhead needs --model (the demo model name, a local folder or an HF id)")
     return d
 
 
@@ -46,11 +56,18 @@ def run_hook_overhead_bench(args: Any, engines: tuple[Any, Any] | None = None) -
     from ngrpo_ray.core.mixing_params import MixingParams
     from ngrpo_ray.engine.llm_factory import EngineSpec, build_llm
     from ngrpo_ray.engine.rollout import generate_rollout
+    from ngrpo_ray.models.offline import resolve_model
+    from ngrpo_ray.progress import Progress
 
     a = _args_dict(args)
-    vocab = int(AutoConfig.from_pretrained(a["model"]).vocab_size)
+    if a["rounds"] < 1:
+        raise ValueError(f"rounds must be at least 1, got {a['rounds']}")
+    progress = Progress(a["rounds"], "bench hook-overhead rounds", quiet_s=0.0, every_s=0.0)
+    path = resolve_model(str(a["model"]))
+    vocab = int(AutoConfig.from_pretrained(path).vocab_size)
     if engines is None:
-        spec = EngineSpec(model=a["model"], seed=a["seed"], max_model_len=a["max_model_len"],
+        progress.note(f"building the vanilla and the hooked vLLM engine of {path}")
+        spec = EngineSpec(model=path, seed=a["seed"], max_model_len=a["max_model_len"],
                           max_num_seqs=max(a["num_seqs"], 1), enforce_eager=a["enforce_eager"],
                           kv_cache_gib=a["kv_cache_gib"], dtype=a["dtype"])
         vanilla, hooked = build_llm(spec, hooked=False), build_llm(spec, hooked=True)
@@ -71,7 +88,9 @@ def run_hook_overhead_bench(args: Any, engines: tuple[Any, Any] | None = None) -
         batch = generate_rollout(hooked, prompts, sampling, mixing)
         return time.perf_counter() - t0, batch.num_tokens, batch.mixed_fraction
 
+    progress.note("warm-up round (not timed)")
     run_vanilla(), run_hooked()  # warm-up: first-call costs (lazy neighbor rows, compiles) stay out of the timing
+    progress.begin_units()
     rounds, v_s, v_t, h_s, h_t, mixed = [], 0.0, 0, 0.0, 0, []
     for r in range(a["rounds"]):
         if r % 2 == 0:  # alternate which engine goes first so a drift in machine load hits both alike
@@ -82,10 +101,11 @@ def run_hook_overhead_bench(args: Any, engines: tuple[Any, Any] | None = None) -
         mixed.append(mf)
         rounds.append({"round": r, "vanilla_tokens_per_s": vt / vs, "hooked_tokens_per_s": ht / hs,
                        "slowdown": 1.0 - (ht / hs) / (vt / vs), "mixed_fraction": mf})
+        progress.update(r + 1)
     vanilla_tps, hooked_tps = v_t / v_s, h_t / h_s
     paired = sorted(x["slowdown"] for x in rounds)
     return {
-        "model": a["model"], "rho": a["rho"], "k": a["k"], "num_seqs": a["num_seqs"], "max_tokens": a["max_tokens"],
+        "model": str(a["model"]), "model_path": path, "rho": a["rho"], "k": a["k"], "num_seqs": a["num_seqs"], "max_tokens": a["max_tokens"],
         "rounds": a["rounds"], "enforce_eager": a["enforce_eager"], "dtype": a["dtype"],
         "vanilla_tokens_per_s": vanilla_tps, "hooked_tokens_per_s": hooked_tps,
         "slowdown": 1.0 - hooked_tps / vanilla_tps,
@@ -98,16 +118,30 @@ def run_hook_overhead_bench(args: Any, engines: tuple[Any, Any] | None = None) -
 
 def add_hook_overhead_arguments(parser: argparse.ArgumentParser) -> None:
     """Flags for the lead's CLI wiring (``ngrpo bench hook-overhead``)."""
-    parser.add_argument("--model", required=True, help="local checkpoint path (e.g. SmolLM2-135M-Instruct)")
+    parser.add_argument("--model", default=DEFAULTS["model"],
+                        help="the demo model name (default: %(default)s, offline), a local folder or an HF id")
     for name in ("rho", "temperature", "kv_cache_gib"):
         parser.add_argument(f"--{name.replace('_', '-')}", dest=name, type=float, default=DEFAULTS[name])
     for name in ("k", "num_seqs", "max_tokens", "prompt_len", "rounds", "seed", "max_model_len"):
         parser.add_argument(f"--{name.replace('_', '-')}", dest=name, type=int, default=DEFAULTS[name])
-    parser.add_argument("--enforce-eager", dest="enforce_eager", action="store_true")
+    parser.add_argument("--enforce-eager", dest="enforce_eager", action="store_true",
+                        help="no torch.compile / graph capture (faster start, slower steps)")
     parser.add_argument("--dtype", default=DEFAULTS["dtype"])
 
 
+def run_neighbor_table_bench(vocab: int = 151936, dim: int = 1536, k: int = 3, metric: str = "cosine") -> dict:
+    """Seconds of one full neighbor-table build on a random [vocab, dim] matrix (default: the R1-Distill-Qwen-1.5B
+    shape, about 15-18 minutes on a 2-core CPU), with rows done, elapsed and ETA on stderr while it runs."""
+    from ngrpo_ray.core.neighbors import time_full_build
+    from ngrpo_ray.progress import Progress
+
+    progress = Progress(vocab, f"bench neighbor-table rows (V={vocab}, d={dim})", quiet_s=5.0, every_s=30.0)
+    seconds = time_full_build(V=vocab, d=dim, k=k, metric=metric, on_chunk=lambda done, _: progress.update(done))
+    return {"vocab": vocab, "dim": dim, "k": k, "metric": metric, "seconds": round(seconds, 3)}
+
+
 def main(argv: list[str] | None = None) -> None:
+    json_only_stdout()
     parser = argparse.ArgumentParser(prog="ngrpo bench hook-overhead")
     add_hook_overhead_arguments(parser)
     print(json.dumps(run_hook_overhead_bench(parser.parse_args(argv)), indent=2))

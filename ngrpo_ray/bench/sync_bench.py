@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
 import time
 from typing import Any
 
@@ -75,14 +76,17 @@ def run_sync_bench(model: Any = None, rounds: int = 3, bucket_mb: float = 64.0, 
     from ngrpo_ray.distributed.rollout_fleet import RolloutFleet
     from ngrpo_ray.distributed.trainer_group import TrainerGroup
     from ngrpo_ray.models.offline import resolve_model
+    from ngrpo_ray.progress import Progress
 
     if rounds < 1:
         raise ValueError(f"rounds must be at least 1, got {rounds}")
+    progress = Progress(rounds, "bench sync rounds", quiet_s=0.0, every_s=0.0)
     if model is None:
         model = DEFAULTS["model"]
     if hasattr(model, "model"):  # a Config
         cache_dir, model = model.model.cache_dir, model.model.path
     path = resolve_model(str(model), cache_dir)
+    progress.note(f"starting Ray, one vLLM engine and one DeepSpeed trainer worker on {path}")
     own_ray = not ray.is_initialized()
     if own_ray and os.environ.get("RAY_ADDRESS"):
         ray.init(address=os.environ["RAY_ADDRESS"])
@@ -98,13 +102,18 @@ def run_sync_bench(model: Any = None, rounds: int = 3, bucket_mb: float = 64.0, 
         trainer.finish_open_weight_sync()
         ray.get(joins, timeout=timeout_s)
         startup_s = time.perf_counter() - started
-        per_round = [_one_round(trainer, fleet, v, bucket_mb, timeout_s) for v in range(1, rounds + 1)]
+        progress.note("sync group open; timed rounds start")
+        progress.begin_units()
+        per_round = []
+        for v in range(1, rounds + 1):
+            per_round.append(_one_round(trainer, fleet, v, bucket_mb, timeout_s))
+            progress.update(v)
     finally:
         for close in (lambda: trainer and trainer.shutdown(), lambda: fleet and fleet.shutdown()):
             try:
                 close()
             except Exception as exc:  # noqa: BLE001 - keep closing; the measurement (or its error) stands
-                print(f"warning: shutdown step failed: {exc!r}")
+                print(f"warning: shutdown step failed: {exc!r}", file=sys.stderr)  # stdout is the JSON
         if own_ray:
             ray.shutdown()
 
@@ -146,6 +155,9 @@ def print_sync_bench(args: Any) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from ngrpo_ray.cli_bench import json_only_stdout
+
+    json_only_stdout()
     parser = argparse.ArgumentParser(prog="ngrpo bench sync", description=__doc__.split("\n\n")[0])
     add_sync_bench_arguments(parser)
     return print_sync_bench(parser.parse_args(argv))

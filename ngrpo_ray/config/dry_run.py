@@ -35,17 +35,13 @@ def _check_data(role: str, name: str) -> DryRunItem:
 
 def find_model_folder(path: str, cache_dir: str = "~/.cache/ngrpo_ray/models",
                       prepare_demo: bool = True) -> tuple[Path | None, str]:
-    """The local folder holding `path`'s config.json, or (None, why not). Looks at a local folder, the offline demo
-    model (prepared when `prepare_demo`) and the local HF cache; never the hub."""
+    """The local folder holding `path`'s config.json, or (None, why not): resolved as train / eval / bench resolve
+    it (the offline demo model is prepared only when `prepare_demo`), then the local HF cache; never the hub."""
     from ngrpo_ray.models.offline import DEMO_MODEL, resolve_model
 
-    if path == DEMO_MODEL:
-        if not prepare_demo:
-            return None, "the demo model is not prepared here (prepare_demo=False)"
-        path_local = resolve_model(path, cache_dir)
-    else:
-        path_local = path
-    folder = Path(path_local).expanduser()
+    if path == DEMO_MODEL and not prepare_demo:
+        return None, "the demo model is not prepared here (prepare_demo=False)"
+    folder = Path(resolve_model(path, cache_dir))
     if folder.exists():
         return folder, "local folder"
     looks_like_hub_id = path.count("/") == 1 and not path.startswith((".", "/", "~"))
@@ -59,8 +55,8 @@ def find_model_folder(path: str, cache_dir: str = "~/.cache/ngrpo_ray/models",
     return Path(cached).parent, "local HF cache"
 
 
-def _check_model(path: str) -> DryRunItem:
-    folder, why = find_model_folder(path)
+def _check_model(path: str, cache_dir: str) -> DryRunItem:
+    folder, why = find_model_folder(path, cache_dir)
     if folder is None:
         return DryRunItem(f"model {path}", "skipped", why)
     from transformers import AutoConfig
@@ -81,7 +77,7 @@ def dry_run(cfg: Config) -> list[DryRunItem]:
     for name in cfg.eval.benchmarks:
         if name != cfg.data.validation:
             items.append(_check_data("eval", name))
-    items.append(_check_model(cfg.model.path))
+    items.append(_check_model(cfg.model.path, cfg.model.cache_dir))
     return items
 
 

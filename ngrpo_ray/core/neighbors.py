@@ -9,6 +9,7 @@ O(chunk_rows * V) and uses matmuls (cosine, dot, L2) or ``torch.cdist`` (L1, slo
 from __future__ import annotations
 
 import time
+from typing import Callable
 
 import torch
 
@@ -98,10 +99,12 @@ def build_neighbor_table(
     metric: str = "cosine",
     valid: torch.Tensor | None = None,
     chunk_rows: int = 2048,
+    on_chunk: Callable[[int, int], None] | None = None,
 ) -> torch.Tensor:
     """[V, k] int64; row v = [v, n_1, ..., n_{k-1}]: v itself then its k-1 nearest valid rows (most similar first,
     ties broken by lower id), never v itself again, never an invalid row. Rows of invalid v hold v repeated.
-    Chunked over rows so peak memory is O(chunk_rows * V), computed in E's dtype/device (fp32 on CPU)."""
+    Chunked over rows so peak memory is O(chunk_rows * V), computed in E's dtype/device (fp32 on CPU).
+    ``on_chunk(rows_done, rows_total)`` is called after each chunk (progress of a full-vocabulary build)."""
     _check_args(E, k, metric, valid)
     V = E.shape[0]
     prep = _Prepared(E, metric, valid)
@@ -115,6 +118,8 @@ def build_neighbor_table(
         for start in range(0, anchors.numel(), chunk_rows):
             rows = anchors[start : start + chunk_rows]
             table[rows] = _top_rows(prep, rows, k)
+            if on_chunk is not None:
+                on_chunk(start + rows.numel(), anchors.numel())
     return table
 
 
@@ -168,12 +173,12 @@ class LazyNeighborTable:
 
 
 def time_full_build(V: int = 151936, d: int = 1536, k: int = 3, metric: str = "cosine", chunk_rows: int = 2048,
-                    seed: int = 0) -> float:
+                    seed: int = 0, on_chunk: Callable[[int, int], None] | None = None) -> float:
     """Seconds for one full ``build_neighbor_table`` on a random fp32 [V, d] matrix (generation not timed)."""
     g = torch.Generator().manual_seed(seed)
     E = torch.randn(V, d, generator=g)
     t0 = time.perf_counter()
-    table = build_neighbor_table(E, k, metric=metric, chunk_rows=chunk_rows)
+    table = build_neighbor_table(E, k, metric=metric, chunk_rows=chunk_rows, on_chunk=on_chunk)
     seconds = time.perf_counter() - t0
     assert table.shape == (V, k)
     return seconds

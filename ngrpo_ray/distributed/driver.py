@@ -27,7 +27,7 @@ from ngrpo_ray.distributed.rollout_fleet import RolloutFleet
 from ngrpo_ray.distributed.sample_and_score import Scored, sample_and_score
 from ngrpo_ray.distributed.trainer_group import TrainerGroup, TrainerRestarted
 from ngrpo_ray.evaluation.report import summarize
-from ngrpo_ray.models.offline import resolve_model
+from ngrpo_ray.models.offline import resolve_model, resolve_tokenizer
 from ngrpo_ray.tracking.mlflow_run import MlflowRun, tracking_uri_for
 from ngrpo_ray.training.iteration_log import IterationLog
 from ngrpo_ray.training.prompt_order import PromptOrder
@@ -112,7 +112,8 @@ class Session:
         from transformers import AutoTokenizer
 
         self.base_model = resolve_model(cfg.model.path, cfg.model.cache_dir)
-        self.tokenizer = AutoTokenizer.from_pretrained(cfg.model.tokenizer or self.base_model)
+        self.tokenizer = AutoTokenizer.from_pretrained(
+            resolve_tokenizer(cfg.model.tokenizer, self.base_model, cfg.model.cache_dir))
         self.train_set = build_prompt_set(cfg, cfg.data.train, self.tokenizer)
         self.val_set = build_prompt_set(cfg, cfg.data.validation, self.tokenizer) if cfg.data.validation else None
         longest = max(len(p) for s in (self.train_set, self.val_set) if s for p in s.prompts)

