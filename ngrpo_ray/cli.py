@@ -20,6 +20,12 @@ def _add_config_args(p: argparse.ArgumentParser, default: str | None = "cpu_defa
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="dotted config overrides")
 
 
+def _add_plan_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--gpu-memory-gib", type=float, default=80.0,
+                   help="memory of one GPU for the capacity plan (default: %(default)s)")
+    p.add_argument("--gpus", type=int, default=8, help="GPUs the cluster can give the run (default: %(default)s)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="ngrpo",
@@ -40,6 +46,17 @@ def build_parser() -> argparse.ArgumentParser:
                        epilog=EPILOG_OVERRIDES)
     _add_config_args(p)
     p.add_argument("--resume", action="store_true", help="continue from the last checkpoint in trainer.output_dir")
+    _add_plan_args(p)
+
+    p = sub.add_parser("plan", help="per-GPU memory of the trainer and engines; non-zero exit when it cannot fit",
+                       description="The capacity plan of a preset: per-GPU memory of each trainer rank (weights, "
+                                   "gradients, optimizer states by ZeRO stage, activations at the micro-batch, the "
+                                   "log-softmax chunk, the reference model) and of each engine (weights, KV cache of "
+                                   "the rollout batch, mixing tables) in the preset's layout. Exits 1 naming the "
+                                   "term that does not fit (GPU presets). No Ray, no vLLM, no hub.",
+                       epilog=EPILOG_OVERRIDES)
+    _add_config_args(p)
+    _add_plan_args(p)
 
     p = sub.add_parser("eval", help="evaluate a model: Mean@n, unbiased Pass@k, bootstrap best@k",
                        description="Sample n answers per problem, grade with math-verify in killable workers, and report "
@@ -138,7 +155,11 @@ def _dispatch(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
         run_comparison(args.config, args.overrides, args.methods, args.seeds, args.out)
         return 0
     cfg = load_config(args.config, args.overrides)
+    if args.command == "plan":
+        return _plan(cfg, args, enforce=cfg.trainer.use_gpu)
     if args.command == "train":
+        if _plan(cfg, args, enforce=cfg.trainer.use_gpu, quiet_fit=not cfg.trainer.use_gpu) != 0:
+            return 1
         from ngrpo_ray.distributed.driver import train
 
         train(cfg, resume=args.resume)
@@ -155,6 +176,25 @@ def _dispatch(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
         return 0
     parser.error(f"unknown command {args.command}")
     return 2
+
+
+def _plan(cfg, args: argparse.Namespace, enforce: bool, quiet_fit: bool = False) -> int:
+    """Print the capacity plan; 1 when a GPU run cannot fit (`ngrpo train` then starts nothing)."""
+    from ngrpo_ray.planning import format_plan, plan_memory
+
+    try:
+        plan = plan_memory(cfg, gpu_gib=args.gpu_memory_gib, gpus=args.gpus)
+    except FileNotFoundError as err:
+        print(f"memory plan: not possible ({err})", file=sys.stderr)
+        return 1 if args.command == "plan" else 0
+    if not quiet_fit or not plan.fits:
+        print(format_plan(plan, str(args.config)))
+    if enforce and not plan.fits:
+        hint = "--gpu-memory-gib sets the card" + ("; the table above is `ngrpo plan`'s" if args.command == "train"
+                                                   else "")
+        print("refused: " + "; ".join(plan.failures) + f" ({hint})", file=sys.stderr)
+        return 1
+    return 0
 
 
 def _bench(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:

@@ -33,20 +33,32 @@ def _check_data(role: str, name: str) -> DryRunItem:
     return DryRunItem(f"{role} {name}", "ok", f"{len(problems)} problems from {report.path}")
 
 
+def find_model_folder(path: str, cache_dir: str = "~/.cache/ngrpo_ray/models",
+                      prepare_demo: bool = True) -> tuple[Path | None, str]:
+    """The local folder holding `path`'s config.json, or (None, why not): resolved as train / eval / bench resolve
+    it (the offline demo model is prepared only when `prepare_demo`), then the local HF cache; never the hub."""
+    from ngrpo_ray.models.offline import DEMO_MODEL, resolve_model
+
+    if path == DEMO_MODEL and not prepare_demo:
+        return None, "the demo model is not prepared here (prepare_demo=False)"
+    folder = Path(resolve_model(path, cache_dir))
+    if folder.exists():
+        return folder, "local folder"
+    looks_like_hub_id = path.count("/") == 1 and not path.startswith((".", "/", "~"))
+    if not looks_like_hub_id:  # e.g. another run's checkpoint folder, made by running that run first
+        return None, "local folder not present yet (made by an earlier run)"
+    from huggingface_hub import try_to_load_from_cache
+
+    cached = try_to_load_from_cache(path, "config.json")
+    if not isinstance(cached, str):
+        return None, "hub model not in the local HF cache (no hub here)"
+    return Path(cached).parent, "local HF cache"
+
+
 def _check_model(path: str, cache_dir: str) -> DryRunItem:
-    from ngrpo_ray.models.offline import resolve_model
-
-    folder = Path(resolve_model(path, cache_dir))  # the same resolution train / eval / bench use
-    if not folder.exists():
-        from huggingface_hub import try_to_load_from_cache
-
-        looks_like_hub_id = path.count("/") == 1 and not path.startswith((".", "/", "~"))
-        if not looks_like_hub_id:  # e.g. another run's checkpoint folder, made by running that run first
-            return DryRunItem(f"model {path}", "skipped", "local folder not present yet (made by an earlier run)")
-        cached = try_to_load_from_cache(path, "config.json")
-        if not isinstance(cached, str):
-            return DryRunItem(f"model {path}", "skipped", "hub model not in the local HF cache (no hub here)")
-        folder = Path(cached).parent
+    folder, why = find_model_folder(path, cache_dir)
+    if folder is None:
+        return DryRunItem(f"model {path}", "skipped", why)
     from transformers import AutoConfig
 
     try:

@@ -184,12 +184,28 @@ def validate(cfg: Config) -> None:
     _check(rollout_batch % (t.mini_batches * t.num_workers) == 0, "trainer.mini_batches",
            f"x trainer.num_workers ({t.mini_batches} x {t.num_workers}) must divide the rollout batch "
            f"trainer.prompts_per_iteration x rollout.group_size = {rollout_batch}")
+    _check(t.keep_checkpoints >= 1, "trainer.keep_checkpoints", f"must be >= 1, got {t.keep_checkpoints}")
+    _check(t.hf_export_every >= 0, "trainer.hf_export_every", f"must be >= 0, got {t.hf_export_every}")
+    _check_best_metric(cfg)
     c = cfg.cluster
     _check(c.engine_max_restarts >= 0, "cluster.engine_max_restarts", f"must be >= 0, got {c.engine_max_restarts}")
     _check(c.trainer_max_restarts >= 0, "cluster.trainer_max_restarts", f"must be >= 0, got {c.trainer_max_restarts}")
     _check(c.engine_restart_timeout_s > 0, "cluster.engine_restart_timeout_s",
            f"must be > 0, got {c.engine_restart_timeout_s}")
     _check(cfg.eval.n >= 1, "eval.n", f"must be >= 1, got {cfg.eval.n}")
+
+
+def _check_best_metric(cfg: Config) -> None:
+    """trainer.best_metric must be a key the validation logs (checked only where there is a validation set)."""
+    from ngrpo_ray.training.validation_keys import validation_keys
+
+    allowed = validation_keys(cfg.data.validation, cfg.eval.n)
+    if not allowed:
+        return
+    metric = cfg.trainer.best_metric
+    _check(metric.replace("@", "_at_") in allowed, "trainer.best_metric",
+           f"{metric!r} is not a key the validation logs (data.validation={cfg.data.validation!r}, eval.n="
+           f"{cfg.eval.n}); allowed: {', '.join(allowed)}")
 
 
 def to_dict(cfg: Any) -> dict:

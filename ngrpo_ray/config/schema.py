@@ -115,8 +115,14 @@ class TrainerConfig:
     epochs: Optional[int] = None  # if set, overrides iterations to cover the train set this many times
     validate_every: int = 0
     validate_before: bool = False  # validate the initial policy too (logged at step 0; the demo's "before")
+    # a key the validation logs: val/<metric> (pooled) or val/<benchmark>/<metric>, e.g. val/aime24/mean_at_n; the
+    # best checkpoint (checkpoints/best/, never pruned) has the highest value
     best_metric: str = "val/mean_at_n"
     checkpoint_every: int = 1
+    keep_checkpoints: int = 2  # rolling iter_* checkpoints kept (checkpoints/best/ comes on top)
+    # HF export (trainer/hf, in model.dtype) at checkpoints whose iteration is a multiple of this; 0: only at the end
+    # of the run and for the best checkpoint, which always get one
+    hf_export_every: int = 0
     output_dir: str = "runs/default"
     seed: int = 0
 

@@ -33,6 +33,7 @@ from ngrpo_ray.training.iteration_log import IterationLog
 from ngrpo_ray.training.prompt_order import PromptOrder
 from ngrpo_ray.training.run_state import (RunState, check_resumable, latest_checkpoint, load_checkpoint,
                                           save_checkpoint)
+from ngrpo_ray.training.validation_keys import per_benchmark
 
 
 @dataclass
@@ -116,7 +117,10 @@ class Session:
         self.train_set = build_prompt_set(cfg, cfg.data.train, self.tokenizer)
         self.val_set = build_prompt_set(cfg, cfg.data.validation, self.tokenizer) if cfg.data.validation else None
         longest = max(len(p) for s in (self.train_set, self.val_set) if s for p in s.prompts)
-        policy_path = str(checkpoint / "trainer" / "hf") if checkpoint is not None else self.base_model
+        # Engines always start from the base model (a path that is never pruned, so Ray can restart them from it);
+        # on resume the trainer's restored weights are sent to them once the sync group is open (checkpoints carry
+        # an HF export only every trainer.hf_export_every iterations).
+        policy_path = self.base_model
 
         self.mlflow = MlflowRun(tracking_uri_for(self.out, cfg.tracking.tracking_uri), cfg.tracking.experiment,
                                 run_name=cfg.tracking.run_name or self.out.name,
@@ -148,6 +152,8 @@ class Session:
         if checkpoint is not None:
             self.trainer.load_checkpoint(str(checkpoint / "trainer"), "ds")
         self.open_weight_sync()
+        if checkpoint is not None:
+            self.sync_weights(self.state.policy_version)
         self.scorer = RewardScorer.remote(cfg.eval.grade_workers, cfg.eval.grade_timeout_s, cfg.eval.grading)
         self.startup_s = time.perf_counter() - t0
         self.mixing = components.mixing_params(cfg, self.tokenizer)
@@ -307,17 +313,23 @@ class Session:
                if isinstance(cell, dict) and not key.startswith("bootstrap")}
         out["val/mean_at_n_ci_low"] = summary["mean@n"]["ci_low"]
         out["val/mean_at_n_ci_high"] = summary["mean@n"]["ci_high"]
+        out.update(per_benchmark(out, self.cfg.data.validation))  # val/<benchmark>/<metric> (trainer.best_metric)
         out["time/validation_s"] = time.perf_counter() - t0
         return out
 
-    def save(self, it: int) -> Path:
+    def save(self, it: int, hf_export: bool, best: bool = False) -> Path:
+        """Checkpoint after iteration `it` (0-based); `hf_export`: with the HF model in model.dtype; `best`: also
+        published as checkpoints/best/ (implies the export)."""
         def write_trainer(folder: Path) -> None:
-            self.trainer.save_checkpoint(str(folder), "ds", hf_dir=str(folder / "hf"))
-            self.tokenizer.save_pretrained(folder / "hf")
+            hf = hf_export or best
+            self.trainer.save_checkpoint(str(folder), "ds", hf_dir=str(folder / "hf") if hf else None,
+                                         hf_dtype=self.cfg.model.dtype)
+            if hf:
+                self.tokenizer.save_pretrained(folder / "hf")
 
         self.state.iteration = it + 1
         self.state.history = self.history.series
-        return save_checkpoint(self.out, self.state, write_trainer)
+        return save_checkpoint(self.out, self.state, write_trainer, keep=self.cfg.trainer.keep_checkpoints, best=best)
 
     def close(self, status: str) -> None:
         for closer in (lambda: self.trainer.shutdown(), lambda: self.fleet.shutdown(),
@@ -338,10 +350,13 @@ def run_iteration(session: Session, it: int, end: int, write) -> None:
     best = session.history.update_best(session.state, cfg.trainer.best_metric, it + 1, metrics)
     write(session.history.line(it + 1, metrics))
     last = it + 1 == end
-    if last or (cfg.trainer.checkpoint_every and (it + 1) % cfg.trainer.checkpoint_every == 0) or best:
-        path = session.save(it)
+    t, step = cfg.trainer, it + 1
+    hf_due = bool(t.hf_export_every) and step % t.hf_export_every == 0
+    if last or (t.checkpoint_every and step % t.checkpoint_every == 0) or best or hf_due:
+        path = session.save(it, hf_export=last or hf_due, best=best)
         if best:
-            session.mlflow.set_tag("best_checkpoint", str(path))
+            session.mlflow.set_tag("best_checkpoint", str(path.parent / "best"))
+            session.mlflow.set_tag("best_iteration", step)
         session.mlflow.set_tag("latest_checkpoint", str(path))
 
 

@@ -262,15 +262,15 @@ class _PolicyWorker:
         model.train()
         return out
 
-    def state_dict(self) -> dict[str, torch.Tensor] | None:
-        """Full (gathered under ZeRO-3) fp32 parameters on rank 0; None elsewhere. Every rank must run it."""
+    def state_dict(self, dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor] | None:
+        """Full (gathered under ZeRO-3) parameters in `dtype` on rank 0; None elsewhere. Every rank must run it."""
         from ngrpo_ray.distributed.weight_sync import _gathered
 
         params = list(self.engine.module.named_parameters())
         with _gathered([p for _, p in params], self.cfg.deepspeed.zero_stage == 3):
             if self.rank != 0:
                 return None
-            return {n: p.detach().float().cpu().clone() for n, p in params}
+            return {n: p.detach().to(dtype).cpu().clone() for n, p in params}
 
     def load_state_dict(self, state: Any) -> None:
         """Overwrite the parameters (e.g. reset in tests). Stage 0-2 only: ZeRO-1/2 keep fp32 master copies."""
@@ -318,13 +318,17 @@ class _PolicyWorker:
             return {}
         return {"seconds": raw_broadcast_seconds(self.weight_group, nbytes, chunk_mb)}
 
-    def save_checkpoint(self, path: str, tag: str, hf_dir: str | None = None) -> dict:
-        """DeepSpeed checkpoint (model, optimizer, scheduler; every rank) and, when asked, HF weights from rank 0."""
+    def save_checkpoint(self, path: str, tag: str, hf_dir: str | None = None, hf_dtype: str = "float32") -> dict:
+        """DeepSpeed checkpoint (model, optimizer, scheduler; every rank) and, when asked, HF weights from rank 0 in
+        `hf_dtype` (the model's dtype: a bf16 run exports bf16, half the bytes of fp32)."""
         self.engine.save_checkpoint(path, tag=tag, client_state={"policy_version": self.version})
         if hf_dir:
-            sd = self.state_dict()
+            dtype = getattr(torch, hf_dtype)
+            sd = self.state_dict(dtype)
             if self.rank == 0:
-                self.engine.module.save_pretrained(hf_dir, state_dict=sd, safe_serialization=True)
+                module = self.engine.module
+                module.config.dtype = dtype  # config.json names the dtype the weights are stored in
+                module.save_pretrained(hf_dir, state_dict=sd, safe_serialization=True)
         return {"ok": True}
 
     def load_checkpoint(self, path: str, tag: str) -> dict:
@@ -535,8 +539,8 @@ class TrainerGroup:
     def start_raw_broadcast(self, nbytes: int, chunk_mb: float | None = None):
         return self.submit("raw_broadcast", ranks=[0], nbytes=nbytes, chunk_mb=chunk_mb)
 
-    def save_checkpoint(self, path: str, tag: str, hf_dir: str | None = None) -> None:
-        self._call("save_checkpoint", path=path, tag=tag, hf_dir=hf_dir)
+    def save_checkpoint(self, path: str, tag: str, hf_dir: str | None = None, hf_dtype: str = "float32") -> None:
+        self._call("save_checkpoint", path=path, tag=tag, hf_dir=hf_dir, hf_dtype=hf_dtype)
 
     def load_checkpoint(self, path: str, tag: str) -> int:
         return int(self._call("load_checkpoint", path=path, tag=tag)[0]["policy_version"])

@@ -5,8 +5,12 @@ Layout under `trainer.output_dir`:
     checkpoints/iter_000004/rng.pt              Python / NumPy / torch RNG states of the driver
     checkpoints/iter_000004/trainer/            the trainer group's own files (DeepSpeed state, HF model)
     checkpoints/latest                          the name of the last complete checkpoint
+    checkpoints/best/                           driver_state.json and trainer/hf of the best validation value so far:
+                                                outside the rolling iter_* folders, so pruning never removes it;
+                                                replaced (atomically, by rename) when a better value comes
 A checkpoint folder is built under a temporary name and renamed when complete, and `latest` is replaced after that,
-so a crash mid-write leaves the previous checkpoint as the latest.
+so a crash mid-write leaves the previous checkpoint as the latest. Only the newest `keep` iter_* folders stay.
+The HF export (trainer/hf, in the model's dtype) is not in every checkpoint: see trainer.hf_export_every.
 """
 
 from __future__ import annotations
@@ -26,7 +30,7 @@ from ngrpo_ray.config import Config, flatten
 
 # Keys that may change between a run and its resume (how long, where, how it is observed); everything else must match.
 RESUMABLE_CHANGES = ("trainer.iterations", "trainer.epochs", "trainer.validate_every", "trainer.checkpoint_every",
-                     "trainer.output_dir", "tracking.", "cluster.", "eval.", "rollout.num_engines",
+                     "trainer.hf_export_every", "trainer.keep_checkpoints", "trainer.output_dir", "tracking.", "cluster.", "eval.", "rollout.num_engines",
                      "rollout.gpu_memory_utilization", "rollout.kv_cache_space_gib", "rollout.engine_cpus",
                      "rollout.engine_gpus", "model.cache_dir", "model.gpus_expected")
 
@@ -50,8 +54,15 @@ def checkpoint_root(output_dir: str | Path) -> Path:
     return Path(output_dir).expanduser() / "checkpoints"
 
 
+def best_checkpoint(output_dir: str | Path) -> Path | None:
+    path = checkpoint_root(output_dir) / BEST
+    return path if (path / "driver_state.json").exists() else None
+
+
 def save_checkpoint(output_dir: str | Path, state: RunState, write_trainer: Callable[[Path], None] | None = None,
-                    keep: int = 2) -> Path:
+                    keep: int = 2, best: bool = False) -> Path:
+    """Write checkpoint iter_<state.iteration>, make it the latest, prune old ones; with `best`, also publish its
+    driver state and HF export as checkpoints/best/."""
     root = checkpoint_root(output_dir)
     root.mkdir(parents=True, exist_ok=True)
     name = f"iter_{state.iteration:06d}"
@@ -68,8 +79,38 @@ def save_checkpoint(output_dir: str | Path, state: RunState, write_trainer: Call
     latest_tmp = root / ".latest.tmp"
     latest_tmp.write_text(name)
     os.replace(latest_tmp, root / "latest")
+    if best:
+        _publish_best(root, final)
     _prune(root, keep)
     return final
+
+
+BEST = "best"
+
+
+def _publish_best(root: Path, checkpoint: Path) -> None:
+    """checkpoints/best <- the checkpoint's driver_state.json and trainer/hf, as hard links (no second copy of the
+    weights on disk; they outlive the iter_* folder's pruning)."""
+    tmp, old, best = root / ".best.tmp", root / ".best.old", root / BEST
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    hf = checkpoint / "trainer" / "hf"
+    if hf.is_dir():
+        shutil.copytree(hf, tmp / "trainer" / "hf", copy_function=_link_or_copy)
+    shutil.copy2(checkpoint / "driver_state.json", tmp / "driver_state.json")
+    (tmp / "source").write_text(checkpoint.name)
+    shutil.rmtree(old, ignore_errors=True)
+    if best.exists():
+        os.replace(best, old)
+    os.replace(tmp, best)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def _link_or_copy(src: str, dst: str) -> None:
+    try:
+        os.link(src, dst)
+    except OSError:  # another filesystem, or links not allowed
+        shutil.copy2(src, dst)
 
 
 def _prune(root: Path, keep: int) -> None:

@@ -125,3 +125,34 @@ def test_every_preset_passes_a_cpu_dry_run():
                 assert i.status == "ok" and i.detail.startswith("500 problems"), i
     # only what needs a hub or a user file is skipped: DeepScaleR and the hub models
     assert all(w.startswith(("train deepscaler", "model ")) for w in skipped_reasons), skipped_reasons
+
+
+def test_best_metric_must_be_a_key_the_validation_logs():
+    from ngrpo_ray.evaluation.report import PASS_KS
+    from ngrpo_ray.training.validation_keys import PASS_KS as KEY_PASS_KS
+
+    assert KEY_PASS_KS == PASS_KS
+    cfg = load_config("r1_distill_1p5b_ngrpo")  # validation aime24, best by val/aime24/mean_at_n
+    assert cfg.trainer.best_metric == "val/aime24/mean_at_n"
+    load_config("r1_distill_1p5b_ngrpo", ["trainer.best_metric=val/aime24/pass@8"])  # "@" as in the reports
+    load_config("r1_distill_1p5b_ngrpo", ["trainer.best_metric=val/mean_at_n"])  # pooled
+    with pytest.raises(ConfigError) as err:
+        load_config("r1_distill_1p5b_ngrpo", ["trainer.best_metric=val/aime25/mean_at_n"])
+    message = str(err.value)
+    assert message.startswith("'trainer.best_metric' 'val/aime25/mean_at_n' is not a key the validation logs "
+                              "(data.validation='aime24', eval.n=32); allowed: val/mean_at_n, val/pass_at_1,")
+    assert "val/aime24/pass_at_32" in message and "val/aime24/mean_at_n_ci_high" in message
+    with pytest.raises(ConfigError, match="allowed: .*val/aime24/pass_at_4, val/aime24/mean_at_n_ci_low"):
+        load_config("r1_distill_1p5b_ngrpo", ["eval.n=4", "trainer.best_metric=val/aime24/pass_at_8"])
+    # a local file is named by its stem
+    local = load_config("cpu_default", ["data.validation=/data/held-out v2.jsonl",
+                                        "trainer.best_metric=val/held-out_v2/mean_at_n"])
+    assert local.trainer.best_metric == "val/held-out_v2/mean_at_n"
+    load_config(None, ["trainer.best_metric=anything"])  # no validation set: nothing to check against
+
+
+def test_checkpoint_keys_are_checked():
+    with pytest.raises(ConfigError, match="'trainer.keep_checkpoints' must be >= 1, got 0"):
+        load_config(None, ["trainer.keep_checkpoints=0"])
+    with pytest.raises(ConfigError, match="'trainer.hf_export_every' must be >= 0, got -1"):
+        load_config(None, ["trainer.hf_export_every=-1"])

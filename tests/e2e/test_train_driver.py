@@ -76,3 +76,30 @@ def test_resume_continues_the_same_run_with_the_same_prompts(tiny_model, tmp_pat
         assert [p.split("/")[-1] for p in s["problems"]] == [ids[i] for i in order.batch_at(s["iteration"] - 1)]
     with pytest.raises(Exception, match="mixing.rho: checkpoint 0.5 != config 0.2"):
         train(_cfg(tiny_model, out, "trainer.iterations=4", "trainer.validate_every=0", "mixing.rho=0.2"), resume=True)
+
+
+def test_best_checkpoint_is_the_best_validation_and_survives_pruning(tiny_model, tmp_path):
+    """Validation every iteration, two rolling checkpoints, the HF export only at the end and for the best: the
+    best checkpoint is the iteration with the highest val/<benchmark>/mean_at_n, in checkpoints/best/ whether or not
+    its rolling folder was pruned. (Resuming from a checkpoint without an HF export: every resume sends the
+    trainer's restored weights to the engines, see the resume test.)"""
+    out = tmp_path / "best"
+    cfg = _cfg(tiny_model, out, "trainer.iterations=3", "trainer.validate_every=1", "trainer.checkpoint_every=1",
+               "trainer.keep_checkpoints=2", "trainer.hf_export_every=0", "trainer.best_metric=val/data/mean_at_n")
+    rec = train_and_read(cfg)
+    assert rec.run.info.status == "FINISHED"
+    values = rec.history("val/data/mean_at_n")
+    assert [s for s, _ in values] == [1, 2, 3] and values == rec.history("val/mean_at_n")
+    best_step = max(values, key=lambda sv: (sv[1], -sv[0]))[0]  # the first of the highest (strictly better wins)
+    root = out / "checkpoints"
+    best = json.loads((root / "best" / "driver_state.json").read_text())
+    assert (best["best_iteration"], best["iteration"]) == (best_step, best_step)
+    assert best["best_value"] == max(v for _, v in values)
+    assert (root / "best" / "source").read_text() == f"iter_{best_step:06d}"
+    assert (root / "best" / "trainer" / "hf" / "config.json").exists()
+    assert sorted(p.name for p in root.glob("iter_*")) == ["iter_000002", "iter_000003"]
+    assert (root / "iter_000003" / "trainer" / "hf" / "config.json").exists()  # the end of the run
+    assert (root / "iter_000002" / "trainer" / "hf").exists() == (best_step == 2)  # not an export iteration
+    header = (root / "best" / "trainer" / "hf" / "model.safetensors").read_bytes()[8:4096].decode(errors="ignore")
+    assert '"dtype":"F32"' in header  # model.dtype float32 on this CPU; a bf16 run exports BF16
+    assert rec.run.data.tags["best_iteration"] == str(best_step)

@@ -1,0 +1,79 @@
+"""Per-GPU memory of one vLLM engine (or one tensor-parallel shard of it) serving the rollout batch.
+
+Model (bytes; P parameters, b bytes of the model dtype, TP shards, L layers, g KV heads, d head dim):
+  weights            P b / TP
+  KV cache           the engine's share of the rollout batch held at once: group_size x ceil(prompts / engines)
+                     sequences x (data.max_prompt_tokens + rollout.max_new_tokens) tokens x L x 2 x ceil(g / TP) x d x b
+  mixing tables      ring table (mixing.table_slots + 1) x (8 + 12 k_max + 12) B (ids, candidates, alphas, log-prob,
+                     noise seed; k_max = max(k, 4) as the engine is built); neighbor_mix: the neighbor table V x k_max
+                     int64 and the normalised embedding rows V x h x b it is searched in (cosine); gaussian_noise:
+                     the noise table (slots + 1) x h x b
+  vLLM runtime       forward activations at 8,192 batched tokens ((2 h + 2 I / TP) x b each), the sampler's fp32
+                     logits, probabilities and sorted copy for max_num_seqs x V, CUDA graphs (0.5 GiB unless
+                     enforce_eager) and the context (0.5 GiB)
+The engine reserves rollout.gpu_memory_utilization x the card; the terms above must fit inside that reservation.
+Asleep (colocated, vLLM sleep mode level 1: weights offloaded, KV cache dropped) only its context and graphs stay.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from ngrpo_ray.planning.model_shape import ModelShape
+from ngrpo_ray.planning.terms import GIB, ROLLOUT, UPDATE, Term
+
+BATCHED_TOKENS = 8192  # vLLM's scheduler token budget per step (profiled at start-up)
+
+
+@dataclass(frozen=True)
+class EngineSettings:
+    shape: ModelShape
+    dtype_bytes: int
+    tensor_parallel: int
+    sequences: int  # rollout sequences this engine holds at once
+    sequence_tokens: int  # max prompt + max new tokens
+    strategy: str
+    k: int
+    table_slots: int
+    max_num_seqs: int
+    enforce_eager: bool
+
+
+def kv_bytes_per_token(s: ModelShape, b: int, tp: int) -> int:
+    return s.layers * 2 * math.ceil(s.kv_heads / tp) * s.head_dim * b
+
+
+def engine_terms(e: EngineSettings) -> list[Term]:
+    s, b, tp = e.shape, e.dtype_bytes, e.tensor_parallel
+    P = s.params()
+    shard = f" / TP {tp}" if tp > 1 else ""
+    terms = [Term("engine", "weights", P * b / tp, ROLLOUT, f"{P / 1e9:.2f}B x {b} B{shard}")]
+    per_token = kv_bytes_per_token(s, b, tp)
+    tokens = e.sequences * e.sequence_tokens
+    terms.append(Term("engine", "KV cache (rollout batch)", tokens * per_token, ROLLOUT,
+                      f"{e.sequences} seqs x {e.sequence_tokens:,} tokens x {s.layers} layers x 2 x "
+                      f"{math.ceil(s.kv_heads / tp)} kv heads x {s.head_dim} x {b} B"))
+    k_max = max(e.k, 4)
+    slots = e.table_slots + 1
+    tables = slots * (8 + 12 * k_max + 12)
+    parts = [f"ring {slots:,} x {8 + 12 * k_max + 12} B"]
+    if e.strategy == "neighbor_mix":
+        tables += s.vocab * k_max * 8 + s.vocab * s.hidden * b
+        parts.append(f"neighbors V {s.vocab:,} x {k_max} x 8 B + normalised rows V x {s.hidden} x {b} B")
+    if e.strategy == "gaussian_noise":
+        tables += slots * s.hidden * b
+        parts.append(f"noise {slots:,} x {s.hidden} x {b} B")
+    terms.append(Term("engine", "mixing hook tables", tables, ROLLOUT, "; ".join(parts)))
+    forward = BATCHED_TOKENS * (2 * s.hidden + 2 * s.intermediate // tp) * b
+    sampler = e.max_num_seqs * s.vocab * 4 * 3
+    fixed = (0.5 if e.enforce_eager else 1.0) * GIB
+    terms.append(Term("engine", "vLLM runtime", forward + sampler + fixed, ROLLOUT,
+                      f"activations {BATCHED_TOKENS:,} tokens + sampler {e.max_num_seqs} x V x 12 B + "
+                      f"{'context' if e.enforce_eager else 'context, CUDA graphs'}"))
+    return terms
+
+
+def asleep_term(enforce_eager: bool) -> Term:
+    return Term("engine", "asleep (context, CUDA graphs)", (0.5 if enforce_eager else 1.0) * GIB, UPDATE,
+                "vLLM sleep level 1: weights offloaded, KV cache dropped")

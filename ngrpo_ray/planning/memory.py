@@ -1,0 +1,176 @@
+"""The capacity plan of a config: which GPUs hold what, the memory of each in each phase, and whether it fits.
+
+Layouts (cluster.placement):
+  colocated      every trainer GPU also holds an engine (or one tensor-parallel shard of one): the engine reserves
+                 rollout.gpu_memory_utilization of the card while the trainer's resident state (weights, master
+                 weights, gradients, optimizer states, reference model) stays; during the update the engine sleeps
+                 (vLLM sleep mode level 1) and the trainer's activations take the room. This assumes the trainer
+                 hands its cached blocks back (torch.cuda.empty_cache()) before the engine wakes; otherwise the
+                 rollout phase holds the update phase's peak too.
+  disaggregated  trainer GPUs and engine GPUs apart.
+A phase fits when its terms sum to at most the card; the engine's own terms must also fit in its reservation.
+`ngrpo plan` prints it; `ngrpo train` runs the same check first (enforced when trainer.use_gpu).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+from ngrpo_ray.config.schema import Config
+from ngrpo_ray.planning.engine_memory import EngineSettings, asleep_term, engine_terms
+from ngrpo_ray.planning.model_shape import ModelShape, read_model_shape
+from ngrpo_ray.planning.terms import GIB, RESIDENT, UPDATE, Term, dtype_bytes
+from ngrpo_ray.planning.trainer_memory import TrainerSettings, trainer_terms, update_peak
+
+DEFAULT_GPU_GIB = 80.0
+DEFAULT_GPUS = 8
+
+
+@dataclass
+class GpuKind:
+    """GPUs that hold the same things: their terms and per-phase totals."""
+
+    name: str
+    count: int
+    terms: list[Term]
+    phases: dict[str, float]  # phase -> bytes at its peak
+
+
+@dataclass
+class MemoryPlan:
+    layout: str
+    gpu_bytes: float
+    gpus_available: int
+    gpus_needed: int
+    enforced: bool  # trainer.use_gpu: the budget is a GPU's
+    shape: ModelShape
+    kinds: list[GpuKind]
+    engine_terms: list[Term]
+    engine_reservation: float
+    failures: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def fits(self) -> bool:
+        return not self.failures
+
+
+def micro_batch_tokens(cfg: Config) -> tuple[int, int, str]:
+    """(tokens, response tokens, how) of the largest micro-batch the trainer can build."""
+    t = cfg.trainer
+    longest = cfg.data.max_prompt_tokens + cfg.rollout.max_new_tokens
+    if t.max_tokens_per_micro_batch is not None:
+        tokens = max(t.max_tokens_per_micro_batch, longest)
+        seqs = max(1, tokens // longest)
+        how = f"token budget {t.max_tokens_per_micro_batch:,}" + (
+            f", raised to one longest sequence {longest:,}" if tokens > t.max_tokens_per_micro_batch else "")
+        return tokens, min(tokens, seqs * cfg.rollout.max_new_tokens), how
+    b = t.micro_batch_size
+    return b * longest, b * cfg.rollout.max_new_tokens, f"{b} sequences x {longest:,} tokens (padded)"
+
+
+def plan_memory(cfg: Config, gpu_gib: float = DEFAULT_GPU_GIB, gpus: int = DEFAULT_GPUS,
+                shape: ModelShape | None = None) -> MemoryPlan:
+    t, r, m = cfg.trainer, cfg.rollout, cfg.mixing
+    shape = shape or read_model_shape(cfg.model.path, cfg.model.cache_dir)
+    b = dtype_bytes(cfg.model.dtype)
+    card = gpu_gib * GIB
+    notes: list[str] = []
+    tp = r.tensor_parallel_size
+    if cfg.cluster.placement == "colocated":
+        gpus_needed = max(t.num_workers, tp)
+        engines = max(1, gpus_needed // tp)
+        if r.num_engines * tp != gpus_needed:
+            notes.append(f"colocated: planned as one engine shard on each of the {gpus_needed} trainer GPUs "
+                         f"({engines} engine(s) x TP {tp}); the config says rollout.num_engines={r.num_engines}")
+    else:
+        engines = r.num_engines
+        per_engine_gpus = max(r.engine_gpus, float(tp))
+        gpus_needed = t.num_workers + math.ceil(engines * per_engine_gpus)
+    tokens, response_tokens, how = micro_batch_tokens(cfg)
+    trainer = trainer_terms(TrainerSettings(
+        shape=shape, dtype_bytes=b, zero_stage=t.zero_stage, gpus=t.num_workers, micro_batch_tokens=tokens,
+        micro_batch_response_tokens=response_tokens, logprob_chunk_tokens=t.logprob_chunk_tokens,
+        gradient_checkpointing=t.gradient_checkpointing, ref_model=cfg.algorithm.beta > 0, micro_batch_note=how))
+    sequences = math.ceil(t.prompts_per_iteration / engines) * r.group_size
+    engine = engine_terms(EngineSettings(
+        shape=shape, dtype_bytes=b, tensor_parallel=tp, sequences=sequences,
+        sequence_tokens=cfg.data.max_prompt_tokens + r.max_new_tokens, strategy=m.strategy, k=m.k,
+        table_slots=m.table_slots, max_num_seqs=256 if t.use_gpu else 64, enforce_eager=r.enforce_eager))
+    reservation = r.gpu_memory_utilization * card
+    reserve = Term("engine", f"reservation ({r.gpu_memory_utilization:.2f} x card)", reservation, "rollout",
+                   "rollout.gpu_memory_utilization x the card (holds the engine terms below)")
+    resident = sum(x.bytes for x in trainer if x.phase == RESIDENT)
+    peak = update_peak(trainer)
+    kinds: list[GpuKind] = []
+    if cfg.cluster.placement == "colocated":
+        asleep = asleep_term(r.enforce_eager)
+        kinds.append(GpuKind("trainer rank + engine", gpus_needed, trainer + [reserve, asleep], {
+            "rollout": resident + reservation, "update": resident + peak + asleep.bytes}))
+    else:
+        kinds.append(GpuKind("trainer rank", t.num_workers, trainer, {"update": resident + peak}))
+        kinds.append(GpuKind("engine", gpus_needed - t.num_workers, [reserve], {"rollout": reservation}))
+    plan = MemoryPlan(cfg.cluster.placement, card, gpus, gpus_needed, t.use_gpu, shape, kinds, engine, reservation,
+                      notes=notes)
+    _check(plan)
+    return plan
+
+
+def _largest(terms: list[Term], phase: str) -> Term:
+    live = [x for x in terms if x.phase in (RESIDENT, phase)]
+    return max(live, key=lambda x: x.bytes)
+
+
+def _check(plan: MemoryPlan) -> None:
+    card = plan.gpu_bytes / GIB
+    if plan.gpus_needed > plan.gpus_available:
+        plan.failures.append(f"GPUs: the layout needs {plan.gpus_needed} GPUs, {plan.gpus_available} available")
+    for kind in plan.kinds:
+        for phase, total in kind.phases.items():
+            if total > plan.gpu_bytes:
+                big = _largest(kind.terms, phase)
+                plan.failures.append(
+                    f"{kind.name}, {phase} phase: {total / GIB:.1f} GiB > {card:.0f} GiB; largest term: "
+                    f"{big.owner} {big.name} {big.gib:.1f} GiB ({big.formula})")
+    need = sum(x.bytes for x in plan.engine_terms)
+    if need > plan.engine_reservation:
+        big = max(plan.engine_terms, key=lambda x: x.bytes)
+        plan.failures.append(
+            f"engine: its terms need {need / GIB:.1f} GiB > its reservation {plan.engine_reservation / GIB:.1f} GiB "
+            f"(rollout.gpu_memory_utilization x {card:.0f} GiB); largest term: {big.name} {big.gib:.1f} GiB "
+            f"({big.formula})")
+
+
+def format_plan(plan: MemoryPlan, title: str = "") -> str:
+    s = plan.shape
+    card = plan.gpu_bytes / GIB
+    lines = [f"memory plan{(' of ' + title) if title else ''}: {plan.layout}, {plan.gpus_needed} GPU(s) needed of "
+             f"{plan.gpus_available} x {card:.0f} GiB",
+             f"model: {s.params() / 1e9:.2f}B parameters, hidden {s.hidden}, intermediate {s.intermediate}, "
+             f"{s.layers} layers, {s.heads} heads, {s.kv_heads} kv heads, vocab {s.vocab:,} ({s.source})"]
+    lines += [f"note: {n}" for n in plan.notes]
+    for kind in plan.kinds:
+        lines.append("")
+        lines.append(f"{kind.count} x GPU holding: {kind.name}")
+        lines.append(f"  {'term':<42} {'GiB/GPU':>8}  {'phase':<9} how")
+        for x in kind.terms:
+            lines.append(f"  {x.owner + ' ' + x.name:<42} {x.gib:>8.2f}  {x.phase:<9} {x.formula}")
+        for phase, total in kind.phases.items():
+            ok = "fits" if total <= plan.gpu_bytes else "DOES NOT FIT"
+            lines.append(f"  {phase + ' phase peak':<42} {total / GIB:>8.2f}  of {card:.0f} GiB: {ok}")
+    lines.append("")
+    lines.append(f"inside each engine's reservation ({plan.engine_reservation / GIB:.2f} GiB):")
+    for x in plan.engine_terms:
+        lines.append(f"  {'engine ' + x.name:<42} {x.gib:>8.2f}  {x.formula}")
+    need = sum(x.bytes for x in plan.engine_terms)
+    lines.append(f"  {'engine total':<42} {need / GIB:>8.2f}  of {plan.engine_reservation / GIB:.2f} GiB: "
+                 f"{'fits' if need <= plan.engine_reservation else 'DOES NOT FIT'}")
+    lines.append("")
+    if plan.fits:
+        lines.append("plan: fits")
+    else:
+        lines += [f"does not fit: {f}" for f in plan.failures]
+    if not plan.enforced:
+        lines.append("(trainer.use_gpu is false: a CPU run; the GPU budget is not enforced)")
+    return "\n".join(lines)

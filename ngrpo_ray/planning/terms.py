@@ -1,0 +1,28 @@
+"""One line of a memory plan: what occupies a GPU, how many bytes, and in which phase of an iteration."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+GIB = float(1 << 30)
+
+# Phases of an iteration on one GPU. "resident": held for the whole run; "update": only while the trainer runs
+# forward/backward/step; "rollout": only while the engine generates (its KV cache, its working memory).
+RESIDENT, UPDATE, ROLLOUT = "resident", "update", "rollout"
+
+
+@dataclass(frozen=True)
+class Term:
+    owner: str  # "trainer" or "engine"
+    name: str
+    bytes: float
+    phase: str  # RESIDENT, UPDATE or ROLLOUT
+    formula: str = ""  # how it was computed, in words and numbers
+
+    @property
+    def gib(self) -> float:
+        return self.bytes / GIB
+
+
+def dtype_bytes(dtype: str) -> int:
+    return {"float32": 4, "bfloat16": 2, "float16": 2}[dtype]
