@@ -13,6 +13,10 @@ policy-gradient term by a DETACHED weight built from r = pi_old / pi_behaviour:
   level sequence: r_i = exp(sum_t (logp_old_t - logp_behaviour_t)), one weight per sequence for all its tokens
 
 The log ratio is clamped to +-20 before exp (as verl). The KL term, if any, is not weighted (verl does the same).
+The PPO ratio pi_theta / pi_old and its clip are unchanged: the weight multiplies the clipped term (verl's
+decoupled form). With GSPO the per-token term is the sequence's objective min(s_i A_i, clip(s_i) A_i) repeated over
+its tokens, so a sequence-level weight scales that objective by w_i, and token-level weights scale it by their mean
+over the sequence's tokens (GSPO-token instead routes token t's gradient through token t: weighted token by token).
 With ``old_logprobs: rollout`` pi_old IS pi_behaviour, r = 1 and the correction is the identity: the config refuses
 that combination instead of silently doing nothing.
 
