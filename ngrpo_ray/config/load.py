@@ -173,6 +173,11 @@ def validate(cfg: Config) -> None:
     _check(a.eps_low >= 0 and a.eps_high >= 0, "algorithm.eps_low/eps_high", "must be >= 0")
     _check(a.dual_clip is None or a.dual_clip > 1, "algorithm.dual_clip", f"must be > 1 or null, got {a.dual_clip}")
     _check(a.beta >= 0, "algorithm.beta", f"must be >= 0, got {a.beta}")
+    _check(a.rollout_correction_cap > 1, "algorithm.rollout_correction_cap",
+           f"must be > 1, got {a.rollout_correction_cap}")
+    _check(a.rollout_correction == "none" or t.old_logprobs == "recompute", "algorithm.rollout_correction",
+           f"'{a.rollout_correction}' needs trainer.old_logprobs: recompute (got '{t.old_logprobs}': the trainer then "
+           "takes the engine's log-probs as pi_old, so pi_old / pi_behaviour = 1 and the correction would do nothing)")
     _check(t.num_workers >= 1, "trainer.num_workers", f"must be >= 1, got {t.num_workers}")
     _check(t.lr > 0, "trainer.lr", f"must be > 0, got {t.lr}")
     _check(t.mini_batches >= 1, "trainer.mini_batches", f"must be >= 1, got {t.mini_batches}")

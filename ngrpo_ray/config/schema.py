@@ -88,6 +88,13 @@ class AlgorithmConfig:
     dynamic_sampling: bool = False  # drop groups whose rewards are all equal
     mask_truncated: bool = False  # Latent-GRPO invalid-sample masking
     first_token_selection: bool = False  # Latent-GRPO optimal correct-path first-token selection
+    # Engine-vs-trainer correction (core/rollout_correction.py), from r = pi_old / pi_behaviour (trainer's recomputed
+    # old log-prob over the engine's recorded one): "tis" weights each token's policy-gradient term by min(r, cap);
+    # "mis" drops tokens (or sequences) whose r leaves [1/cap, cap]. Level "sequence": r = exp(sum of the response's
+    # log ratios), one weight per sequence. Needs trainer.old_logprobs: recompute (with rollout, r = 1).
+    rollout_correction: Literal["none", "tis", "mis"] = "none"
+    rollout_correction_level: Literal["token", "sequence"] = "token"
+    rollout_correction_cap: float = 2.0
 
 
 @dataclass

@@ -127,11 +127,17 @@ def policy_loss(
     normalizers: GlobalNormalizers,
     ref_logp: torch.Tensor | None = None,
     logits: torch.Tensor | None = None,
+    is_weights: torch.Tensor | None = None,
 ) -> PolicyLossOutput:
     """Loss to MINIMISE for one micro-batch: -(clipped surrogate) + beta * KL, aggregated with global normalisers.
 
     logp, old_logp, ref_logp, response_mask: [B, T]; advantages: [B] or [B, T] ("gspo" needs [B]: use "gspo_token"
     for per-token advantages); logits [B, T, V] optional, only for the entropy metric.
+    is_weights [B, T] optional: rollout-correction weights (core.rollout_correction), detached, multiplying each token's
+    policy-gradient term (not the KL term). For "gspo" the term is the sequence's objective repeated over its tokens,
+    so a sequence-level weight scales that sequence's objective, and token-level weights scale it by their mean over
+    the sequence's tokens (as the aggregation weighs them). "gspo_token" routes token t's gradient through token t
+    only, so there token-level weights act token by token, as in "grpo" (same for sequence-level weights).
 
     Per token, with ratio R and advantage A:
       L = max(-A R, -A clip(R, 1-eps_low, 1+eps_high));  if dual_clip c and A < 0: L = min(L, -A c).
@@ -152,6 +158,10 @@ def policy_loss(
     negative = adv < 0
     if config.dual_clip is not None:
         pg = torch.where(negative, torch.minimum(pg, -adv * config.dual_clip), pg)
+    if is_weights is not None:
+        if is_weights.shape != logp.shape:
+            raise ValueError(f"is_weights {tuple(is_weights.shape)} must match logp {tuple(logp.shape)}")
+        pg = pg * is_weights.detach().to(pg.dtype)
 
     total = pg
     kl = None

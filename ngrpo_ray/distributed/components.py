@@ -7,6 +7,7 @@ from typing import Any
 from ngrpo_ray.config import Config
 from ngrpo_ray.core.losses import PolicyLossConfig
 from ngrpo_ray.core.mixing_params import MixingParams
+from ngrpo_ray.core.rollout_correction import RolloutCorrection
 from ngrpo_ray.distributed.deepspeed_config import DeepSpeedSettings
 from ngrpo_ray.distributed.train_step import StepSettings
 from ngrpo_ray.distributed.trainer_group import TrainerGroupConfig
@@ -94,7 +95,9 @@ def trainer_config(cfg: Config, model_path: str, pad_id: int, storage_path: str 
                                     lr=t.lr, weight_decay=t.weight_decay, grad_clip=t.grad_clip),
         step=StepSettings(temperature=cfg.rollout.temperature, mini_batches=t.mini_batches, micro_batches=micro,
                           epochs=t.epochs_per_batch, old_logprobs=t.old_logprobs, seed=t.seed,
-                          pad_id=pad_id, noise_std=m.noise_std),
+                          pad_id=pad_id, noise_std=m.noise_std,
+                          rollout_correction=RolloutCorrection(a.rollout_correction, a.rollout_correction_level,
+                                                               a.rollout_correction_cap)),
         loss=loss,
         ref_model=a.beta > 0,
         seed=t.seed,

@@ -286,8 +286,8 @@ class Session:
             metrics[f"grading/{key}"] = float(value)
         metrics.update(adv_info)
         for key, value in train_metrics.items():
-            if isinstance(value, (int, float)):
-                metrics[f"train/{key}"] = float(value)
+            if isinstance(value, (int, float)):  # "mismatch/...", "rollout_correction/..." keep their own section
+                metrics[key if "/" in key else f"train/{key}"] = float(value)
         if recv_stats and isinstance(recv_stats[0], dict) and "seconds" in recv_stats[0]:
             metrics["sync/engine_load_s"] = float(recv_stats[0].get("load_seconds", 0.0))
         if self.val_set and cfg.trainer.validate_every and (it + 1) % cfg.trainer.validate_every == 0:

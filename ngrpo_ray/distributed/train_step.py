@@ -3,6 +3,8 @@
 Per call of ``train_on_sequences`` (every rank at once, each with its shard of the sequences):
   1. old log-probs (recomputed with the current weights, or the rollout's) and reference log-probs (beta > 0),
      both without gradient and before any update;
+     The engine-vs-trainer gap (``mismatch/...``) and rollout-correction weights come from those old log-probs and
+     the records' (``distributed.off_policy``);
   2. for each epoch and mini-batch: the GLOBAL token / sequence counts of the mini-batch are all-reduced, then each
      of ``micro_batches`` micro-batches runs forward on ``inputs_embeds`` rebuilt from the records (the mixtures the
      engine fed), ``core.losses.policy_loss`` with those global counts, and ``engine.backward``; then one
@@ -31,6 +33,8 @@ from ngrpo_ray.core.losses import (
     reduce_policy_metrics,
 )
 from ngrpo_ray.core.records import ResponseRecord, align_records, noise_from_seeds, rebuild_inputs_embeds
+from ngrpo_ray.core.rollout_correction import RolloutCorrection
+from ngrpo_ray.distributed.off_policy import OffPolicyPass
 
 
 @dataclass
@@ -54,6 +58,7 @@ class StepSettings:
     seed: int = 0
     pad_id: int = 0
     noise_std: float = 0.0  # gaussian_noise (STHT) records: the std their seeds' noise is scaled by
+    rollout_correction: RolloutCorrection = field(default_factory=RolloutCorrection)  # engine-vs-trainer weights
 
     def validate(self) -> None:
         if self.old_logprobs not in ("recompute", "rollout"):
@@ -63,6 +68,9 @@ class StepSettings:
                 raise ValueError(f"trainer.{name} must be >= 1, got {getattr(self, name)}")
         if self.temperature <= 0:
             raise ValueError(f"trainer.temperature must be > 0, got {self.temperature}")
+        if self.rollout_correction.active and self.old_logprobs == "rollout":
+            raise ValueError(f"algorithm.rollout_correction={self.rollout_correction.mode!r} needs "
+                             "trainer.old_logprobs='recompute' (with 'rollout' the correction is the identity)")
 
 
 @dataclass
@@ -224,6 +232,10 @@ def train_on_sequences(
         old = batched_logprobs(model, local, settings.temperature, settings.pad_id, noise_std=settings.noise_std)
     else:
         old = [s.record.logprobs.float() for s in local]
+    # off-policy: the engine-vs-trainer gap and the rollout-correction weights (rollout mode: first mini-batch below)
+    off_policy = OffPolicyPass(settings.rollout_correction, len(all_indices))
+    if settings.old_logprobs == "recompute":
+        off_policy.observe(local, old)
     ref = None
     if loss_config.beta != 0.0:
         if ref_model is None:
@@ -235,7 +247,8 @@ def train_on_sequences(
     per_step: list[dict[str, torch.Tensor]] = []
     grad_norms: list[float] = []
     for epoch in range(settings.epochs):
-        for mb in mini_batch_plan(all_indices, settings.mini_batches, epoch, settings.seed, settings.shuffle):
+        for mb_i, mb in enumerate(mini_batch_plan(all_indices, settings.mini_batches, epoch, settings.seed,
+                                                  settings.shuffle)):
             mine = [by_index[i] for i in mb if i in by_index]
             counts = GlobalNormalizers(tokens=sum(len(s.record) for s, _, _ in mine),
                                        seqs=sum(1 for s, _, _ in mine if len(s.record) > 0))
@@ -254,10 +267,13 @@ def train_on_sequences(
                                        settings.temperature, settings.pad_id, keep_logits=True,
                                        noise_std=settings.noise_std)
                 T = tb.logp.shape[1]
+                if settings.old_logprobs == "rollout" and epoch == 0 and mb_i == 0 and weight > 0:
+                    off_policy.observe(seqs, [tb.logp[j].detach() for j in range(len(seqs))])  # before any step
                 old_t = _pad_rows([m[1] for m in micro], T, device)
                 ref_t = _pad_rows([m[2] for m in micro], T, device) if ref is not None else None
                 adv = _advantages([s.advantage for s in seqs], T, device)
-                out = policy_loss(tb.logp, old_t, adv, tb.mask, loss_config, norm, ref_logp=ref_t, logits=tb.logits)
+                out = policy_loss(tb.logp, old_t, adv, tb.mask, loss_config, norm, ref_logp=ref_t, logits=tb.logits,
+                                  is_weights=off_policy.weights_for(seqs, T, device))
                 engine.backward(out.loss * (weight * loss_scale), scale_wrt_gas=False)
                 # a dummy contributes zeros, so every rank reduces the same keys in the same order
                 step_metrics.append(out.metrics if weight > 0 else {k: v * 0 for k, v in out.metrics.items()})
@@ -267,7 +283,9 @@ def train_on_sequences(
                 if gn is not None:
                     grad_norms.append(float(gn))
             per_step.append(reduce_policy_metrics(step_metrics))
-    return _summarise(per_step, grad_norms, device)
+    summary = _summarise(per_step, grad_norms, device)
+    summary.update(off_policy.metrics(lambda sums: all_reduce_metrics(sums, device)))
+    return summary
 
 
 def set_boundary(engine: Any, is_boundary: bool) -> None:

@@ -42,6 +42,12 @@ class IterationLog:
                  f"acc {m.get('accuracy', float('nan')):.3f}",
                  f"mixed {m.get('mixing/mixed_token_fraction', float('nan')):.3f}",
                  f"len {m.get('response_length/mean', float('nan')):.0f}"]
+        if "mismatch/abs_diff_max" in m:  # engine-vs-trainer log-prob gap (max |diff|), and what the correction did
+            parts.append(f"gap {m['mismatch/abs_diff_max']:.1e}")
+        for key, word in (("rollout_correction/capped_fraction", "capped"), ("rollout_correction/masked_fraction",
+                                                                            "masked")):
+            if key in m:
+                parts.append(f"{word} {m[key]:.1%}")
         if "val/mean_at_n" in m:
             parts.append(f"val mean@n {m['val/mean_at_n']:.3f}")
         parts.append(f"{m.get('time/total_s', float('nan')):.0f}s (gen {m.get('time/generation_s', 0):.0f} / "

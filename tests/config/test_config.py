@@ -48,6 +48,47 @@ def test_bad_values_name_the_key(override, message):
     assert message in str(err.value)
 
 
+def test_rollout_correction_keys():
+    a = load_config(None, ["algorithm.rollout_correction=mis", "algorithm.rollout_correction_level=sequence",
+                           "algorithm.rollout_correction_cap=3"]).algorithm
+    assert (a.rollout_correction, a.rollout_correction_level, a.rollout_correction_cap) == ("mis", "sequence", 3.0)
+    assert load_config().algorithm.rollout_correction == "none"
+    # bf16 paper presets: token TIS, cap 2; the fp32 CPU default: none (old log-probs are the engine's there)
+    for name in ("paper_base", "r1_distill_1p5b_ngrpo", "r1_distill_1p5b_ngspo", "r1_distill_7b_grpo"):
+        cfg = load_config(name)
+        a = cfg.algorithm
+        assert cfg.model.dtype == "bfloat16" and cfg.trainer.old_logprobs == "recompute", name
+        assert (a.rollout_correction, a.rollout_correction_level, a.rollout_correction_cap) == ("tis", "token", 2.0)
+    cpu = load_config("cpu_default")
+    assert (cpu.model.dtype, cpu.algorithm.rollout_correction) == ("float32", "none")
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (["algorithm.rollout_correction=is"], "'algorithm.rollout_correction' must be one of 'none', 'tis', 'mis'"),
+        (["algorithm.rollout_correction_level=geometric"],
+         "'algorithm.rollout_correction_level' must be one of 'token', 'sequence'"),
+        (["algorithm.rollout_correction_cap=1.0"], "'algorithm.rollout_correction_cap' must be > 1, got 1.0"),
+        (["algorithm.rollout_correction=tis", "trainer.old_logprobs=rollout"],
+         "'algorithm.rollout_correction' 'tis' needs trainer.old_logprobs: recompute (got 'rollout'"),
+        (["algorithm.rollout_correction=mis", "trainer.old_logprobs=rollout"],
+         "'algorithm.rollout_correction' 'mis' needs trainer.old_logprobs: recompute"),
+    ],
+)
+def test_rollout_correction_refusals_name_the_keys(overrides, message):
+    with pytest.raises(ConfigError) as err:
+        load_config(None, overrides)
+    assert message in str(err.value)
+
+
+def test_rollout_correction_refused_on_the_cpu_default_with_engine_log_probs():
+    with pytest.raises(ConfigError, match="trainer.old_logprobs"):
+        load_config("cpu_default", ["algorithm.rollout_correction=tis"])
+    cfg = load_config("cpu_default", ["algorithm.rollout_correction=tis", "trainer.old_logprobs=recompute"])
+    assert cfg.algorithm.rollout_correction == "tis"
+
+
 def test_batch_divisibility_is_checked():
     with pytest.raises(ConfigError, match="trainer.mini_batches"):
         load_config(None, ["trainer.prompts_per_iteration=3", "rollout.group_size=3", "trainer.mini_batches=2"])

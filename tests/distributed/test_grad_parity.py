@@ -4,6 +4,7 @@ SGD with lr 1, no momentum, no clipping: the parameter change of one step IS min
 for each aggregation mode, between DeepSpeed groups of 1 worker (ZeRO-0) and 2 workers (ZeRO-2), with 1 and 2
 micro-batches, and against a plain single-process PyTorch gradient of the full-batch loss (the ground truth).
 The batch has unequal prompt and response lengths, mixed records, an odd sequence count (uneven shards).
+Issue 14: the same holds with token-level TIS rollout correction (weights built per rank from its own sequences).
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import torch
 
 from ngrpo_ray.core.losses import GlobalNormalizers, PolicyLossConfig, policy_loss
 from ngrpo_ray.core.records import ResponseRecord
+from ngrpo_ray.core.rollout_correction import RolloutCorrection
 from ngrpo_ray.distributed.deepspeed_config import DeepSpeedSettings
 from ngrpo_ray.distributed.train_step import StepSettings, response_logprobs
 from ngrpo_ray.distributed.trainer_group import TrainerGroup, TrainerGroupConfig
@@ -21,6 +23,7 @@ from ngrpo_ray.distributed.trainer_group import TrainerGroup, TrainerGroupConfig
 pytestmark = pytest.mark.ray
 
 AGGREGATIONS = ("token_mean", "seq_mean_token_mean", "seq_mean_token_sum_norm")
+TIS = RolloutCorrection("tis", "token", 2.0)  # records' log-probs are 0: r = pi_old / 1, weights = pi_old per token
 LENGTHS = [(3, 5), (6, 2), (2, 7), (4, 4), (5, 1)]  # (prompt, response): 5 sequences, uneven over 2 ranks
 VOCAB, MAX_LEN, TEMP = 48, 8, 0.8
 
@@ -67,6 +70,13 @@ def _reference_updates(path: str) -> dict[str, dict[str, torch.Tensor]]:
         loss = policy_loss(tb.logp, tb.logp.detach(), adv, tb.mask, _loss_config(agg), norm).loss
         loss.backward()
         out[agg] = {n: -p.grad.clone() for n, p in model.named_parameters()}
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    tb = response_logprobs(model, prompts, records, TEMP)
+    norm = GlobalNormalizers(tokens=int(tb.mask.sum()), seqs=len(records))
+    weights = (tb.logp.detach().exp() * tb.mask).clamp(max=2.0)
+    policy_loss(tb.logp, tb.logp.detach(), adv, tb.mask, _loss_config("seq_mean_token_mean"), norm,
+                is_weights=weights).loss.backward()
+    out["tis"] = {n: -p.grad.clone() for n, p in model.named_parameters()}
     return out
 
 
@@ -105,7 +115,19 @@ def test_update_is_independent_of_workers_and_micro_batches(setup):
                     assert metrics["tokens"] == sum(T for _, T in LENGTHS) and metrics["seqs"] == len(LENGTHS)
                     after = group.state_dict()
                     got[(workers, micro, agg)] = {n: after[n] - initial[n] for n in initial}
+                # rollout correction: each rank's weights follow its own sequences through the micro-batches
+                group.load_state_dict(initial)
+                metrics = group.train([ref], adv, loss=_loss_config("seq_mean_token_mean"),
+                                      step=StepSettings(temperature=TEMP, micro_batches=micro, shuffle=False,
+                                                        rollout_correction=TIS))
+                assert metrics["rollout_correction/capped_fraction"] == 0.0
+                assert metrics["mismatch/tokens"] == sum(T for _, T in LENGTHS)
+                after = group.state_dict()
+                got[(workers, micro, "tis")] = {n: after[n] - initial[n] for n in initial}
     for agg in AGGREGATIONS:
         assert _rel(expected[agg], expected["token_mean"]) > 1e-2 or agg == "token_mean"  # modes really differ
         for key in ((1, 1, agg), (1, 2, agg), (2, 1, agg), (2, 2, agg)):
             assert _rel(got[key], expected[agg]) < 1e-5, (key, _rel(got[key], expected[agg]))
+    assert _rel(expected["tis"], expected["seq_mean_token_mean"]) > 1e-1  # the weights really change the update
+    for key in ((1, 1, "tis"), (1, 2, "tis"), (2, 1, "tis"), (2, 2, "tis")):
+        assert _rel(got[key], expected["tis"]) < 1e-5, (key, _rel(got[key], expected["tis"]))

@@ -114,6 +114,9 @@ def test_train_reports_loss_kl_and_versions_then_sync_matches(env):
     assert m1["loss"] == pytest.approx(-float(adv.mean()), abs=1e-6)
     assert m1["tokens"] == sum(len(r) for r in records) and m1["policy_version"] == 1.0
     assert m1["grad_norm"] > 0 and m1["lr"] == pytest.approx(1e-2)
+    # the old-log-prob pass against the records' log-probs (reference generator, fp32): the gap is logged, and tiny
+    assert m1["mismatch/abs_diff_max"] < 1e-4 and m1["mismatch/sequences_measured"] == 1.0
+    assert m1["mismatch/tokens"] == m1["tokens"] and m1["mismatch/frac_abs_diff_over_0.1"] == 0.0
     # after an update the policy has moved away from the reference: KL > 0
     m2 = group.train([ref], adv, version=2)
     assert m2["kl_mean"] > 1e-6 and m2["policy_version"] == 2.0

@@ -20,6 +20,8 @@ EVERY_STEP = ["reward/mean", "reward/std", "accuracy", "response_length/mean", "
               "train/entropy_mean", "mixing/cosine_mean", "mixing/cosine_min", "mixing/cosine_frac_below_0.95", "mixing/mixed_token_fraction", "reward/mixed_responses", "reward/unmixed_responses",
               "time/generation_s", "time/reward_s", "time/train_s", "time/sync_s", "time/total_s", "sync/bytes",
               "policy_version", "grading/graded"]
+MISMATCH = ["mismatch/abs_diff_mean", "mismatch/abs_diff_max", "mismatch/k3_kl", "mismatch/frac_abs_diff_over_0.1",
+            "mismatch/seq_ratio_p50", "mismatch/seq_ratio_p90", "mismatch/seq_ratio_max", "mismatch/sequences_measured"]
 
 
 @pytest.fixture(scope="module")
@@ -39,15 +41,36 @@ def _cfg(model: Path, out: Path, *extra: str):
         "rollout.engine_cpus=1", "trainer.lr=1e-4", "algorithm.beta=0.01", "trainer.validate_before=false", *extra])
 
 
-@pytest.mark.parametrize("loss_type", ["grpo", "gspo"])
-def test_three_iterations_two_workers_log_everything(tiny_model, tmp_path, loss_type):
+# grpo: the CPU default's old_logprobs: rollout (gap measured on the first mini-batch's pre-update forward);
+# gspo: the old-log-prob pass with sequence-level TIS (the weights travel through both trainer ranks)
+@pytest.mark.parametrize("loss_type, extra", [
+    ("grpo", ()),
+    ("gspo", ("trainer.old_logprobs=recompute", "algorithm.rollout_correction=tis",
+              "algorithm.rollout_correction_level=sequence")),
+])
+def test_three_iterations_two_workers_log_everything(tiny_model, tmp_path, capsys, loss_type, extra):
     out = tmp_path / loss_type
     cfg = _cfg(tiny_model, out, f"algorithm.loss_type={loss_type}", "trainer.num_workers=2",
-               "trainer.iterations=3", "trainer.validate_every=3")
+               "trainer.iterations=3", "trainer.validate_every=3", *extra)
     rec = train_and_read(cfg)
     assert rec.run.info.status == "FINISHED"
-    for key in EVERY_STEP:
+    for key in EVERY_STEP + MISMATCH:
         assert rec.steps(key) == [1, 2, 3], key
+    # fp32 engine (vLLM CPU) vs fp32 trainer (DeepSpeed) on the same tokens and mixtures: they agree
+    gaps = [v for _, v in rec.history("mismatch/abs_diff_max")]
+    with capsys.disabled():
+        print(f"\nfp32 rollout-vs-trainer max |diff| per iteration ({loss_type}): {gaps}")
+    assert all(0.0 <= g < 1e-4 for g in gaps), gaps
+    assert all(v == 1.0 for _, v in rec.history("mismatch/sequences_measured"))  # one mini-batch: all measured
+    assert all(abs(v - 1.0) < 1e-3 for _, v in rec.history("mismatch/seq_ratio_max"))
+    if loss_type == "gspo":  # ratios ~1: nothing capped, weights ~1
+        assert [v for _, v in rec.history("rollout_correction/capped_fraction")] == [0.0, 0.0, 0.0]
+        assert all(abs(v - 1.0) < 1e-3 for _, v in rec.history("rollout_correction/weight_mean"))
+        assert rec.run.data.params["algorithm.rollout_correction"] == "tis"
+    else:
+        assert rec.steps("rollout_correction/capped_fraction") == []
+    captured = capsys.readouterr()
+    assert " | gap " in captured.out + captured.err
     assert rec.history("policy_version") == [(1, 1.0), (2, 2.0), (3, 3.0)]
     assert rec.steps("val/mean_at_n") == [3]
     assert all(0.0 < v < 1.0 for _, v in rec.history("mixing/mixed_token_fraction"))  # rho 0.5, 24 tokens/iteration
