@@ -73,13 +73,24 @@ class _Pending:
     mixed: torch.Tensor | None = None  # [num_mix] bool
     cand: torch.Tensor | None = None  # [num_mix, k_max]
     alpha: torch.Tensor | None = None  # [num_mix, k_max]
-    anchor_logprob: torch.Tensor | None = None  # [num_mix]
+    anchor_logprob: torch.Tensor | None = None  # [num_mix]; None: computed by the post-hook from vLLM's logprob
+    z: torch.Tensor | None = None  # [num_mix, V] the gated rows' logits (temperature 1), kept for that
+    anchor_z: torch.Tensor | None = None  # [num_mix] z at the anchor
     noise: torch.Tensor | None = None  # [G - num_mix, d]
     noise_seed: torch.Tensor | None = None  # [G - num_mix] int64
 
     @property
     def num_gated(self) -> int:
         return 0 if self.g_rows is None else int(self.g_rows.shape[0])
+
+
+def _log_norm(z: torch.Tensor) -> torch.Tensor:
+    """[n, V] -> [n] logsumexp. On CPU through log_softmax (its kernel is several times faster than logsumexp's
+    there), read at the row's maximum where the log-probability is nearest 0, so no precision is lost."""
+    if z.device.type != "cpu":
+        return torch.logsumexp(z, dim=-1)
+    top = z.argmax(dim=-1, keepdim=True)
+    return (z.gather(1, top) - torch.log_softmax(z, dim=-1).gather(1, top)).squeeze(1)
 
 
 class NeighborTables:
@@ -229,7 +240,7 @@ class MixingHook:
         else:
             lg = (logits if comp.every_row else logits.index_select(0, comp.rows_t)).float()[:, :V]
             scaled = lg / comp.temps.unsqueeze(1)
-            log_norm = torch.logsumexp(scaled, dim=-1)
+            log_norm = _log_norm(scaled)
         p = _Pending(comp, scaled, log_norm)
         pos = np.flatnonzero(gated)
         if pos.size:
@@ -253,10 +264,8 @@ class MixingHook:
         rows, slot_t = p.g_rows[:n], p.g_slots[:n]
         if p.scaled_logits is not None:
             z = p.scaled_logits.index_select(0, p.g_pos[:n])
-            lognorm = p.log_norm.index_select(0, p.g_pos[:n])
-        else:
-            z = logits.index_select(0, rows).float()[:, :V] / table.temp.index_select(0, slot_t).unsqueeze(1)
-            lognorm = torch.logsumexp(z, dim=-1)
+        else:  # every temperature is 1: z = logits, and the post-hook gets log_softmax(z)[anchor] from vLLM's value
+            z = logits.index_select(0, rows)[:, :V].float()
         anchor = z.argmax(dim=-1)
         banned = table.id_sets[table.ban_set.index_select(0, slot_t), anchor]
         p.mixed = ~table.stopped.index_select(0, slot_t) & ~banned
@@ -269,7 +278,11 @@ class MixingHook:
                              torch.tensor(float("-inf"), device=anchor.device))
         p.cand = cand
         p.alpha = torch.softmax(scores, dim=-1)
-        p.anchor_logprob = z.gather(1, anchor.unsqueeze(1)).squeeze(1) - lognorm
+        anchor_z = z.gather(1, anchor.unsqueeze(1)).squeeze(1)
+        if p.scaled_logits is not None:
+            p.anchor_logprob = anchor_z - p.log_norm.index_select(0, p.g_pos[:n])
+        else:
+            p.z, p.anchor_z = z, anchor_z
 
     def _candidates(self, slots: np.ndarray, anchor: torch.Tensor) -> torch.Tensor:
         """Neighbor-table rows of the anchors, by each request's metric (grouped on the host)."""
@@ -327,7 +340,8 @@ class MixingHook:
             parts_mixed.append(p.mixed)
             parts_cand.append(p.cand)
             parts_alpha.append(p.alpha)
-            parts_lp.append(p.anchor_logprob)
+            parts_lp.append(p.anchor_logprob if p.anchor_logprob is not None else self._anchor_logprob(
+                p, drawn[:n], current_lp))
         if n < p.num_gated:  # gaussian_noise rows: the sampled token, unless it is a stop / never-mix id
             n_slots, n_drawn = p.g_slots[n:], drawn[n:]
             banned = table.id_sets[table.ban_set.index_select(0, n_slots), n_drawn.clamp(0, V)]
@@ -365,6 +379,14 @@ class MixingHook:
         if lp is not None:
             lp.logprobs[p.g_rows, 0] = torch.where(mixed, record_lp, current_lp).to(lp.logprobs.dtype)
             lp.logprob_token_ids[p.g_rows, 0] = final.to(lp.logprob_token_ids.dtype)
+
+    def _anchor_logprob(self, p: _Pending, drawn: torch.Tensor, drawn_lp: torch.Tensor | None) -> torch.Tensor:
+        """log_softmax(z)[anchor] at temperature 1 without a pass over the vocabulary: vLLM's raw logprob of the
+        drawn token s is z_s - logsumexp(z), so logsumexp(z) = z_s - lp_s."""
+        if drawn_lp is None:  # no logprobs requested from vLLM: the full pass
+            return p.anchor_z - _log_norm(p.z)
+        z_s = p.z.gather(1, drawn.clamp_max(self.vocab_size - 1).unsqueeze(1)).squeeze(1)
+        return p.anchor_z - (z_s - drawn_lp)
 
     # ---- records ---------------------------------------------------------------------------------------------
     def records(self, virtual_ids: list[int]) -> dict:
