@@ -71,7 +71,9 @@ def _hook(sampler: Any, B: int, a: dict, device: torch.device):
     hook = MixingHook(runner, emb, V, seed=a["seed"], neighbor_mode="full")
     hook.remove()  # called directly below, so each part is timed on its own
     # the full table built at weight load (a random stand-in: the per-step cost is a gather either way)
-    hook.tables._tables["cosine"] = torch.randint(0, V, (V, k), generator=g).to(device)
+    table = torch.randint(0, V, (V, k), generator=g)
+    table[:, 0] = torch.arange(V)  # row v starts with v, like every real table
+    hook.tables._tables["cosine"] = table.to(device)
     return hook
 
 
