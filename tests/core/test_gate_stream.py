@@ -83,3 +83,21 @@ def test_every_part_of_the_identity_changes_the_stream():
     # the noise-seed lane is not the gate lane
     key = torch.full((512,), gs.stream_key(**base), dtype=torch.int64)
     assert not torch.equal(gs.noise_seeds(key, steps) >> 38, (gs.uniforms(key, steps) * 2 ** 24).long())
+
+
+def test_reference_strategies_gate_on_the_engines_streams():
+    from ngrpo_ray.core.mixing_params import MixingParams, SamplingParams
+    from ngrpo_ray.core.strategies.base import MixState
+
+    params = MixingParams(strategy="gaussian_noise", rho=0.3, seed=5)
+    state = MixState.create(params, SamplingParams(), 6, "cpu", call=2, first_index=10)
+    gates, seeds = [], []
+    for _ in range(64):
+        gates.append(state.gate(6, torch.device("cpu")))
+        seeds.append(state.noise_seeds(6, torch.device("cpu")))
+        state.after_step(torch.zeros(6, dtype=torch.long))
+    gates, seeds = torch.stack(gates, 1), torch.stack(seeds, 1)
+    for b in range(6):
+        key = gs.stream_key_reference(5, gs.STRATEGY_CODES["gaussian_noise"], gs.PURPOSES["train"], 2, 10 + b)
+        assert gates[b].tolist() == [gs.uniform_reference(key, t) < 0.3 for t in range(64)]
+        assert seeds[b].tolist() == [gs.noise_seed_reference(key, t) for t in range(64)]
