@@ -88,6 +88,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_sync_bench_arguments(b)
 
+    b = bench.add_parser("hook-step", help="the mixing hook's own time per decode step vs vLLM's sampler",
+                         description="Pre-hook + post-hook time per decode step at 8, 64 and 256 rows with V = 151,936, "
+                                     "against vLLM's Sampler on the same logits; prints JSON with ratio_<rows>.")
+    from ngrpo_ray.bench.hook_step import add_hook_step_arguments
+
+    add_hook_step_arguments(b)
+
     p = sub.add_parser("diagnostics", help="paper figure 1: Gaussian noise vs neighbor mixing drift, with a PCA plot",
                        description="For a model's embedding matrix: how often the nearest vocabulary token of a "
                                    "perturbed embedding is still the original, for Gaussian noise vs neighbor mixing.",
@@ -210,6 +217,11 @@ def _bench(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
         from ngrpo_ray.bench.sync_bench import print_sync_bench
 
         return print_sync_bench(args)
+    if args.bench == "hook-step":
+        from ngrpo_ray.bench.hook_step import run_hook_step_bench
+
+        print(json.dumps(run_hook_step_bench(args), indent=2))
+        return 0
     if args.bench == "neighbor-table":
         from ngrpo_ray.cli_bench import run_neighbor_table_bench
 

@@ -1,7 +1,8 @@
 """`ngrpo compare`: GRPO vs N-GRPO vs STHT on the CPU demo task, over several seeds, in one table.
 
 Each (method, seed) is a full training run of the preset (default `compare_cpu`: the demo, shortened) with the method's mixing settings
-and the seed in `trainer.seed` / `rollout.seed`, all in one MLflow store. The initial policy is validated once, by
+and the seed in `trainer.seed` / `rollout.seed` / `mixing.seed` (so each seed's responses also gate on their own
+streams, core.gate_stream), all in one MLflow store. The initial policy is validated once, by
 the first run (the shared "base" row). Each run's final validation (its per-sample grades, validation/step_<N>.npy)
 is pooled over seeds per method: Mean@n and unbiased Pass@k with 95% bootstrap intervals over problems, and the paired
 difference of each method's Mean@n to GRPO's on the same problems. A finished run is reused when the workflow runs
@@ -55,6 +56,7 @@ def plan_runs(preset: str, overrides: Sequence[str], methods: Sequence[str], see
     for i, (method, seed) in enumerate((m, s) for m in methods for s in seeds):
         folder = out / f"{method}_seed{seed}"
         run_overrides = (*overrides, *METHODS[method], f"trainer.seed={seed}", f"rollout.seed={seed}",
+                         f"mixing.seed={seed}",
                          f"trainer.output_dir={folder}", f"tracking.tracking_uri={uri}",
                          "tracking.experiment=ngrpo-compare", f"tracking.run_name={method}_seed{seed}",
                          f"trainer.validate_before={'true' if i == 0 else 'false'}")

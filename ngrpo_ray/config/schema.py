@@ -71,6 +71,9 @@ class MixingConfig:
     gumbel_tau: float = 1.0  # gumbel_topk / latent_gumbel
     top_k: int = 10  # candidates for gumbel_topk / soft_thinking / latent_gumbel
     table_slots: int = 1 << 20  # hook ring-table capacity; overflow raises
+    # Seed of every response's gate / noise-seed stream (core.gate_stream: key = H(seed, strategy, purpose, call,
+    # global index)); responses, prompts, iterations and methods differ through the key, runs through this seed
+    # (`ngrpo compare` sets it to each compare seed).
     seed: int = 0
 
 

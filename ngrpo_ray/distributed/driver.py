@@ -304,7 +304,7 @@ class Session:
         vs, n = self.val_set, self.cfg.eval.n
         mixing = components.mixing_params(self.cfg, self.tokenizer, enabled=self.cfg.eval.mixing)
         scored = sample_and_score(self.fleet, self.scorer, vs.prompts, vs.golds, n, components.eval_sampling(self.cfg),
-                                  mixing, self.state.policy_version, vs.kind)
+                                  mixing, self.state.policy_version, vs.kind, purpose="validate")
         correct = scored.correct_matrix(len(vs.prompts), n)
         (self.out / "validation").mkdir(exist_ok=True)
         np.save(self.out / "validation" / f"step_{step}.npy", correct)

@@ -43,14 +43,15 @@ class RolloutEngineImpl:
         self.incarnation = uuid.uuid4().hex  # new on every (re)start: lets the driver see a restart it missed
 
     def generate(self, prompt_token_ids: list[list[int]], sampling: Any, mixing: Any,
-                 policy_version: int | None = None, group_size: int = 1):
+                 policy_version: int | None = None, group_size: int = 1, stream: dict | None = None):
         from ngrpo_ray.engine.rollout import generate_rollout
 
         version = self.policy_version if policy_version is None else int(policy_version)
         if version != self.policy_version:
             raise StalePolicyVersion(f"generate asked for policy version {version}, the engine holds {self.policy_version}")
         return generate_rollout(self.llm, prompt_token_ids, sampling, mixing, policy_version=version,
-                                group_size=group_size, stop_token_ids=self.stop_ids, tokenizer=self.tokenizer)
+                                group_size=group_size, stop_token_ids=self.stop_ids, tokenizer=self.tokenizer,
+                                stream=stream)
 
     def refit_from_path(self, path: str, policy_version: int) -> dict:
         from ngrpo_ray.engine.records_client import check

@@ -70,12 +70,17 @@ class RolloutFleet:
 
     # -- generation ----------------------------------------------------------------------------------------------
     def generate(self, prompts: Sequence[Sequence[int]], sampling: dict, mixing: Any, policy_version: int,
-                 group_size: int, chunks_per_engine: int = 1) -> list[Chunk]:
+                 group_size: int, chunks_per_engine: int = 1, purpose: str = "train",
+                 call: int | None = None) -> list[Chunk]:
+        """``purpose`` / ``call`` (default: the policy version) name the gate streams (core.gate_stream); each chunk
+        tells its engine where its prompts start, so a response's stream does not depend on the chunking."""
         n_chunks = max(1, min(len(prompts), len(self.engines) * chunks_per_engine))
         bounds = [round(i * len(prompts) / n_chunks) for i in range(n_chunks + 1)]
         chunks: list[Chunk] = []
+        call = policy_version if call is None else call
         for lo, hi in zip(bounds[:-1], bounds[1:]):
-            request = ([list(p) for p in prompts[lo:hi]], sampling, mixing, policy_version, group_size)
+            stream = {"purpose": purpose, "call": int(call), "first_prompt": lo}
+            request = ([list(p) for p in prompts[lo:hi]], sampling, mixing, policy_version, group_size, stream)
             chunks.append(self._issue(request, lo, self._least_loaded(chunks)))
         self.maybe_kill_for_test("rollout")
         return chunks

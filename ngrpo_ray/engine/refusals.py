@@ -95,6 +95,5 @@ def check_worker_setup(model_runner: Any, vllm_config: Any) -> None:
         raise MixingRefusal("tensor_parallel_size > 1 is not implemented by the mixing embedding yet")
     if vllm_config.speculative_config is not None:
         raise MixingRefusal("speculative decoding is refused (it drops or misreads virtual ids)")
-    if getattr(model_runner, "use_async_scheduling", False):
-        raise MixingRefusal("async scheduling is refused: the stop-marker check reads the request's emitted ids "
-                            "(set async_scheduling=False)")
+    # Async scheduling is allowed: the hook's per-step path reads no tensor value (gates come from the host-side
+    # stream, stop markers are detected on device), and it edits the sampled ids in place before vLLM copies them.

@@ -26,9 +26,15 @@ class RequestMixing:
     metric: str = "cosine"
     stop_after_ids: tuple[int, ...] = ()  # once one of these is emitted, the request never mixes again
     never_mix_ids: tuple[int, ...] = ()  # an anchor in this set is never mixed
-    seed: int | None = None  # a per-request gate generator; None -> the engine hook's shared generator
+    seed: int | None = None  # the run's mixing seed (core.gate_stream); None -> the seed the hook was installed with
     no_mix_anchor_ids: tuple[int, ...] = field(default=())  # EOS / stop ids: mixing them would hide the stop
     noise_std: float = 0.0  # gaussian_noise (STHT): gated inputs are E[sampled] + noise_std * N(0, I)
+    # Who this response is, for its gate / noise-seed stream (core.gate_stream): purpose code, call (policy version
+    # or benchmark position), global index (prompt index x group size + group position). index None: the hook
+    # numbers such requests in the order they join (reproducible only for the same submission order).
+    stream_purpose: int = 0
+    stream_call: int = 0
+    stream_index: int | None = None
 
     def key(self) -> tuple:
         return (self.strategy, self.rho, self.k, self.tau, self.metric, self.stop_after_ids, self.never_mix_ids,
@@ -85,10 +91,23 @@ def to_wire(mixing: Any, stop_token_ids: list[int] | tuple[int, ...] = ()) -> di
     }
 
 
+def with_stream(wire: dict, purpose: int, call: int, index: int) -> dict:
+    """A copy of a request's wire dict that names its gate stream (core.gate_stream)."""
+    return {**wire, "stream": [int(purpose), int(call), int(index)]}
+
+
 def from_wire(d: dict) -> RequestMixing:
     return RequestMixing(
         strategy=d["strategy"], rho=float(d["rho"]), k=int(d["k"]), tau=d.get("tau"), metric=d["metric"],
         stop_after_ids=tuple(d.get("stop_after_ids", ())), never_mix_ids=tuple(d.get("never_mix_ids", ())),
         seed=d.get("seed"), no_mix_anchor_ids=tuple(d.get("no_mix_anchor_ids", ())),
         noise_std=float(d.get("noise_std", 0.0)),
+        **_stream_fields(d.get("stream")),
     )
+
+
+def _stream_fields(stream: list | None) -> dict:
+    if stream is None:
+        return {}
+    purpose, call, index = stream
+    return {"stream_purpose": int(purpose), "stream_call": int(call), "stream_index": int(index)}

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import time
 from typing import Any
 
@@ -10,7 +11,7 @@ import torch
 from ngrpo_ray.core.rollout_batch import RolloutBatch
 from ngrpo_ray.engine.llm_factory import make_sampling_params
 from ngrpo_ray.engine.records_client import EngineHookError, fetch_records, logprobs_of
-from ngrpo_ray.engine.request_options import to_wire
+from ngrpo_ray.engine.request_options import EXTRA_ARGS_KEY, to_wire, with_stream
 
 
 def stop_ids_of(model_path: str) -> list[int]:
@@ -36,13 +37,45 @@ def _as_dict(x: Any) -> dict:
     return dataclasses.asdict(x) if dataclasses.is_dataclass(x) else dict(x)
 
 
+def stream_params(sp: Any, num_prompts: int, group_size: int, stream: dict | None) -> list[Any]:
+    """One SamplingParams per response, each naming its gate stream (core.gate_stream): purpose, call (the policy
+    version unless ``stream`` says otherwise) and global index = (first_prompt + prompt index) * group_size + sample."""
+    stream = dict(stream or {})
+    purpose = gate_purpose(stream.get("purpose", "train"))
+    call, first = int(stream.get("call", 0)), int(stream.get("first_prompt", 0))
+    wire = sp.extra_args[EXTRA_ARGS_KEY]
+    out = []
+    for g in range(num_prompts):
+        for s in range(group_size):
+            one = copy.copy(sp)
+            one.extra_args = {**sp.extra_args,
+                              EXTRA_ARGS_KEY: with_stream(wire, purpose, call, (first + g) * group_size + s)}
+            out.append(one)
+    return out
+
+
+def gate_purpose(purpose: str | int) -> int:
+    from ngrpo_ray.core.gate_stream import PURPOSES
+
+    if isinstance(purpose, int):
+        return purpose
+    if purpose not in PURPOSES:
+        raise ValueError(f"stream purpose must be one of {sorted(PURPOSES)}, got {purpose!r}")
+    return PURPOSES[purpose]
+
+
 def generate_rollout(llm: Any, prompt_token_ids: list[list[int]], sampling: Any, mixing: Any,
                      policy_version: int = 0, group_size: int = 1, stop_token_ids: list[int] = (),
-                     tokenizer: Any = None) -> RolloutBatch:
-    """Each prompt is sampled ``group_size`` times (one request each); records are resolved in one RPC."""
+                     tokenizer: Any = None, stream: dict | None = None) -> RolloutBatch:
+    """Each prompt is sampled ``group_size`` times (one request each); records are resolved in one RPC.
+
+    ``stream`` names the responses' gate streams: {"purpose": "train" | "validate" | "evaluate" | "bench",
+    "call": int (default: policy_version), "first_prompt": global index of the first prompt (default 0)}."""
     sampling = _as_dict(sampling)
     k = int(to_wire(mixing)["k"])
     sp = make_sampling_params(sampling, mixing, list(stop_token_ids))
+    stream = {"call": int(policy_version), **(stream or {})}
+    per_request = stream_params(sp, len(prompt_token_ids), group_size, stream)
     requests, groups, samples = [], [], []
     for g, ids in enumerate(prompt_token_ids):
         for s in range(group_size):
@@ -50,7 +83,7 @@ def generate_rollout(llm: Any, prompt_token_ids: list[list[int]], sampling: Any,
             groups.append(g)
             samples.append(s)
     t0 = time.perf_counter()
-    outputs = llm.generate(requests, sp, use_tqdm=False)
+    outputs = llm.generate(requests, per_request, use_tqdm=False)
     seconds = time.perf_counter() - t0
     completions = [o.outputs[0] for o in outputs]
     for c in completions:

@@ -80,10 +80,11 @@ def evaluate(cfg: Config, model_path: str | None = None, out_dir: str | Path | N
         grades_path = out / GRADES_FILE
         grades_path.write_text("")
         bar = tqdm(sets, desc="benchmarks", unit="bench", dynamic_ncols=True)
-        for ps in bar:
+        for position, ps in enumerate(bar):
             bar.set_postfix_str(f"{ps.name}: {len(ps.prompts)} problems x {e.n}")
             t_bench = time.perf_counter()
-            scored = sample_and_score(fleet, scorer, ps.prompts, ps.golds, e.n, sampling, mixing, 0, ps.kind)
+            scored = sample_and_score(fleet, scorer, ps.prompts, ps.golds, e.n, sampling, mixing, 0, ps.kind,
+                                      purpose="evaluate", call=position)  # each benchmark its own gate streams
             correct = _checked_correct_matrix(scored, len(ps.prompts), e.n, ps.name)
             with grades_path.open("a") as f:
                 for i in np.lexsort((scored.sample, scored.group)):  # problem-major, sample-minor order

@@ -19,7 +19,7 @@ def test_plan_has_one_checked_run_per_method_and_seed(tmp_path):
     assert cfgs[0].mixing.rho == 0.0 and cfgs[2].mixing.rho == cfgs[4].mixing.rho == 0.1  # same gate rate
     assert [c.trainer.validate_before for c in cfgs] == [True] + [False] * 5  # the base is validated once
     assert all(c.trainer.validate_every == 3 for c in cfgs)  # the final validation is the compared one
-    assert [(c.trainer.seed, c.rollout.seed) for c in cfgs[:2]] == [(0, 0), (1, 1)]
+    assert [(c.trainer.seed, c.rollout.seed, c.mixing.seed) for c in cfgs[:2]] == [(0, 0, 0), (1, 1, 1)]
     assert len({c.trainer.output_dir for c in cfgs}) == 6
     assert len({c.tracking.tracking_uri for c in cfgs}) == 1  # one MLflow store for all runs
     with pytest.raises(ValueError, match="unknown method"):

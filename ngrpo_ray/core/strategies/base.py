@@ -1,8 +1,10 @@
 """The one interface every exploration strategy implements, and the per-batch state they share.
 
 A strategy is ``fn(logits [B, V], E [V, d], state: MixState, generator: torch.Generator) -> StepResult``.
-``generator`` drives token sampling only; every other random draw of a step (the gate, Gumbel and Gaussian noise)
-comes from ``state.aux_gen``, and each strategy draws fixed-size blocks from it. So for the same ``generator`` state
+``generator`` drives token sampling only. The gate and the Gaussian-noise seeds come from each row's counter-based
+stream (core.gate_stream, keyed like the engine's: seed, strategy, purpose, call, row index), so the reference
+generator gates a response exactly where the engine does; every other random draw of a step (Gumbel noise) comes from
+``state.aux_gen``, and each strategy draws fixed-size blocks from it. So for the same ``generator`` state
 every strategy samples exactly the tokens "sample" would at its unmixed rows, and rho = 0 equals "sample" bit for bit.
 """
 
@@ -12,6 +14,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from ngrpo_ray.core import gate_stream
 from ngrpo_ray.core.mixing_params import MixingParams, SamplingParams
 from ngrpo_ray.core.neighbors import LazyNeighborTable
 
@@ -42,15 +45,20 @@ class MixState:
     table: LazyNeighborTable | torch.Tensor | None = None
     valid: torch.Tensor | None = None  # [V] bool rows allowed as neighbors
     step: int = 0
+    stream_keys: torch.Tensor | None = None  # [B] int64 gate-stream key per row (core.gate_stream)
 
     @classmethod
     def create(cls, params: MixingParams, sampling: SamplingParams, batch_size: int, device: torch.device | str,
                sampling_seed: int = 0, table: LazyNeighborTable | torch.Tensor | None = None,
-               valid: torch.Tensor | None = None) -> "MixState":
+               valid: torch.Tensor | None = None, purpose: str = "train", call: int = 0,
+               first_index: int = 0) -> "MixState":
+        """Row b's gate stream is the engine's for the response with global index first_index + b."""
         seed = params.seed if params.seed is not None else sampling_seed + AUX_SEED_OFFSET
         aux = torch.Generator(device=device).manual_seed(seed)
         stopped = torch.zeros(batch_size, dtype=torch.bool, device=device)
-        return cls(params, sampling, aux, stopped, table, valid)
+        keys = torch.tensor([gate_stream.stream_key(seed, params.strategy, purpose, call, first_index + b)
+                             for b in range(batch_size)], dtype=torch.int64, device=device)
+        return cls(params, sampling, aux, stopped, table, valid, stream_keys=keys)
 
     def neighbors(self, E: torch.Tensor, anchors: torch.Tensor) -> torch.Tensor:
         """[n] anchors -> [n, k] candidate sets C (anchor first), building a lazy table on first use."""
@@ -60,10 +68,17 @@ class MixState:
             return self.table.lookup(anchors)
         return self.table[anchors]
 
+    def _steps(self, batch_size: int, device: torch.device) -> torch.Tensor:
+        return torch.full((batch_size,), self.step, dtype=torch.int64, device=device)
+
     def gate(self, batch_size: int, device: torch.device) -> torch.Tensor:
-        """[B] Bernoulli(rho) draw; always consumes B uniforms so the stream does not depend on rho."""
-        u = torch.rand(batch_size, generator=self.aux_gen, device=device)
+        """[B] Bernoulli(rho) draw from each row's stream at this step (no generator state is consumed)."""
+        u = gate_stream.uniforms(self.stream_keys.to(device), self._steps(batch_size, device))
         return u < self.params.rho
+
+    def noise_seeds(self, batch_size: int, device: torch.device) -> torch.Tensor:
+        """[B] int64 Gaussian-noise seeds in [0, 2**62) from each row's stream at this step."""
+        return gate_stream.noise_seeds(self.stream_keys.to(device), self._steps(batch_size, device))
 
     def allowed(self, would_emit: torch.Tensor, anchors: torch.Tensor) -> torch.Tensor:
         """[B] rows where mixing is allowed: not stopped, anchor not in never_mix_ids, and the token this step

@@ -22,7 +22,7 @@ def gaussian_noise_step(logits: torch.Tensor, E: torch.Tensor, state: MixState,
     B = logits.shape[0]
     sampled = sample_tokens(logits, state.sampling, generator)
     gate = state.gate(B, logits.device)
-    seeds = torch.randint(0, SEED_HIGH, (B,), generator=state.aux_gen, device=logits.device)
+    seeds = state.noise_seeds(B, logits.device)  # the response's stream, like the engine's
     mixed = gate & state.allowed(sampled, sampled)
     noise = noise_from_seeds(seeds[mixed].cpu(), E.shape[1], state.params.noise_std)
     mix_input = E[sampled[mixed]] + noise.to(E.device, E.dtype)
