@@ -11,25 +11,7 @@ from ngrpo_ray.core.rollout_correction import RolloutCorrection
 from ngrpo_ray.distributed.deepspeed_config import DeepSpeedSettings
 from ngrpo_ray.distributed.train_step import StepSettings
 from ngrpo_ray.distributed.trainer_group import TrainerGroupConfig
-
-
-def token_ids_of(tokenizer: Any, names: list[str]) -> tuple[int, ...]:
-    """'<eos>' is the tokenizer's EOS; any other entry must be a single token of the vocabulary (else an error)."""
-    ids: list[int] = []
-    for name in names:
-        if name == "<eos>":
-            if tokenizer.eos_token_id is None:
-                raise ValueError("mixing.never_mix lists '<eos>' but the tokenizer has no EOS token")
-            ids.append(int(tokenizer.eos_token_id))
-            continue
-        token_id = tokenizer.convert_tokens_to_ids(name)
-        if token_id is None or token_id == tokenizer.unk_token_id:
-            encoded = tokenizer.encode(name, add_special_tokens=False)
-            if len(encoded) != 1:
-                raise ValueError(f"mixing marker {name!r} is not one token of this tokenizer (encodes to {encoded})")
-            token_id = encoded[0]
-        ids.append(int(token_id))
-    return tuple(ids)
+from ngrpo_ray.models.vocabulary import token_ids_of
 
 
 def mixing_params(cfg: Config, tokenizer: Any, enabled: bool = True) -> MixingParams:
@@ -65,6 +47,7 @@ def engine_spec(cfg: Config, model_path: str, max_prompt_tokens: int) -> dict:
         "table_capacity": int(m.table_slots),
         "k_max": max(m.k, 4),
         "noise_table": m.strategy == "gaussian_noise",
+        "never_mix": tuple(m.never_mix),  # never neighbors either (resolved with the model's tokenizer)
         "dtype": "float32" if cfg.model.dtype == "float32" else cfg.model.dtype,
     }
     if cfg.trainer.use_gpu:

@@ -25,20 +25,16 @@ class RolloutEngineImpl:
 
     def __init__(self, spec: dict[str, Any], policy_version: int = 0):
         os.environ.setdefault("VLLM_USE_V2_MODEL_RUNNER", "0")
-        from transformers import AutoTokenizer
-
-        from ngrpo_ray.engine.llm_factory import EngineSpec, build_llm
+        from ngrpo_ray.engine.llm_factory import EngineSpec, build_llm, load_tokenizer
         from ngrpo_ray.engine.rollout import stop_ids_of
 
         self.spec = EngineSpec(**spec)
         t0 = time.perf_counter()
-        self.llm = build_llm(self.spec, hooked=True)
+        # None: a checkpoint without a tokenizer (text stays empty; build_llm then needs spec.neighbor_ids)
+        self.tokenizer = load_tokenizer(self.spec.model)
+        self.llm = build_llm(self.spec, hooked=True, tokenizer=self.tokenizer)
         self.start_seconds = time.perf_counter() - t0
         self.stop_ids = stop_ids_of(self.spec.model)
-        try:
-            self.tokenizer = AutoTokenizer.from_pretrained(self.spec.model)
-        except (OSError, ValueError):  # a checkpoint without a tokenizer: text stays empty
-            self.tokenizer = None
         self.policy_version = int(policy_version)
         self.incarnation = uuid.uuid4().hex  # new on every (re)start: lets the driver see a restart it missed
 

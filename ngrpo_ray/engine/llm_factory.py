@@ -31,7 +31,12 @@ class EngineSpec:
     max_num_batched_tokens: int | None = None
     table_capacity: int = 1 << 16  # ring slots allocated in the embedding (mixed steps alive per generate call)
     k_max: int = 3  # largest mixing.k the engine serves (paper: 3; each extra column costs a gather per token)
-    neighbor_mode: str = "lazy"  # "full": whole table at install / refit; "lazy": rows on first use
+    neighbor_mode: str | None = None  # "full": whole table per weight load; "lazy": rows on first use; None:
+    # "full" on CUDA, "lazy" on CPU (a 152k table takes ~15 min on a 2-core CPU, 1.7 s on an H200)
+    # Neighbor tables cover the tokenizer's ids (None: read from the model folder's tokenizer; else a count n for ids
+    # 0..n-1, or the ids) minus never_mix (token names as in mixing.never_mix, "<eos>" = the tokenizer's EOS).
+    neighbor_ids: int | tuple[int, ...] | None = None
+    never_mix: tuple[str, ...] = ("<eos>",)
     noise_table: bool = False  # allocate the [capacity, d] noise rows that the gaussian_noise (STHT) baseline needs
     hook_seed: int | None = None  # None -> seed
     dtype: str = "float32"  # exactness needs fp32 on CPU ("auto" turns fp32 checkpoints into bf16 there)
@@ -74,17 +79,46 @@ def _on_cpu() -> bool:
     return current_platform.is_cpu()
 
 
-def build_llm(spec: EngineSpec, hooked: bool = True):
-    """An ``LLM``; when hooked, the mixing hook is installed and checked before it is returned."""
+def load_tokenizer(model: str) -> Any | None:
+    """The model folder's tokenizer, or None when it has none."""
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(model)
+    except (OSError, ValueError):
+        return None
+
+
+def neighbor_rows(spec: EngineSpec, tokenizer: Any | None) -> dict[str, Any]:
+    """ngrpo_install's valid-row arguments (plain int / lists for collective_rpc): the tokenizer's ids as a count or
+    a list, and the never-mix ids, which are never neighbors."""
+    from ngrpo_ray.models.vocabulary import token_ids_of, tokenizer_ids
+
+    if tokenizer is None and (spec.neighbor_ids is None or spec.never_mix):
+        raise ValueError(f"the neighbor tables need the tokenizer of {spec.model!r} (its ids are the valid rows, "
+                         f"never_mix={spec.never_mix!r} names tokens): the folder has none; pass "
+                         f"EngineSpec.neighbor_ids and never_mix=() instead")
+    ids = spec.neighbor_ids if spec.neighbor_ids is not None else tokenizer_ids(tokenizer)
+    never = token_ids_of(tokenizer, list(spec.never_mix)) if spec.never_mix else ()
+    return {"neighbor_ids": ids if isinstance(ids, int) else [int(i) for i in ids],
+            "never_neighbor_ids": [int(i) for i in never]}
+
+
+def build_llm(spec: EngineSpec, hooked: bool = True, tokenizer: Any | None = None):
+    """An ``LLM``; when hooked, the mixing hook is installed and checked before it is returned. ``tokenizer``: the
+    model's, if the caller has it loaded already (else it is read from the model folder)."""
     import os
 
     os.environ.setdefault("VLLM_USE_V2_MODEL_RUNNER", "0")
     from vllm import LLM
 
+    if hooked:  # before the engine starts: a missing tokenizer fails fast
+        rows = neighbor_rows(spec, tokenizer if tokenizer is not None else load_tokenizer(spec.model))
     llm = LLM(**engine_kwargs(spec, hooked))
     if hooked:
         seed = spec.seed if spec.hook_seed is None else spec.hook_seed
-        check(llm.collective_rpc("ngrpo_install", kwargs={"seed": seed, "neighbor_mode": spec.neighbor_mode}))
+        check(llm.collective_rpc("ngrpo_install", kwargs={"seed": seed, "neighbor_mode": spec.neighbor_mode,
+                                                          **rows}))
     return llm
 
 

@@ -36,8 +36,8 @@ import numpy as np
 import torch
 
 from ngrpo_ray.core import gate_stream
-from ngrpo_ray.core.neighbors import LazyNeighborTable, build_neighbor_table
 from ngrpo_ray.engine.embedding_patch import VIRTUAL_BASE, MixingEmbedding
+from ngrpo_ray.engine.neighbor_tables import NeighborTables
 from ngrpo_ray.engine.request_options import METRICS
 from ngrpo_ray.engine.request_table import NOISE_CODE, RequestTable
 
@@ -91,37 +91,6 @@ def _log_norm(z: torch.Tensor) -> torch.Tensor:
         return torch.logsumexp(z, dim=-1)
     top = z.argmax(dim=-1, keepdim=True)
     return (z.gather(1, top) - torch.log_softmax(z, dim=-1).gather(1, top)).squeeze(1)
-
-
-class NeighborTables:
-    """One neighbor table per metric over the current embedding matrix, rebuilt (or invalidated) on weight change."""
-
-    def __init__(self, k_max: int, mode: str):
-        if mode not in ("lazy", "full"):
-            raise ValueError(f"neighbor_mode must be 'lazy' or 'full', got {mode!r}")
-        self.k_max, self.mode = k_max, mode
-        self._tables: dict[str, object] = {}
-        self.E: torch.Tensor | None = None
-        self.version = 0  # bumped on every rebind: the driver can see that a rebuild happened
-
-    def bind(self, E: torch.Tensor) -> None:
-        self.E = E
-        self._tables.clear()
-        self.version += 1
-
-    def rows(self, metric: str, anchors: torch.Tensor) -> torch.Tensor:
-        assert self.E is not None
-        table = self._tables.get(metric)
-        if table is None:
-            k = min(self.k_max, self.E.shape[0])
-            if self.mode == "full":
-                table = build_neighbor_table(self.E, k, metric=metric)
-            else:
-                table = LazyNeighborTable(self.E, k, metric=metric)
-            self._tables[metric] = table
-        if isinstance(table, LazyNeighborTable):
-            return table.lookup(anchors)
-        return table[anchors]
 
 
 class MixingHook:

@@ -74,8 +74,13 @@ class NgrpoWorkerExtension(WeightReceiverMixin):
 
     # ---- RPCs --------------------------------------------------------------------------------------------------
     @rpc
-    def ngrpo_install(self, seed: int = 0, table_slots: int | None = None, neighbor_mode: str = "lazy") -> dict:
+    def ngrpo_install(self, seed: int = 0, table_slots: int | None = None, neighbor_mode: str | None = None,
+                      neighbor_ids: int | list[int] | None = None, never_neighbor_ids: list[int] = ()) -> dict:
+        """neighbor_mode None: "full" on CUDA, "lazy" on CPU. neighbor_ids: the tokenizer's ids (a count n for
+        0..n-1, or a list; None: every embedding row); never_neighbor_ids: never-mix ids, never neighbors either."""
+        from ngrpo_ray.core.neighbors import valid_row_mask
         from ngrpo_ray.engine.mixing_hook import MixingHook
+        from ngrpo_ray.engine.neighbor_tables import default_mode
 
         check_worker_setup(self.model_runner, self.vllm_config)
         old = getattr(self, "_ngrpo_hook_obj", None)
@@ -83,11 +88,12 @@ class NgrpoWorkerExtension(WeightReceiverMixin):
             old.remove()
         emb = self._ngrpo_embedding()
         vocab = int(self.model_runner.model_config.get_vocab_size())
-        hook = MixingHook(self.model_runner, emb, vocab, seed, neighbor_mode)
+        hook = MixingHook(self.model_runner, emb, vocab, seed, neighbor_mode or default_mode(emb.weight.device))
+        hook.tables.set_valid(valid_row_mask(vocab, neighbor_ids, never_neighbor_ids, device=hook.device))
         hook.set_slots(hook.capacity if table_slots is None else int(table_slots))
         emb.ngrpo_stale.zero_()
         self._ngrpo_hook_obj = hook
-        return hook.stats()
+        return {**hook.stats(), **hook.tables.stats()}
 
     @rpc
     def ngrpo_set_slots(self, table_slots: int) -> dict:
@@ -108,7 +114,7 @@ class NgrpoWorkerExtension(WeightReceiverMixin):
         """Neighbor-table rows of some anchors (tests use it to see a rebuild after a refit)."""
         hook = self._ngrpo_hook()
         a = torch.tensor(anchors, dtype=torch.long, device=hook.device)
-        return {"rows": hook.tables.rows(metric, a).tolist(), "version": hook.tables.version}
+        return {"rows": hook.tables.rows(metric, a).tolist(), "version": hook.tables.version, **hook.tables.stats()}
 
     @rpc
     def ngrpo_embedding_rows(self, ids: list[int]) -> dict:

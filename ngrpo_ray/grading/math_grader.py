@@ -11,6 +11,7 @@ from functools import lru_cache
 from typing import Literal
 
 from ngrpo_ray.grading.boxed import extract_last_boxed
+from ngrpo_ray.grading.relation import relation_refused
 from ngrpo_ray.grading.result import GradeResult
 from ngrpo_ray.grading.strict_string import strict_string_equal
 
@@ -81,12 +82,17 @@ def _verify_any(gold_parsed: tuple, pred_parsed: list, timeout_s: int | None, ex
     return GradeResult(False, "ok", extracted)
 
 
+_RELATION_DETAIL = "a boxed relation whose left side is not a bare variable"
+
+
 def grade_math(pred_text: str, gold: str, mode: str = "last_boxed", timeout_s: int | None = 5) -> GradeResult:
     """Grade a response against a gold answer.
 
     mode "last_boxed" (the paper): math-verify on the content of the last \\boxed{}.
     mode "whole_response" (the released code for DeepScaleR/AIME/AMC): math-verify extracts from the whole text.
     mode "strict_string" (the released code for MATH-500): normalised string equality of the last boxed content.
+    In every mode a last box holding a relation whose left side is not a bare variable (\\boxed{43 = 42}) scores
+    0 with status "relation" (grading.relation), unless the gold answer is itself such a relation.
     """
     if mode not in MATH_GRADE_MODES:
         raise ValueError(f"unknown math grading mode {mode!r}; expected one of {MATH_GRADE_MODES}")
@@ -96,11 +102,13 @@ def grade_math(pred_text: str, gold: str, mode: str = "last_boxed", timeout_s: i
             "grade_math with a timeout must run in a main thread (math-verify uses signal.alarm); "
             "grade through GradingPool, or pass timeout_s=None and enforce a limit yourself"
         )
+    last_box = extract_last_boxed(pred_text)
+    if last_box is not None and relation_refused(last_box, str(gold)):
+        return GradeResult(False, "relation", last_box, _RELATION_DETAIL)
     if mode == "strict_string":
-        boxed = extract_last_boxed(pred_text)
-        if boxed is None:
+        if last_box is None:
             return GradeResult(False, "no_answer", None, "no \\boxed{} answer")
-        return GradeResult(strict_string_equal(boxed, str(gold)), "ok", boxed)
+        return GradeResult(strict_string_equal(last_box, str(gold)), "ok", last_box)
 
     try:
         gold_parsed = _parse_gold(str(gold).strip(), timeout_s)
@@ -111,10 +119,9 @@ def grade_math(pred_text: str, gold: str, mode: str = "last_boxed", timeout_s: i
         return GradeResult(False, "error", None, f"gold answer {gold!r} does not parse")
 
     if mode == "last_boxed":
-        boxed = extract_last_boxed(pred_text)
-        if boxed is None:
+        if last_box is None:
             return GradeResult(False, "no_answer", None, "no \\boxed{} answer")
-        pred_input, extracted = "\\boxed{" + boxed + "}", boxed
+        pred_input, extracted = "\\boxed{" + last_box + "}", last_box
     else:
         pred_input, extracted = pred_text, None
     try:

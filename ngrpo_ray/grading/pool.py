@@ -125,7 +125,7 @@ class GradingPool:
 
     def counters(self) -> dict[str, int]:
         """Cumulative counts since the pool started: graded, correct, no_answer, parse_error, timeout, error,
-        worker_restarts."""
+        relation (a boxed relation that is not an answer, grading.relation), worker_restarts."""
         return dict(self._counts)
 
     def worker_pids(self) -> list[int]:

@@ -4,8 +4,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
-GradeStatus = Literal["ok", "no_answer", "parse_error", "timeout", "error"]
-GRADE_STATUSES: tuple[str, ...] = ("ok", "no_answer", "parse_error", "timeout", "error")
+# "relation": the boxed answer is a relation whose left side is not a bare variable (\boxed{43 = 42}): scored 0
+GradeStatus = Literal["ok", "no_answer", "parse_error", "timeout", "error", "relation"]
+GRADE_STATUSES: tuple[str, ...] = ("ok", "no_answer", "parse_error", "timeout", "error", "relation")
 
 
 @dataclass(frozen=True)

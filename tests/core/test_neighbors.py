@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from ngrpo_ray.core.neighbors import METRICS, LazyNeighborTable, build_neighbor_table
+from ngrpo_ray.core.neighbors import METRICS, LazyNeighborTable, build_neighbor_table, valid_row_mask
 
 
 def brute_force_table(E: torch.Tensor, k: int, metric: str, valid: torch.Tensor | None = None) -> torch.Tensor:
@@ -133,3 +133,45 @@ def test_lazy_table_recomputes_after_E_changes():
 def test_k1_is_identity():
     E = torch.randn(9, 3)
     assert torch.equal(build_neighbor_table(E, 1), torch.arange(9).unsqueeze(1))
+
+
+def test_valid_row_mask_from_a_count_a_list_and_never_mix_ids():
+    assert valid_row_mask(6).tolist() == [True] * 6
+    assert valid_row_mask(6, 4).tolist() == [True, True, True, True, False, False]  # ids 0..3, rows 4-5 padding
+    assert valid_row_mask(6, 4, exclude=[1, 9]).tolist() == [True, False, True, True, False, False]
+    assert valid_row_mask(6, [0, 2, 5, 7], exclude=[2]).tolist() == [True, False, False, False, False, True]
+    assert valid_row_mask(3, 10).tolist() == [True] * 3  # a tokenizer larger than E: every row
+
+
+def brute_force_cosine(E: torch.Tensor, k: int, valid: torch.Tensor, anchors: torch.Tensor) -> torch.Tensor:
+    """Vectorised float64 reference for some anchors: (score desc, id asc) over valid rows, anchor excluded."""
+    En = E.double() / E.double().norm(dim=1, keepdim=True)
+    s = En[anchors] @ En.T
+    s[:, ~valid] = float("-inf")
+    s[torch.arange(len(anchors)), anchors] = float("-inf")
+    order = torch.sort(s, dim=1, descending=True, stable=True).indices  # equal scores keep ascending ids
+    return torch.cat([anchors.unsqueeze(1), order[:, : k - 1]], dim=1)
+
+
+def test_bf16_input_gives_the_fp32_table_over_valid_rows_only():
+    # 1,800 tokenizer ids, 248 padding rows (never neighbors), never-mix id 7; a bf16 matrix (the engine's dtype)
+    # must give the table of its exact values computed in fp32, not a bf16-rounded one.
+    g = torch.Generator().manual_seed(5)
+    E = torch.randn(2048, 64, generator=g).bfloat16()
+    valid = valid_row_mask(2048, 1800, exclude=[7])
+    anchors = torch.arange(0, 1800, 3)
+    expected = brute_force_cosine(E, 3, valid, anchors)
+    full = build_neighbor_table(E, 3, valid=valid, chunk_rows=500)
+    lazy = LazyNeighborTable(E, 3, valid=valid)
+    assert torch.equal(full[anchors], expected)
+    assert torch.equal(lazy.lookup(anchors), expected)
+    assert not torch.isin(full[valid][:, 1:], torch.nonzero(~valid).flatten()).any()
+    assert full[1900].tolist() == [1900] * 3 and full[7].tolist() == [7] * 3  # invalid anchors: themselves
+    # Control: the same cosine top-k computed in bf16 picks other neighbors in many rows (ties after rounding).
+    Eh = E / E.norm(dim=1, keepdim=True)
+    s = (Eh[anchors] @ Eh.T).float()
+    s[:, ~valid] = float("-inf")
+    s[torch.arange(len(anchors)), anchors] = float("-inf")
+    bf16_rows = torch.sort(s, dim=1, descending=True, stable=True).indices[:, :2]
+    differ = (bf16_rows != expected[:, 1:]).any(dim=1).float().mean().item()
+    assert differ > 0.02, differ  # 4.5% of these rows

@@ -96,3 +96,29 @@ def test_generation_is_fast_and_seeded(tiny_qwen2, prompts):
     assert any(not torch.equal(x.response_ids, y.response_ids) for x, y in zip(a, c))
     assert len(a) == 8 and all(len(r) == 32 for r in a)
     assert seconds < 10.0, seconds  # B=8, 32 steps: well under a second unloaded
+
+
+def test_neighbors_are_valid_rows_in_fp32_for_a_bf16_model(tiny_qwen2, prompts):
+    # ids 0..55 are the "tokenizer's", rows 56..63 padding; EOS never mixes, so it is never a neighbor either.
+    import copy
+
+    from ngrpo_ray.core.neighbors import valid_row_mask
+
+    model = copy.deepcopy(tiny_qwen2).bfloat16()
+    valid = valid_row_mask(64, 56, exclude=[EOS])
+    params = MixingParams(rho=1.0, k=3, never_mix_ids=(EOS,))
+    records = generate(model, prompts, params, SamplingParams(0.7), max_new_tokens=16, seed=3, eos_ids=(EOS,),
+                       valid=valid)
+    E = model.get_input_embeddings().weight.detach().double()  # the bf16 values, exactly
+    En = E / E.norm(dim=1, keepdim=True)
+    rows = torch.cat([r.cand_ids[r.mixed_mask] for r in records])
+    assert len(rows) > 50
+    for row in rows.tolist():
+        anchor = row[0]
+        if not valid[anchor]:  # argmax on a padding row: the mixture is the anchor itself
+            assert row == [anchor] * 3
+            continue
+        s = En[anchor] @ En.T
+        s[~valid] = float("-inf")
+        s[anchor] = float("-inf")
+        assert row[1:] == torch.sort(s, descending=True, stable=True).indices[:2].tolist()

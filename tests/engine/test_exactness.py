@@ -7,11 +7,12 @@ import pytest
 import torch
 
 from ngrpo_ray.core.mixing_params import MixingParams
-from ngrpo_ray.core.neighbors import build_neighbor_table
+from ngrpo_ray.core.neighbors import build_neighbor_table, valid_row_mask
 from ngrpo_ray.engine.rollout import generate_rollout
 
 from conftest import engine_for
 from hf_oracle import load_hf, teacher_forced_logits
+from tiny_models import EOS_ID
 
 TEMPERATURE = 0.8
 PROMPTS = [[(7 * i + j) % 300 + 2 for j in range(3 + i % 4)] for i in range(8)]
@@ -20,7 +21,8 @@ PROMPTS = [[(7 * i + j) % 300 + 2 for j in range(3 + i % 4)] for i in range(8)]
 def check_batch_against_hf(model, batch, k: int, tau: float) -> dict:
     """Asserts the exactness contract; returns counts so callers can assert mixing really happened."""
     E = model.get_input_embeddings().weight.detach()
-    table = build_neighbor_table(E, k, metric="cosine")
+    # The engine's neighbor rows: the tokenizer's ids (every row of the tiny models) minus EOS (never_mix default).
+    table = build_neighbor_table(E, k, metric="cosine", valid=valid_row_mask(E.shape[0], exclude=[EOS_ID]))
     forced = teacher_forced_logits(model, batch)
     n_mixed = 0
     for b, logits in enumerate(forced):

@@ -23,13 +23,15 @@ def _write_tokenizer(path: Path) -> None:
     fast.save_pretrained(str(path))
 
 
-def write_tiny_model(path: Path, family: str, seed: int = 0) -> Path:
-    """A 2-layer, head_dim 64 causal LM with random weights (``family`` is "qwen2" or "llama")."""
+def write_tiny_model(path: Path, family: str, seed: int = 0, tokenizer=None, vocab_size: int = VOCAB,
+                     eos_id: int = EOS_ID) -> Path:
+    """A 2-layer, head_dim 64 causal LM with random weights (``family`` is "qwen2" or "llama"); by default with a
+    320-word tokenizer, else with ``tokenizer`` saved next to it (e.g. the R1 one, vocab_size 151,936)."""
     from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
     common = dict(
-        vocab_size=VOCAB, hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=2,
-        num_key_value_heads=1, head_dim=64, max_position_embeddings=512, eos_token_id=EOS_ID, bos_token_id=EOS_ID,
+        vocab_size=vocab_size, hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=2,
+        num_key_value_heads=1, head_dim=64, max_position_embeddings=512, eos_token_id=eos_id, bos_token_id=eos_id,
         pad_token_id=0, tie_word_embeddings=(family == "qwen2"), torch_dtype="float32",
     )
     torch.manual_seed(seed)
@@ -46,5 +48,8 @@ def write_tiny_model(path: Path, family: str, seed: int = 0) -> Path:
     model = model.to(torch.float32)
     path.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(str(path), safe_serialization=True)
-    _write_tokenizer(path)
+    if tokenizer is None:
+        _write_tokenizer(path)
+    else:
+        tokenizer.save_pretrained(str(path))
     return path

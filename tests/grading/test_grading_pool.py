@@ -25,10 +25,13 @@ def test_hang_is_killed_at_the_limit_and_the_next_answers_still_grade():
         elapsed = time.monotonic() - start
         assert (hang.status, hang.correct, hang.extracted) == ("timeout", False, "5^{5^{5^{5}}}")
         assert 2.0 <= elapsed < 2.0 + 1.5, elapsed  # the limit plus a small overhead, not the 60 s alarm
-        results = pool.grade_math([r"\boxed{5}", r"\boxed{\dfrac12}", "no box"], ["5", "1/2", "5"])
-        assert [(r.status, r.correct) for r in results] == [("ok", True), ("ok", True), ("no_answer", False)]
+        texts = [r"\boxed{5}", r"\boxed{\dfrac12}", "no box", r"\boxed{4 = 5}"]
+        results = pool.grade_math(texts, ["5", "1/2", "5", "5"])
+        assert [(r.status, r.correct) for r in results] == [
+            ("ok", True), ("ok", True), ("no_answer", False), ("relation", False)]
         assert pool.counters() == {
-            "graded": 4, "correct": 2, "no_answer": 1, "parse_error": 0, "timeout": 1, "error": 0, "worker_restarts": 1
+            "graded": 5, "correct": 2, "no_answer": 1, "parse_error": 0, "timeout": 1, "error": 0, "relation": 1,
+            "worker_restarts": 1,
         }
 
 
@@ -76,7 +79,8 @@ def test_killed_worker_is_replaced_and_its_job_reported_as_error_without_retries
         assert [r.extracted for r in results[1:]] == [str(i) for i in range(1, 9)]
         assert all(r.correct for r in results[1:])
         assert pool.counters() == {
-            "graded": 9, "correct": 8, "no_answer": 0, "parse_error": 0, "timeout": 0, "error": 1, "worker_restarts": 1
+            "graded": 9, "correct": 8, "no_answer": 0, "parse_error": 0, "timeout": 0, "error": 1, "relation": 0,
+            "worker_restarts": 1
         }
         assert len(pids_before - set(pool.worker_pids())) == 1
         # the pool still grades after the crash
@@ -147,7 +151,7 @@ def test_an_interrupted_call_leaks_no_stale_results_into_the_next():
             results = pool.grade_math([r"\boxed{1}", r"\boxed{2}"], ["1", "3"])
             assert [(r.extracted, r.correct) for r in results] == [("1", True), ("2", False)]
             assert pool.counters() == {
-                "graded": 2, "correct": 1, "no_answer": 0, "parse_error": 0, "timeout": 0, "error": 0,
+                "graded": 2, "correct": 1, "no_answer": 0, "parse_error": 0, "timeout": 0, "error": 0, "relation": 0,
                 "worker_restarts": 1,
             }
     finally:
