@@ -9,23 +9,37 @@ the [prompt; response] sequence (the model's input there represents token t).
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Callable, Union
 
 import torch
 
 
-def mix_embeddings(E: torch.Tensor, cand_ids: torch.Tensor, alpha: torch.Tensor) -> torch.Tensor:
-    """sum_j alpha[..., j] * E[cand_ids[..., j]] -> [..., d].
+Embedding = Union[torch.Tensor, Callable[[torch.Tensor], torch.Tensor]]
+
+
+def _lookup(E: Embedding) -> Callable[[torch.Tensor], torch.Tensor]:
+    """Rows of E for an id tensor: E[ids] for a weight tensor, E(ids) for an embedding module.
+
+    Training passes the module: under ZeRO-3 its weight is a partitioned (empty) tensor outside the module's forward,
+    and calling the module is what gathers it (and routes the gradient back to the partitions). Both give the same
+    values bit for bit (a lookup is a copy)."""
+    return E.__getitem__ if isinstance(E, torch.Tensor) else E
+
+
+def mix_embeddings(E: Embedding, cand_ids: torch.Tensor, alpha: torch.Tensor) -> torch.Tensor:
+    """sum_j alpha[..., j] * E[cand_ids[..., j]] -> [..., d]  (E: a [V, d] weight or an embedding module).
 
     The sum is an explicit left-to-right loop over j so rollout (shape [B, k]) and training (shape [B, L, k]) run the
     same elementwise ops in the same order and agree bit for bit. alpha is a constant (no gradient); E gets one.
     """
-    a = alpha.detach().to(E.dtype)
+    rows = _lookup(E)(cand_ids)  # [..., k, d]: one lookup (one ZeRO-3 gather) for every candidate
+    a = alpha.detach().to(rows.dtype)
     k = cand_ids.shape[-1]
     if k > 64:  # full-vocabulary soft thinking: inference only, never rebuilt, so a matmul is fine
-        return torch.einsum("...k,...kd->...d", a, E[cand_ids])
-    out = a[..., 0:1] * E[cand_ids[..., 0]]
+        return torch.einsum("...k,...kd->...d", a, rows)
+    out = a[..., 0:1] * rows[..., 0, :]
     for j in range(1, k):
-        out = out + a[..., j : j + 1] * E[cand_ids[..., j]]
+        out = out + a[..., j : j + 1] * rows[..., j, :]
     return out
 
 
@@ -44,7 +58,7 @@ def noise_from_seeds(seeds: torch.Tensor, d: int, std: float) -> torch.Tensor:
 
 def rebuild_inputs_embeds(
     input_ids: torch.Tensor,
-    E: torch.Tensor,
+    E: Embedding,
     mixed_mask: torch.Tensor,
     cand_ids: torch.Tensor,
     alpha: torch.Tensor,
@@ -53,11 +67,12 @@ def rebuild_inputs_embeds(
     """[B, L] ids -> [B, L, d] input embeddings: E[input_ids], with sum_j alpha * E[cand] at masked positions.
 
     ``noise`` [B, L, d] (Gaussian-noise baseline) is added at masked positions instead of the mixture:
-    E[input_ids] + noise. Gradients flow into E; alpha and noise are constants.
+    E[input_ids] + noise. Gradients flow into E; alpha and noise are constants. E: a [V, d] weight, or (training,
+    ZeRO-3) the embedding module itself.
     """
-    base = E[input_ids]
+    base = _lookup(E)(input_ids)
     if noise is not None:
-        return torch.where(mixed_mask.unsqueeze(-1), base + noise.detach().to(E.dtype), base)
+        return torch.where(mixed_mask.unsqueeze(-1), base + noise.detach().to(base.dtype), base)
     if not bool(mixed_mask.any()):
         return base
     # Only the masked positions are mixed: gather them, mix, scatter back (no [B, L, k, d] tensor).

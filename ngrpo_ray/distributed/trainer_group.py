@@ -62,6 +62,7 @@ class TrainerGroupConfig:
     step: StepSettings = field(default_factory=StepSettings)
     loss: PolicyLossConfig = field(default_factory=PolicyLossConfig)
     ref_model: bool | None = None  # None: load it only when loss.beta != 0
+    gradient_checkpointing: bool = False  # HF activation checkpointing (non-reentrant) of the policy's layers
     collective_timeout_s: float = 600.0
     command_timeout_s: float = 3600.0
     max_failures: int = 0  # worker-group restarts Ray Train may make after a worker dies (FailureConfig)
@@ -204,7 +205,12 @@ class _PolicyWorker:
         self.rank, self.world = dist.get_rank(), dist.get_world_size()
         torch.manual_seed(cfg.seed)
         dtype = torch.bfloat16 if cfg.deepspeed.dtype == "bf16" else torch.float32
-        model = AutoModelForCausalLM.from_pretrained(cfg.model_path, torch_dtype=torch.float32)
+        # Loaded in the training dtype: with bf16, DeepSpeed keeps the fp32 master weights in its optimizer (ZeRO >= 1)
+        # and no full fp32 copy of the model is ever built per worker (28 GB for a 7B model).
+        model = AutoModelForCausalLM.from_pretrained(cfg.model_path, torch_dtype=dtype)
+        if cfg.gradient_checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            model.config.use_cache = False
         ds_cfg = build_config(cfg.deepspeed, cfg.step.micro_batches, self.world)
         opt = build_optimizer(cfg.deepspeed, model.parameters())
         sched = build_scheduler(cfg.deepspeed, opt)
@@ -257,7 +263,8 @@ class _PolicyWorker:
         with torch.no_grad():
             for s in local:
                 tb = response_logprobs(model, [s.prompt_ids], [s.record], self.cfg.step.temperature,
-                                       self.cfg.step.pad_id, use_records=use_records, noise_std=self.cfg.step.noise_std)
+                                       self.cfg.step.pad_id, use_records=use_records, noise_std=self.cfg.step.noise_std,
+                                       chunk_tokens=self.cfg.step.logprob_chunk_tokens)
                 out.append((s.index, tb.logp[0, : len(s.record)].float().cpu()))
         model.train()
         return out
