@@ -110,7 +110,7 @@ def run_train_step_bench(args: Any) -> dict:
     _one_rank_group()
     worker = _PolicyWorker(tcfg)
     torch.set_num_threads(max(1, tcfg.torch_threads))
-    plain = AutoModelForCausalLM.from_pretrained(path, torch_dtype=worker.engine.module.dtype)
+    plain = AutoModelForCausalLM.from_pretrained(path, dtype=worker.engine.module.dtype)
     plain.load_state_dict(worker.state_dict(), strict=False)
     ds = tcfg.deepspeed
     opt = torch.optim.AdamW(plain.parameters(), lr=ds.lr, betas=ds.betas, eps=ds.eps, weight_decay=ds.weight_decay)

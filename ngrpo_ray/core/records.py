@@ -32,9 +32,13 @@ def mix_embeddings(E: Embedding, cand_ids: torch.Tensor, alpha: torch.Tensor) ->
     The sum is an explicit left-to-right loop over j so rollout (shape [B, k]) and training (shape [B, L, k]) run the
     same elementwise ops in the same order and agree bit for bit. alpha is a constant (no gradient); E gets one.
     """
-    rows = _lookup(E)(cand_ids)  # [..., k, d]: one lookup (one ZeRO-3 gather) for every candidate
+    return _mix_rows(_lookup(E)(cand_ids), alpha)  # one lookup (one ZeRO-3 gather) for every candidate
+
+
+def _mix_rows(rows: torch.Tensor, alpha: torch.Tensor) -> torch.Tensor:
+    """rows [..., k, d] (the candidates' embeddings), alpha [..., k] -> the left-to-right sum [..., d]."""
     a = alpha.detach().to(rows.dtype)
-    k = cand_ids.shape[-1]
+    k = rows.shape[-2]
     if k > 64:  # full-vocabulary soft thinking: inference only, never rebuilt, so a matmul is fine
         return torch.einsum("...k,...kd->...d", a, rows)
     out = a[..., 0:1] * rows[..., 0, :]
@@ -70,14 +74,19 @@ def rebuild_inputs_embeds(
     E[input_ids] + noise. Gradients flow into E; alpha and noise are constants. E: a [V, d] weight, or (training,
     ZeRO-3) the embedding module itself.
     """
-    base = _lookup(E)(input_ids)
+    # ONE lookup for the plain ids and every mixed position's candidates: under ZeRO-3 each call of the module is a
+    # collective gather, so every rank must make the same number of calls whatever its mixture count.
+    pos = mixed_mask.nonzero(as_tuple=True)
+    cand = cand_ids[pos]  # [M, k]
+    rows = _lookup(E)(torch.cat([input_ids.reshape(-1), cand.reshape(-1)]))
+    n = input_ids.numel()
+    base = rows[:n].reshape(*input_ids.shape, -1)
     if noise is not None:
         return torch.where(mixed_mask.unsqueeze(-1), base + noise.detach().to(base.dtype), base)
-    if not bool(mixed_mask.any()):
+    if cand.shape[0] == 0:
         return base
     # Only the masked positions are mixed: gather them, mix, scatter back (no [B, L, k, d] tensor).
-    pos = mixed_mask.nonzero(as_tuple=True)
-    mixed = mix_embeddings(E, cand_ids[pos], alpha[pos])
+    mixed = _mix_rows(rows[n:].reshape(*cand.shape, -1), alpha[pos])
     return base.index_put(pos, mixed)
 
 

@@ -100,19 +100,24 @@ def chunked_token_logprobs(
     temperature: float,
     chunk_tokens: int = 1024,
     with_entropy: bool = False,
+    min_chunks: int = 0,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """hidden [N, d] (the states that predict each target), targets [N] -> (log-probs [N] fp32, entropy [N] or None).
 
-    log-probs carry the gradient to ``hidden`` and the head's parameters when grad is enabled; entropy never does."""
+    log-probs carry the gradient to ``hidden`` and the head's parameters when grad is enabled; entropy never does.
+    ``min_chunks``: call the head at least this often (empty chunks fill up): under ZeRO-3 every head call is a
+    collective gather, so all ranks must make the same number of calls (the caller agrees on it)."""
     if chunk_tokens < 1:
         raise ValueError(f"chunk_tokens must be >= 1, got {chunk_tokens}")
     n = hidden.shape[0]
-    if n == 0:
+    starts = list(range(0, n, chunk_tokens))
+    starts += [n] * max(0, min_chunks - len(starts))  # empty chunks: the head is still called (and back-propagated)
+    if not starts:
         empty = hidden.new_zeros(0, dtype=torch.float32)
         return empty, (empty if with_entropy else None)
-    many = n > chunk_tokens and torch.is_grad_enabled()
+    many = len(starts) > 1 and torch.is_grad_enabled()
     logps, ents = [], []
-    for i in range(0, n, chunk_tokens):
+    for i in starts:
         cache: dict = {}
         h, t = hidden[i: i + chunk_tokens], targets[i: i + chunk_tokens]
         if many:  # drop this chunk's logits after forward; recompute them (one matmul) in backward

@@ -140,14 +140,27 @@ def response_logprobs(
     rows = torch.arange(B)[:, None].expand(B, T)
     b_idx, p_idx = rows[mask].to(device), pos[mask].to(device)
     targets = al.input_ids[rows[mask], pos[mask] + 1].to(device)
+    n_chunks = _agreed_count(-(-len(targets) // chunk_tokens), model)
     token_logp, token_entropy = chunked_token_logprobs(head, hidden[b_idx, p_idx], targets, temperature,
-                                                       chunk_tokens, with_entropy)
+                                                       chunk_tokens, with_entropy, min_chunks=n_chunks)
     where = (b_idx, mask.nonzero()[:, 1].to(device))
     logp = torch.zeros(B, T, dtype=token_logp.dtype, device=device).index_put(where, token_logp)
     entropy = None
     if token_entropy is not None:
         entropy = torch.zeros(B, T, dtype=torch.float32, device=device).index_put(where, token_entropy)
     return TokenBatch(logp=logp, mask=mask.to(device), entropy=entropy)
+
+
+def _is_zero3(model: torch.nn.Module) -> bool:
+    return hasattr(next(model.parameters()), "ds_id")  # ZeRO-3 tags its partitioned parameters
+
+
+def _agreed_count(local: int, model: torch.nn.Module) -> int:
+    """Under ZeRO-3 every module call is a collective gather: the number of calls (forward passes, head chunks) must
+    be the same on every rank, so take the maximum over ranks. Elsewhere the local count is fine."""
+    if not _is_zero3(model) or _world()[1] == 1:
+        return local
+    return global_count(local, next(model.parameters()).device)
 
 
 def _pad_rows(values: Sequence[torch.Tensor], T: int, device) -> torch.Tensor:
@@ -169,6 +182,8 @@ def batched_logprobs(model: torch.nn.Module, seqs: Sequence[TrainSequence], temp
     else:
         parts = split_micro_batches(order, [_seq_tokens(s) for s in seqs], 1, max_tokens)
     out: list[torch.Tensor | None] = [None] * len(seqs)
+    # ZeRO-3: as many forward passes as the busiest rank (repeating a part rewrites the same values)
+    parts += [parts[0]] * (_agreed_count(len(parts), model) - len(parts))
     for part in parts:
         tb = response_logprobs(model, [seqs[i].prompt_ids for i in part], [seqs[i].record for i in part],
                                temperature, pad_id, noise_std=noise_std, chunk_tokens=chunk_tokens)
