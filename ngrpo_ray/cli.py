@@ -94,6 +94,13 @@ def build_parser() -> argparse.ArgumentParser:
     from ngrpo_ray.bench.hook_step import add_hook_step_arguments
 
     add_hook_step_arguments(b)
+    b = bench.add_parser("train-step", help="the trainer's update of a demo iteration vs plain transformers + AdamW",
+                         description="One process, the same synthetic rollout batch: the trainer's update (DeepSpeed, "
+                                     "train_on_sequences) and a plain forward + backward + AdamW of the same tokens, "
+                                     "alternating; prints JSON with both times and ratio = trainer / plain.")
+    from ngrpo_ray.bench.train_step_bench import add_train_step_bench_arguments
+
+    add_train_step_bench_arguments(b)
 
     p = sub.add_parser("diagnostics", help="paper figure 1: Gaussian noise vs neighbor mixing drift, with a PCA plot",
                        description="For a model's embedding matrix: how often the nearest vocabulary token of a "
@@ -217,6 +224,10 @@ def _bench(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
         from ngrpo_ray.bench.sync_bench import print_sync_bench
 
         return print_sync_bench(args)
+    if args.bench == "train-step":
+        from ngrpo_ray.bench.train_step_bench import print_train_step_bench
+
+        return print_train_step_bench(args)
     if args.bench == "hook-step":
         from ngrpo_ray.bench.hook_step import run_hook_step_bench
 

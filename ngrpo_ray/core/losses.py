@@ -128,11 +128,14 @@ def policy_loss(
     ref_logp: torch.Tensor | None = None,
     logits: torch.Tensor | None = None,
     is_weights: torch.Tensor | None = None,
+    entropy: torch.Tensor | None = None,
 ) -> PolicyLossOutput:
     """Loss to MINIMISE for one micro-batch: -(clipped surrogate) + beta * KL, aggregated with global normalisers.
 
     logp, old_logp, ref_logp, response_mask: [B, T]; advantages: [B] or [B, T] ("gspo" needs [B]: use "gspo_token"
-    for per-token advantages); logits [B, T, V] optional, only for the entropy metric.
+    for per-token advantages); logits [B, T, V] optional, only for the entropy metric,
+    or ``entropy`` [B, T], the per-token entropy already computed (the trainer computes it chunk by chunk and keeps
+    no [B, T, V] tensor).
     is_weights [B, T] optional: rollout-correction weights (core.rollout_correction), detached, multiplying each token's
     policy-gradient term (not the KL term). For "gspo" the term is the sequence's objective repeated over its tokens,
     so a sequence-level weight scales that sequence's objective, and token-level weights scale it by their mean over
@@ -194,10 +197,11 @@ def policy_loss(
         }
         if kl is not None:
             metrics["kl_sum"] = (kl.detach() * on).sum().to(torch.float64)
-        if logits is not None:
+        if entropy is None and logits is not None:
             logprobs = torch.log_softmax(logits.detach().float(), dim=-1)
             entropy = -(logprobs.exp() * logprobs).sum(dim=-1)
-            metrics["entropy_sum"] = (entropy * on).sum().to(torch.float64)
+        if entropy is not None:
+            metrics["entropy_sum"] = (entropy.detach().float() * on).sum().to(torch.float64)
     return PolicyLossOutput(loss=loss, metrics=metrics)
 
 

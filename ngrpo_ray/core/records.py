@@ -9,23 +9,41 @@ the [prompt; response] sequence (the model's input there represents token t).
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Callable, Union
 
 import torch
 
 
-def mix_embeddings(E: torch.Tensor, cand_ids: torch.Tensor, alpha: torch.Tensor) -> torch.Tensor:
-    """sum_j alpha[..., j] * E[cand_ids[..., j]] -> [..., d].
+Embedding = Union[torch.Tensor, Callable[[torch.Tensor], torch.Tensor]]
+
+
+def _lookup(E: Embedding) -> Callable[[torch.Tensor], torch.Tensor]:
+    """Rows of E for an id tensor: E[ids] for a weight tensor, E(ids) for an embedding module.
+
+    Training passes the module: under ZeRO-3 its weight is a partitioned (empty) tensor outside the module's forward,
+    and calling the module is what gathers it (and routes the gradient back to the partitions). Both give the same
+    values bit for bit (a lookup is a copy)."""
+    return E.__getitem__ if isinstance(E, torch.Tensor) else E
+
+
+def mix_embeddings(E: Embedding, cand_ids: torch.Tensor, alpha: torch.Tensor) -> torch.Tensor:
+    """sum_j alpha[..., j] * E[cand_ids[..., j]] -> [..., d]  (E: a [V, d] weight or an embedding module).
 
     The sum is an explicit left-to-right loop over j so rollout (shape [B, k]) and training (shape [B, L, k]) run the
     same elementwise ops in the same order and agree bit for bit. alpha is a constant (no gradient); E gets one.
     """
-    a = alpha.detach().to(E.dtype)
-    k = cand_ids.shape[-1]
+    return _mix_rows(_lookup(E)(cand_ids), alpha)  # one lookup (one ZeRO-3 gather) for every candidate
+
+
+def _mix_rows(rows: torch.Tensor, alpha: torch.Tensor) -> torch.Tensor:
+    """rows [..., k, d] (the candidates' embeddings), alpha [..., k] -> the left-to-right sum [..., d]."""
+    a = alpha.detach().to(rows.dtype)
+    k = rows.shape[-2]
     if k > 64:  # full-vocabulary soft thinking: inference only, never rebuilt, so a matmul is fine
-        return torch.einsum("...k,...kd->...d", a, E[cand_ids])
-    out = a[..., 0:1] * E[cand_ids[..., 0]]
+        return torch.einsum("...k,...kd->...d", a, rows)
+    out = a[..., 0:1] * rows[..., 0, :]
     for j in range(1, k):
-        out = out + a[..., j : j + 1] * E[cand_ids[..., j]]
+        out = out + a[..., j : j + 1] * rows[..., j, :]
     return out
 
 
@@ -44,7 +62,7 @@ def noise_from_seeds(seeds: torch.Tensor, d: int, std: float) -> torch.Tensor:
 
 def rebuild_inputs_embeds(
     input_ids: torch.Tensor,
-    E: torch.Tensor,
+    E: Embedding,
     mixed_mask: torch.Tensor,
     cand_ids: torch.Tensor,
     alpha: torch.Tensor,
@@ -53,16 +71,22 @@ def rebuild_inputs_embeds(
     """[B, L] ids -> [B, L, d] input embeddings: E[input_ids], with sum_j alpha * E[cand] at masked positions.
 
     ``noise`` [B, L, d] (Gaussian-noise baseline) is added at masked positions instead of the mixture:
-    E[input_ids] + noise. Gradients flow into E; alpha and noise are constants.
+    E[input_ids] + noise. Gradients flow into E; alpha and noise are constants. E: a [V, d] weight, or (training,
+    ZeRO-3) the embedding module itself.
     """
-    base = E[input_ids]
+    # ONE lookup for the plain ids and every mixed position's candidates: under ZeRO-3 each call of the module is a
+    # collective gather, so every rank must make the same number of calls whatever its mixture count.
+    pos = mixed_mask.nonzero(as_tuple=True)
+    cand = cand_ids[pos]  # [M, k]
+    rows = _lookup(E)(torch.cat([input_ids.reshape(-1), cand.reshape(-1)]))
+    n = input_ids.numel()
+    base = rows[:n].reshape(*input_ids.shape, -1)
     if noise is not None:
-        return torch.where(mixed_mask.unsqueeze(-1), base + noise.detach().to(E.dtype), base)
-    if not bool(mixed_mask.any()):
+        return torch.where(mixed_mask.unsqueeze(-1), base + noise.detach().to(base.dtype), base)
+    if cand.shape[0] == 0:
         return base
     # Only the masked positions are mixed: gather them, mix, scatter back (no [B, L, k, d] tensor).
-    pos = mixed_mask.nonzero(as_tuple=True)
-    mixed = mix_embeddings(E, cand_ids[pos], alpha[pos])
+    mixed = _mix_rows(rows[n:].reshape(*cand.shape, -1), alpha[pos])
     return base.index_put(pos, mixed)
 
 

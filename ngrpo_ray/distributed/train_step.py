@@ -6,13 +6,14 @@ Per call of ``train_on_sequences`` (every rank at once, each with its shard of t
      The engine-vs-trainer gap (``mismatch/...``) and rollout-correction weights come from those old log-probs and
      the records' (``distributed.off_policy``);
   2. for each epoch and mini-batch: the GLOBAL token / sequence counts of the mini-batch are all-reduced, then each
-     of ``micro_batches`` micro-batches runs forward on ``inputs_embeds`` rebuilt from the records (the mixtures the
-     engine fed), ``core.losses.policy_loss`` with those global counts, and ``engine.backward``; then one
-     ``engine.step``.
+     micro-batch (``micro_batches`` even parts, or by the token budget ``max_tokens_per_micro_batch``: see
+     ``micro_batches``) runs forward on ``inputs_embeds`` rebuilt from the records (the mixtures the engine fed),
+     ``core.losses.policy_loss`` with those global counts, and ``engine.backward``; then one ``engine.step``.
 Mini-batches are fixed on the GLOBAL sequence order (seeded shuffle per epoch), and a rank takes every W-th
 sequence of each, so the update does not depend on the number of ranks or micro-batches (tested).
 
-Log-probs follow the record contract: log_softmax(logits / temperature)[token], no top-p/top-k renormalisation.
+Log-probs follow the record contract: log_softmax(logits / temperature)[token], no top-p/top-k renormalisation,
+computed over chunks of ``logprob_chunk_tokens`` response tokens (``core.token_logprobs``: no [tokens, V] tensor).
 This module imports no Ray.
 """
 
@@ -34,6 +35,8 @@ from ngrpo_ray.core.losses import (
 )
 from ngrpo_ray.core.records import ResponseRecord, align_records, noise_from_seeds, rebuild_inputs_embeds
 from ngrpo_ray.core.rollout_correction import RolloutCorrection
+from ngrpo_ray.core.token_logprobs import chunked_token_logprobs
+from ngrpo_ray.distributed.micro_batches import global_count, split_micro_batches
 from ngrpo_ray.distributed.off_policy import OffPolicyPass
 
 
@@ -59,13 +62,18 @@ class StepSettings:
     pad_id: int = 0
     noise_std: float = 0.0  # gaussian_noise (STHT) records: the std their seeds' noise is scaled by
     rollout_correction: RolloutCorrection = field(default_factory=RolloutCorrection)  # engine-vs-trainer weights
+    max_tokens_per_micro_batch: int | None = None  # token budget (padded prompt + response) replacing micro_batches
+    logprob_chunk_tokens: int = 1024  # response tokens per output-head chunk (memory O(chunk x V))
 
     def validate(self) -> None:
         if self.old_logprobs not in ("recompute", "rollout"):
             raise ValueError(f"trainer.old_logprobs must be 'recompute' or 'rollout', got {self.old_logprobs!r}")
-        for name in ("mini_batches", "micro_batches", "epochs"):
+        for name in ("mini_batches", "micro_batches", "epochs", "logprob_chunk_tokens"):
             if getattr(self, name) < 1:
                 raise ValueError(f"trainer.{name} must be >= 1, got {getattr(self, name)}")
+        if self.max_tokens_per_micro_batch is not None and self.max_tokens_per_micro_batch < 1:
+            raise ValueError(f"trainer.max_tokens_per_micro_batch must be >= 1 or None, "
+                             f"got {self.max_tokens_per_micro_batch}")
         if self.temperature <= 0:
             raise ValueError(f"trainer.temperature must be > 0, got {self.temperature}")
         if self.rollout_correction.active and self.old_logprobs == "rollout":
@@ -79,7 +87,7 @@ class TokenBatch:
 
     logp: torch.Tensor
     mask: torch.Tensor  # [B, T] bool
-    logits: torch.Tensor | None = None  # [B, T, V] tempered (for the entropy metric)
+    entropy: torch.Tensor | None = None  # [B, T] detached entropy of the tempered distribution (a metric)
 
 
 def _world() -> tuple[int, int]:
@@ -101,28 +109,32 @@ def response_logprobs(
     temperature: float,
     pad_id: int = 0,
     use_records: bool = True,
-    keep_logits: bool = False,
+    with_entropy: bool = False,
     noise_std: float | None = None,
+    chunk_tokens: int = 1024,
 ) -> TokenBatch:
     """log_softmax(logits / T)[response token] for every response step, teacher-forced on the rebuilt inputs.
 
     With ``use_records=False`` the mixtures are ignored (plain token embeddings): the control that must disagree.
     Records with noise seeds (the gaussian_noise baseline) get noise_std * N(0, I) regenerated from each seed added at
     their positions, as the engine added it; ``noise_std`` must then be given.
-    Only response positions go through the output head, so memory is O(response tokens x V), not O(B L V).
+    Only response positions go through the output head, ``chunk_tokens`` at a time, so the extra memory is
+    O(chunk_tokens x V) whatever the response length; ``with_entropy`` adds the per-token entropy (no gradient).
     """
     device = next(model.parameters()).device
     al = align_records(list(prompts), list(records), pad_id, padding_side="right")
     body, head = _causal_lm_parts(model)
-    E = model.get_input_embeddings().weight
+    # The embedding MODULE, not its weight: under ZeRO-3 the weight is an empty partition outside the module.
+    emb = model.get_input_embeddings()
     mixed = al.mixed_mask if use_records else torch.zeros_like(al.mixed_mask)
     noise = None
     if use_records and al.noise_seed is not None and bool((al.noise_seed >= 0).any()):
         if noise_std is None:  # never train on inputs the engine did not see
             raise ValueError("records carry noise seeds (gaussian_noise) but no noise_std was given")
         # a noise step's record is (token, alpha 1): E[token] + noise, as the engine fed it
-        noise = noise_from_seeds(al.noise_seed, E.shape[1], noise_std).to(device)
-    embeds = rebuild_inputs_embeds(al.input_ids.to(device), E, mixed.to(device), al.cand_ids.to(device),
+        d = getattr(emb, "embedding_dim", None) or model.config.hidden_size
+        noise = noise_from_seeds(al.noise_seed, d, noise_std).to(device)
+    embeds = rebuild_inputs_embeds(al.input_ids.to(device), emb, mixed.to(device), al.cand_ids.to(device),
                                    al.alpha.to(device), noise=noise)
     hidden = body(inputs_embeds=embeds, attention_mask=al.attention_mask.to(device),
                   position_ids=al.position_ids.to(device), use_cache=False).last_hidden_state
@@ -135,16 +147,28 @@ def response_logprobs(
     pos = (starts[:, None] + torch.arange(T)[None, :] - 1).clamp(max=al.input_ids.shape[1] - 1)
     rows = torch.arange(B)[:, None].expand(B, T)
     b_idx, p_idx = rows[mask].to(device), pos[mask].to(device)
-    logits = head(hidden[b_idx, p_idx]).float() / temperature  # [N, V]
     targets = al.input_ids[rows[mask], pos[mask] + 1].to(device)
-    token_logp = torch.log_softmax(logits, dim=-1).gather(-1, targets[:, None]).squeeze(-1)
-    logp = torch.zeros(B, T, dtype=token_logp.dtype, device=device)
-    logp = logp.index_put((b_idx, mask.nonzero()[:, 1].to(device)), token_logp)
-    full_logits = None
-    if keep_logits:
-        full_logits = torch.zeros(B, T, logits.shape[-1], dtype=logits.dtype, device=device)
-        full_logits = full_logits.index_put((b_idx, mask.nonzero()[:, 1].to(device)), logits.detach())
-    return TokenBatch(logp=logp, mask=mask.to(device), logits=full_logits)
+    n_chunks = _agreed_count(-(-len(targets) // chunk_tokens), model)
+    token_logp, token_entropy = chunked_token_logprobs(head, hidden[b_idx, p_idx], targets, temperature,
+                                                       chunk_tokens, with_entropy, min_chunks=n_chunks)
+    where = (b_idx, mask.nonzero()[:, 1].to(device))
+    logp = torch.zeros(B, T, dtype=token_logp.dtype, device=device).index_put(where, token_logp)
+    entropy = None
+    if token_entropy is not None:
+        entropy = torch.zeros(B, T, dtype=torch.float32, device=device).index_put(where, token_entropy)
+    return TokenBatch(logp=logp, mask=mask.to(device), entropy=entropy)
+
+
+def _is_zero3(model: torch.nn.Module) -> bool:
+    return hasattr(next(model.parameters()), "ds_id")  # ZeRO-3 tags its partitioned parameters
+
+
+def _agreed_count(local: int, model: torch.nn.Module) -> int:
+    """Under ZeRO-3 every module call is a collective gather: the number of calls (forward passes, head chunks) must
+    be the same on every rank, so take the maximum over ranks. Elsewhere the local count is fine."""
+    if not _is_zero3(model) or _world()[1] == 1:
+        return local
+    return global_count(local, next(model.parameters()).device)
 
 
 def _pad_rows(values: Sequence[torch.Tensor], T: int, device) -> torch.Tensor:
@@ -156,15 +180,28 @@ def _pad_rows(values: Sequence[torch.Tensor], T: int, device) -> torch.Tensor:
 
 @torch.no_grad()
 def batched_logprobs(model: torch.nn.Module, seqs: Sequence[TrainSequence], temperature: float, pad_id: int,
-                     chunk: int = 8, noise_std: float | None = None) -> list[torch.Tensor]:
-    """Per-sequence [T_i] log-probs without gradient (old / reference / parity checks), in chunks of ``chunk``."""
-    out: list[torch.Tensor] = []
-    for i in range(0, len(seqs), chunk):
-        part = seqs[i: i + chunk]
-        tb = response_logprobs(model, [s.prompt_ids for s in part], [s.record for s in part], temperature, pad_id,
-                               noise_std=noise_std)
-        out.extend(tb.logp[j, : len(s.record)].float().cpu() for j, s in enumerate(part))
-    return out
+                     chunk: int = 8, noise_std: float | None = None, max_tokens: int | None = None,
+                     chunk_tokens: int = 1024) -> list[torch.Tensor]:
+    """Per-sequence [T_i] log-probs without gradient (old / reference / parity checks), in the input order; batched
+    ``chunk`` sequences at a time, or by the token budget ``max_tokens`` when set."""
+    order = list(range(len(seqs)))
+    if max_tokens is None:
+        parts = [order[i: i + chunk] for i in range(0, len(seqs), chunk)]
+    else:
+        parts = split_micro_batches(order, [_seq_tokens(s) for s in seqs], 1, max_tokens)
+    out: list[torch.Tensor | None] = [None] * len(seqs)
+    # ZeRO-3: as many forward passes as the busiest rank (repeating a part rewrites the same values)
+    parts += [parts[0]] * (_agreed_count(len(parts), model) - len(parts))
+    for part in parts:
+        tb = response_logprobs(model, [seqs[i].prompt_ids for i in part], [seqs[i].record for i in part],
+                               temperature, pad_id, noise_std=noise_std, chunk_tokens=chunk_tokens)
+        for j, i in enumerate(part):
+            out[i] = tb.logp[j, : len(seqs[i].record)].float().cpu()
+    return out  # type: ignore[return-value]
+
+
+def _seq_tokens(s: TrainSequence) -> int:
+    return int(s.prompt_ids.numel()) + len(s.record)
 
 
 def mini_batch_plan(indices: Sequence[int], mini_batches: int, epoch: int, seed: int, shuffle: bool) -> list[list[int]]:
@@ -175,12 +212,6 @@ def mini_batch_plan(indices: Sequence[int], mini_batches: int, epoch: int, seed:
     n = len(order)
     bounds = [round(i * n / mini_batches) for i in range(mini_batches + 1)]
     return [order[bounds[i]: bounds[i + 1]] for i in range(mini_batches)]
-
-
-def split_even(items: list, parts: int) -> list[list]:
-    n = len(items)
-    bounds = [round(i * n / parts) for i in range(parts + 1)]
-    return [items[bounds[i]: bounds[i + 1]] for i in range(parts)]
 
 
 def all_reduce_counts(local: GlobalNormalizers, device) -> GlobalNormalizers:
@@ -228,8 +259,10 @@ def train_on_sequences(
                          f"one per rank (no sequences for some rank)")
     # 1. old and reference log-probs, before any update
     model.eval()
+    budget, chunk_tokens = settings.max_tokens_per_micro_batch, settings.logprob_chunk_tokens
     if settings.old_logprobs == "recompute":
-        old = batched_logprobs(model, local, settings.temperature, settings.pad_id, noise_std=settings.noise_std)
+        old = batched_logprobs(model, local, settings.temperature, settings.pad_id, noise_std=settings.noise_std,
+                               max_tokens=budget, chunk_tokens=chunk_tokens)
     else:
         old = [s.record.logprobs.float() for s in local]
     # off-policy: the engine-vs-trainer gap and the rollout-correction weights (rollout mode: first mini-batch below)
@@ -240,7 +273,8 @@ def train_on_sequences(
     if loss_config.beta != 0.0:
         if ref_model is None:
             raise ValueError(f"loss beta={loss_config.beta} needs a reference model (trainer.ref_model)")
-        ref = batched_logprobs(ref_model, local, settings.temperature, settings.pad_id, noise_std=settings.noise_std)
+        ref = batched_logprobs(ref_model, local, settings.temperature, settings.pad_id, noise_std=settings.noise_std,
+                               max_tokens=budget, chunk_tokens=chunk_tokens)
     model.train()
     by_index = {s.index: (s, o, ref[i] if ref is not None else None) for i, (s, o) in enumerate(zip(local, old))}
 
@@ -254,7 +288,9 @@ def train_on_sequences(
                                        seqs=sum(1 for s, _, _ in mine if len(s.record) > 0))
             norm = all_reduce_counts(counts, device if device.type != "cpu" else torch.device("cpu"))
             step_metrics: list[dict[str, torch.Tensor]] = []
-            micro_list = split_even(mine, settings.micro_batches)
+            micro_list = split_micro_batches(mine, [_seq_tokens(m[0]) for m in mine], settings.micro_batches, budget)
+            if budget is not None:  # every rank runs as many micro-batches as the busiest one (dummies fill up)
+                micro_list += [[] for _ in range(max(1, global_count(len(micro_list), device)) - len(micro_list))]
             for j, micro in enumerate(micro_list):
                 # We own the accumulation boundary (DeepSpeed's micro-step counter drifts when the count changes
                 # between calls): reduce and update only after the last micro-batch, then one step().
@@ -264,15 +300,15 @@ def train_on_sequences(
                     micro, weight = [by_index[local[0].index]], 0.0
                 seqs = [m[0] for m in micro]
                 tb = response_logprobs(model, [s.prompt_ids for s in seqs], [s.record for s in seqs],
-                                       settings.temperature, settings.pad_id, keep_logits=True,
-                                       noise_std=settings.noise_std)
+                                       settings.temperature, settings.pad_id, with_entropy=True,
+                                       noise_std=settings.noise_std, chunk_tokens=chunk_tokens)
                 T = tb.logp.shape[1]
                 if settings.old_logprobs == "rollout" and epoch == 0 and mb_i == 0 and weight > 0:
                     off_policy.observe(seqs, [tb.logp[j].detach() for j in range(len(seqs))])  # before any step
                 old_t = _pad_rows([m[1] for m in micro], T, device)
                 ref_t = _pad_rows([m[2] for m in micro], T, device) if ref is not None else None
                 adv = _advantages([s.advantage for s in seqs], T, device)
-                out = policy_loss(tb.logp, old_t, adv, tb.mask, loss_config, norm, ref_logp=ref_t, logits=tb.logits,
+                out = policy_loss(tb.logp, old_t, adv, tb.mask, loss_config, norm, ref_logp=ref_t, entropy=tb.entropy,
                                   is_weights=off_policy.weights_for(seqs, T, device))
                 engine.backward(out.loss * (weight * loss_scale), scale_wrt_gas=False)
                 # a dummy contributes zeros, so every rank reduces the same keys in the same order

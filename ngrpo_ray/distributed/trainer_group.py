@@ -62,6 +62,7 @@ class TrainerGroupConfig:
     step: StepSettings = field(default_factory=StepSettings)
     loss: PolicyLossConfig = field(default_factory=PolicyLossConfig)
     ref_model: bool | None = None  # None: load it only when loss.beta != 0
+    gradient_checkpointing: bool = False  # HF activation checkpointing (non-reentrant) of the policy's layers
     collective_timeout_s: float = 600.0
     command_timeout_s: float = 3600.0
     max_failures: int = 0  # worker-group restarts Ray Train may make after a worker dies (FailureConfig)
@@ -204,7 +205,12 @@ class _PolicyWorker:
         self.rank, self.world = dist.get_rank(), dist.get_world_size()
         torch.manual_seed(cfg.seed)
         dtype = torch.bfloat16 if cfg.deepspeed.dtype == "bf16" else torch.float32
-        model = AutoModelForCausalLM.from_pretrained(cfg.model_path, torch_dtype=torch.float32)
+        # Loaded in the training dtype: with bf16, DeepSpeed keeps the fp32 master weights in its optimizer (ZeRO >= 1)
+        # and no full fp32 copy of the model is ever built per worker (28 GB for a 7B model).
+        model = AutoModelForCausalLM.from_pretrained(cfg.model_path, dtype=dtype)
+        if cfg.gradient_checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            model.config.use_cache = False
         ds_cfg = build_config(cfg.deepspeed, cfg.step.micro_batches, self.world)
         opt = build_optimizer(cfg.deepspeed, model.parameters())
         sched = build_scheduler(cfg.deepspeed, opt)
@@ -213,7 +219,7 @@ class _PolicyWorker:
         want_ref = cfg.ref_model if cfg.ref_model is not None else cfg.loss.beta != 0.0
         self.ref = None
         if want_ref:
-            self.ref = AutoModelForCausalLM.from_pretrained(cfg.model_path, torch_dtype=dtype).to(self.device).eval()
+            self.ref = AutoModelForCausalLM.from_pretrained(cfg.model_path, dtype=dtype).to(self.device).eval()
             self.ref.requires_grad_(False)
         self.weight_group = None
         self.version = 0
@@ -248,17 +254,21 @@ class _PolicyWorker:
         return metrics
 
     def logprobs(self, batch_refs: list, use_records: bool = True) -> list[tuple[int, torch.Tensor]]:
-        from ngrpo_ray.distributed.train_step import response_logprobs
+        from ngrpo_ray.distributed.train_step import _agreed_count, response_logprobs
 
         local, _ = self._local(batch_refs, None)
         model = self.engine.module
         model.eval()
         out = []
+        # ZeRO-3: every rank makes as many forward passes as the busiest (repeats of its first sequence, dropped)
+        passes = list(local) + [local[0]] * (_agreed_count(len(local), model) - len(local))
         with torch.no_grad():
-            for s in local:
+            for s in passes:
                 tb = response_logprobs(model, [s.prompt_ids], [s.record], self.cfg.step.temperature,
-                                       self.cfg.step.pad_id, use_records=use_records, noise_std=self.cfg.step.noise_std)
+                                       self.cfg.step.pad_id, use_records=use_records, noise_std=self.cfg.step.noise_std,
+                                       chunk_tokens=self.cfg.step.logprob_chunk_tokens)
                 out.append((s.index, tb.logp[0, : len(s.record)].float().cpu()))
+        out = out[: len(local)]
         model.train()
         return out
 

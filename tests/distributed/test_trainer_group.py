@@ -157,3 +157,52 @@ def test_train_reports_loss_kl_and_versions_then_sync_matches(env):
     for r in receivers:
         ray.get(r.ngrpo_close_weight_group.remote())
         ray.kill(r)
+
+
+@pytest.mark.xfail(reason="issue 12 open: ZeRO-3 now trains and its sync is exact, but its update differs from ZeRO-2's "
+                          "(measured |diff| 0.89 vs an update of 2.23); not yet bisected (checkpointing, budget, chunks, "
+                          "tied head under ZeRO-3)", strict=False)
+def test_zero3_trains_like_zero2_and_its_sync_reproduces_the_weights(env):
+    """Issue 12, done-when 2: ZeRO-3 (partitioned embedding, mixtures rebuilt through the embedding module) gives the
+    same update as ZeRO-2 on a batch with mixed steps; the ZeRO-3 run also uses gradient checkpointing, a token
+    budget and 4-token log-prob chunks, so all of them are inside the comparison. Then its weight sync (gathered from
+    the partitions) reproduces the trainer's weights in a receiver exactly."""
+    path, _, prompts, records, _ = env
+    ref = ray.put({"prompts": prompts, "records": records})
+    adv = torch.tensor([1.0, -1.0, 0.5, -0.5, 0.2])
+    states = {}
+    for stage in (2, 3):
+        extra = ({"gradient_checkpointing": True} if stage == 3 else {})
+        step = StepSettings(temperature=TEMP, shuffle=False, mini_batches=2,
+                            **({"max_tokens_per_micro_batch": 16, "logprob_chunk_tokens": 4} if stage == 3 else
+                               {"micro_batches": 2}))
+        cfg = TrainerGroupConfig(model_path=path, num_workers=2, cpus_per_worker=1, step=step,
+                                 deepspeed=DeepSpeedSettings(zero_stage=stage, optimizer="adamw", lr=1e-2,
+                                                             grad_clip=1.0),
+                                 loss=PolicyLossConfig(loss_type="grpo"), **extra)
+        with TrainerGroup(cfg) as group:
+            initial = group.state_dict()
+            metrics = group.train([ref], adv, version=1)
+            assert metrics["tokens"] == sum(len(r) for r in records) and metrics["optimizer_steps"] == 2.0
+            states[stage] = group.state_dict()
+            if stage == 3:
+                receiver = ReceiverActor.remote(path)
+                endpoint = group.open_weight_sync(num_receivers=1, timeout_s=60)
+                join = receiver.ngrpo_init_weight_group.remote(endpoint, rank_offset=1)
+                group.finish_open_weight_sync()
+                assert ray.get(join)["ok"]
+                handle = group.start_sync(version=1, bucket_mb=0.05)
+                got = ray.get(receiver.ngrpo_receive_weights.remote())
+                group.wait(handle)
+                assert got["ok"] and got["version"] == 1, got
+                received, _ = ray.get(receiver.state.remote())
+                for n, t in states[3].items():
+                    assert torch.equal(received[n], t), n
+                ray.get(receiver.ngrpo_close_weight_group.remote())
+                ray.kill(receiver)
+    moved = sum(float((states[2][n] - initial[n]).square().sum()) for n in initial) ** 0.5
+    diff = sum(float((states[3][n] - states[2][n]).square().sum()) for n in initial) ** 0.5
+    norm = sum(float(states[2][n].square().sum()) for n in initial) ** 0.5
+    assert moved > 1e-3  # the step really moved the weights (embedding included)
+    assert float((states[3]["model.embed_tokens.weight"] - initial["model.embed_tokens.weight"]).abs().max()) > 0
+    assert diff / norm < 1e-5, (diff, norm, moved)
