@@ -28,7 +28,13 @@ from ngrpo_ray.config.load import load_config
 from ngrpo_ray.distributed import placement
 from tests.support.local_head import free_port, stop_head
 
-pytestmark = [pytest.mark.slow, pytest.mark.ray]
+# Opt-in for now: it sets RAY_AUTH_MODE=disabled for its private head, and Ray keeps the auth mode process-wide, so a
+# local `ray.init()` later in the same pytest process fails ("Authentication token is missing"). Run it alone:
+#   NGRPO_AUTOSCALING_TEST=1 pytest tests/cluster/test_autoscaling_layout.py   (about 25 s here)
+# Moving its client into a subprocess would let it join the suite.
+pytestmark = [pytest.mark.slow, pytest.mark.ray,
+              pytest.mark.skipif(os.environ.get("NGRPO_AUTOSCALING_TEST") != "1",
+                                 reason="opt-in (NGRPO_AUTOSCALING_TEST=1): changes Ray's process-wide auth mode")]
 
 VENV_BIN = Path(sys.executable).parent
 IDLE_TIMEOUT_MIN = 0.05  # 3 s: the GPU node goes soon after the layout releases it
