@@ -78,7 +78,19 @@ def dry_run(cfg: Config) -> list[DryRunItem]:
         if name != cfg.data.validation:
             items.append(_check_data("eval", name))
     items.append(_check_model(cfg.model.path, cfg.model.cache_dir))
+    items.append(_check_placement(cfg))
     return items
+
+
+def _check_placement(cfg: Config) -> DryRunItem:
+    """The layout plan the driver will reserve (no cluster needed to plan it)."""
+    from ngrpo_ray.distributed.placement import PlacementInfeasibleError, plan_placement
+
+    try:
+        plan = plan_placement(cfg)
+    except (PlacementInfeasibleError, AssertionError) as err:
+        return DryRunItem("placement", "failed", str(err))
+    return DryRunItem("placement", "ok", plan.describe().replace("\n", "\n            "))
 
 
 def format_dry_run(items: list[DryRunItem]) -> str:

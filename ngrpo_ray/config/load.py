@@ -169,6 +169,18 @@ def validate(cfg: Config) -> None:
     _check(r.group_size >= 1, "rollout.group_size", f"must be >= 1, got {r.group_size}")
     _check(r.num_engines >= 1, "rollout.num_engines", f"must be >= 1, got {r.num_engines}")
     _check(r.max_new_tokens >= 1, "rollout.max_new_tokens", f"must be >= 1, got {r.max_new_tokens}")
+    _check(r.tensor_parallel_size == 1, "rollout.tensor_parallel_size",
+           f"must be 1, got {r.tensor_parallel_size}: the mixing embedding serves one rank only (vocab-parallel "
+           "mixing, where each rank mixes the candidate rows it owns before the embedding's all-reduce and the "
+           "neighbor table comes from the gathered embedding, is not built yet)")
+    _check(not t.use_gpu or r.engine_gpus == 1, "rollout.engine_gpus",
+           f"must be 1 on GPU runs, got {r.engine_gpus}: one vLLM worker per GPU (a fractional share could put two "
+           "members of the NCCL weight-sync group on one GPU; colocated engines share their host trainer's GPU and "
+           "take rollout.gpu_memory_utilization of it)")
+    ranks = r.num_engines * r.tensor_parallel_size
+    _check(cfg.cluster.placement != "colocated" or ranks <= t.num_workers, "rollout.num_engines",
+           f"x rollout.tensor_parallel_size ({ranks}) must be <= trainer.num_workers ({t.num_workers}) in the "
+           "colocated layout: every engine rank shares a trainer rank's GPU")
     _check(0 < r.gpu_memory_utilization <= 1, "rollout.gpu_memory_utilization", "must lie in (0, 1]")
     _check(a.eps_low >= 0 and a.eps_high >= 0, "algorithm.eps_low/eps_high", "must be >= 0")
     _check(a.dual_clip is None or a.dual_clip > 1, "algorithm.dual_clip", f"must be > 1 or null, got {a.dual_clip}")

@@ -51,6 +51,8 @@ def engine_spec(cfg: Config, model_path: str, max_prompt_tokens: int) -> dict:
         "dtype": "float32" if cfg.model.dtype == "float32" else cfg.model.dtype,
     }
     if cfg.trainer.use_gpu:
+        # colocated: the engine shares a trainer rank's GPU and sleeps (frees it) during the update
+        spec["enable_sleep_mode"] = cfg.cluster.placement == "colocated"
         spec["gpu_memory_utilization"] = r.gpu_memory_utilization
         spec["kv_cache_gib"] = None
     else:
@@ -58,7 +60,9 @@ def engine_spec(cfg: Config, model_path: str, max_prompt_tokens: int) -> dict:
     return spec
 
 
-def trainer_config(cfg: Config, model_path: str, pad_id: int, storage_path: str | None = None) -> TrainerGroupConfig:
+def trainer_config(cfg: Config, model_path: str, pad_id: int, storage_path: str | None = None,
+                   plan: Any = None) -> TrainerGroupConfig:
+    """`plan` (placement.PlacementPlan): the trainer's Ray resources per worker and placement strategy come from it."""
     t, a, m = cfg.trainer, cfg.algorithm, cfg.mixing
     rollout_batch = t.prompts_per_iteration * cfg.rollout.group_size
     per_rank_mini = rollout_batch // (t.mini_batches * t.num_workers)
@@ -73,6 +77,9 @@ def trainer_config(cfg: Config, model_path: str, pad_id: int, storage_path: str 
         num_workers=t.num_workers,
         use_gpu=t.use_gpu,
         cpus_per_worker=1.0,
+        resources_per_worker=dict(plan.trainer_resources) if plan is not None else None,
+        placement_strategy=plan.strategy if plan is not None else "PACK",
+        start_timeout_s=cfg.cluster.placement_timeout_s,
         torch_threads=1 if t.num_workers > 1 else 2,
         deepspeed=DeepSpeedSettings(zero_stage=t.zero_stage, dtype="bf16" if cfg.model.dtype == "bfloat16" else "fp32",
                                     lr=t.lr, weight_decay=t.weight_decay, grad_clip=t.grad_clip),

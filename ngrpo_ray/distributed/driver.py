@@ -21,7 +21,7 @@ from ngrpo_ray.config import Config, ConfigError, flatten, to_yaml
 from ngrpo_ray.core.advantages import dr_grpo_advantages, dynamic_sampling_filter, grpo_advantages
 from ngrpo_ray.data.prompts import render_prompt
 from ngrpo_ray.data.sources import grader_kind, load_problems
-from ngrpo_ray.distributed import components
+from ngrpo_ray.distributed import components, placement
 from ngrpo_ray.distributed.reward_scorer import RewardScorer
 from ngrpo_ray.distributed.rollout_fleet import RolloutFleet
 from ngrpo_ray.distributed.sample_and_score import Scored, sample_and_score
@@ -98,6 +98,12 @@ class Session:
         if a.first_token_selection:
             raise ConfigError("'algorithm.first_token_selection' is implemented in the core "
                               "(correct_path_first_token_selection) but not wired into the driver yet")
+        # One plan seats every trainer rank and engine; a layout the cluster can never hold fails here, in seconds,
+        # before data, models or an MLflow run are touched.
+        self.plan = placement.plan_placement(cfg)
+        self.log(self.plan.describe())
+        placement.init_ray(cfg)
+        placement.check_capacity(self.plan)
         self.out = Path(cfg.trainer.output_dir).expanduser().resolve()
         self.out.mkdir(parents=True, exist_ok=True)
         self.state: RunState | None = None
@@ -133,22 +139,26 @@ class Session:
         if self.state is None:
             self.state = RunState(iteration=0, policy_version=0, mlflow_run_id=self.mlflow.run_id, config=flatten(cfg))
 
-        from ngrpo_ray.distributed.placement import init_ray
-
-        init_ray(cfg)
+        plan_file = self.out / "placement_plan.json"
+        placement.write_plan(self.plan, plan_file)
+        self.mlflow.log_artifact(plan_file)
+        self.mlflow.log_params(placement.plan_params(self.plan))
         t0 = time.perf_counter()
-        r = cfg.rollout
-        self.fleet = RolloutFleet(components.engine_spec(cfg, policy_path, longest), r.num_engines,
-                                  num_cpus=r.engine_cpus, num_gpus=r.engine_gpus if cfg.trainer.use_gpu else 0.0,
-                                  policy_version=self.state.policy_version,
-                                  max_restarts=cfg.cluster.engine_max_restarts,
-                                  restart_timeout_s=cfg.cluster.engine_restart_timeout_s)
-        self.fleet.resync = self.resync_engines
+        self.engine_pg = placement.reserve_engines(cfg, self.plan)  # disaggregated: the engines' own bundles
         self.trainer_restarts: list[dict] = []
         self.restarts_logged = 0
         pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
-        self.trainer = TrainerGroup(components.trainer_config(cfg, self.base_model, pad, str(self.out / "ray_train")))
+        # The trainer first: colocated engines are seated on its ranks' GPUs (Ray Train places its own group).
+        self.trainer = TrainerGroup(components.trainer_config(cfg, self.base_model, pad, str(self.out / "ray_train"),
+                                                              plan=self.plan))
         self.trainer.start()
+        self.fleet = RolloutFleet(components.engine_spec(cfg, policy_path, longest), cfg.rollout.num_engines,
+                                  policy_version=self.state.policy_version,
+                                  max_restarts=cfg.cluster.engine_max_restarts,
+                                  restart_timeout_s=cfg.cluster.engine_restart_timeout_s,
+                                  actor_options=placement.engine_actor_options(self.plan, self.engine_pg,
+                                                                               self.trainer.workers))
+        self.fleet.resync = self.resync_engines
         if checkpoint is not None:
             self.trainer.load_checkpoint(str(checkpoint / "trainer"), "ds")
         self.open_weight_sync()
@@ -183,6 +193,8 @@ class Session:
             for engine in restarted:
                 self.fleet.record_restart(engine, "between_rollouts", version, version, t0)
         timeout = self.cfg.cluster.sync_timeout_s
+        if self.plan.sleep_engines:
+            self.fleet.wake_up()  # colocated on GPU: weights and KV cache back before the load and the rollout
         handle = self.trainer.start_sync(version, bucket_mb=self.cfg.cluster.sync_bucket_mb)
         received = self.fleet.receive_weights(version)
         sent = self.trainer.wait(handle, timeout_s=timeout)[0]
@@ -203,7 +215,9 @@ class Session:
         t0 = time.perf_counter()
         failed = self.fleet.iteration
         self.log(f"trainer worker group restarted in iteration {failed} ({error}); restoring the last checkpoint")
+        hosts = self.trainer.workers  # where the colocated engines were seated
         self.trainer.recover()
+        placement.check_guests_after_restart(self.plan, hosts, self.trainer.workers)
         checkpoint = latest_checkpoint(self.out)
         if checkpoint is not None:
             self.trainer.load_checkpoint(str(checkpoint / "trainer"), "ds")
@@ -256,6 +270,8 @@ class Session:
         self.fleet.maybe_kill_for_test("train")
         advantages, adv_info = compute_advantages(cfg, scored)
         t0 = time.perf_counter()
+        if self.plan.sleep_engines:
+            self.fleet.sleep()  # colocated on GPU: the update gets the engines' GPU memory
         train_metrics = self.trainer.train([c.ref for c in scored.chunks], advantages, version=version + 1)
         t_train = time.perf_counter() - t0
         t0 = time.perf_counter()
@@ -333,7 +349,8 @@ class Session:
 
     def close(self, status: str) -> None:
         for closer in (lambda: self.trainer.shutdown(), lambda: self.fleet.shutdown(),
-                       lambda: ray.get(self.scorer.close.remote(), timeout=30)):
+                       lambda: ray.get(self.scorer.close.remote(), timeout=30),
+                       lambda: self.engine_pg is not None and ray.util.remove_placement_group(self.engine_pg)):
             try:
                 closer()
             except Exception as exc:  # noqa: BLE001 - shutting down; report, keep closing the rest

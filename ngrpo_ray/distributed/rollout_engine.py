@@ -66,6 +66,24 @@ class RolloutEngineImpl:
             save_file({k: v.detach().cpu().contiguous() for k, v in state.items()}, path)
             return self.refit_from_path(path, policy_version)
 
+    def sleep(self) -> dict:
+        """Colocated on GPU: free this GPU's engine memory for the trainer's update (vLLM sleep mode level 1: weights
+        offloaded to CPU, KV cache dropped). Without sleep mode (CPU) a no-op that says so."""
+        if not self.spec.enable_sleep_mode:
+            return {"slept": False, "reason": "sleep mode is off (vLLM's sleep mode needs CUDA)"}
+        t0 = time.perf_counter()
+        self.llm.sleep(level=1)
+        return {"slept": True, "seconds": time.perf_counter() - t0}
+
+    def wake_up(self) -> dict:
+        """Before the weight load and the rollout: reallocate weights and KV cache."""
+        if not self.spec.enable_sleep_mode:
+            return {"woke": False}
+        t0 = time.perf_counter()
+        self.llm.wake_up()
+        self.llm.reset_prefix_cache()  # the KV cache was dropped while asleep
+        return {"woke": True, "seconds": time.perf_counter() - t0}
+
     def health(self) -> dict:
         from ngrpo_ray.engine.records_client import check
 

@@ -46,12 +46,18 @@ class Chunk:
 
 class RolloutFleet:
     def __init__(self, spec: dict, num_engines: int, num_cpus: float = 1.0, num_gpus: float = 0.0,
-                 policy_version: int = 0, max_restarts: int = 2, restart_timeout_s: float = 900.0):
+                 policy_version: int = 0, max_restarts: int = 2, restart_timeout_s: float = 900.0,
+                 actor_options: Sequence[dict] | None = None):
+        """`actor_options`: per engine, its seat from the placement plan (placement.engine_actor_options); without
+        it every engine asks Ray for num_cpus / num_gpus directly (evaluation, benchmarks)."""
         self.spec = spec
+        if actor_options is None:
+            actor_options = [{"num_cpus": num_cpus, "num_gpus": num_gpus}] * num_engines
+        if len(actor_options) != num_engines:
+            raise ValueError(f"{len(actor_options)} engine seats for {num_engines} engines")
         self.engines = [
-            SyncedRolloutEngine.options(num_cpus=num_cpus, num_gpus=num_gpus, max_restarts=max_restarts,
-                                        max_task_retries=0).remote(spec, policy_version)
-            for _ in range(num_engines)
+            SyncedRolloutEngine.options(**seat, max_restarts=max_restarts, max_task_retries=0).remote(spec, policy_version)
+            for seat in actor_options
         ]
         health = ray.get([e.health.remote() for e in self.engines])  # fail here, clearly, if one cannot start
         self.engine_ids = [h["incarnation"] for h in health]
@@ -198,6 +204,13 @@ class RolloutFleet:
 
     def receive_weights(self, policy_version: int) -> list[ray.ObjectRef]:
         return [e.receive_weights.remote(policy_version) for e in self.engines]
+
+    def sleep(self) -> list[dict]:
+        """Colocated: every engine frees its GPU memory before the trainer's update (a no-op without sleep mode)."""
+        return ray.get([e.sleep.remote() for e in self.engines])
+
+    def wake_up(self) -> list[dict]:
+        return ray.get([e.wake_up.remote() for e in self.engines])
 
     def shutdown(self) -> None:
         for e in self.engines:

@@ -57,6 +57,11 @@ class TrainerGroupConfig:
     num_workers: int = 1
     use_gpu: bool = False
     cpus_per_worker: float = 1.0
+    # From the placement plan (placement.plan_placement): Ray Train's resources_per_worker and placement strategy.
+    # None: {"CPU": cpus_per_worker} (+ one GPU when use_gpu).
+    resources_per_worker: dict[str, float] | None = None
+    placement_strategy: str = "PACK"
+    start_timeout_s: float = 600.0  # every worker must have started (its bundle placed) by then: cluster.placement_timeout_s
     torch_threads: int = 1  # per worker on CPU; keep the product with num_workers below the core count
     deepspeed: DeepSpeedSettings = field(default_factory=DeepSpeedSettings)
     step: StepSettings = field(default_factory=StepSettings)
@@ -101,6 +106,10 @@ class CommandChannel:
 
     async def get_generation(self) -> int:
         return self.generation
+
+    async def registered(self) -> int:
+        """How many ranks have started (Ray placed their bundles and ran the loop)."""
+        return sum(1 for a in self.attempts if a > 0)
 
     async def put(self, ranks: list[int], command: dict) -> bool:
         if command["generation"] != self.generation:
@@ -226,7 +235,10 @@ class _PolicyWorker:
 
     # -- commands ---------------------------------------------------------------------------------------------
     def ping(self) -> dict:
-        return {"rank": self.rank, "world": self.world, "device": str(self.device), "pid": os.getpid()}
+        """Who and where: colocated engines are seated next to a rank by its node_id and gpu_ids."""
+        ctx = ray.get_runtime_context()
+        return {"rank": self.rank, "world": self.world, "device": str(self.device), "pid": os.getpid(),
+                "node_id": ctx.get_node_id(), "gpu_ids": [str(g) for g in ctx.get_accelerator_ids().get("GPU", [])]}
 
     def _local(self, batch_refs: list, advantages: Any) -> tuple[list[TrainSequence], list[int]]:
         batches = [_resolve(r) for r in batch_refs]
@@ -401,14 +413,15 @@ class TrainerGroup:
         start = time.monotonic()
         cfg = self.cfg
         self.channel = _CommandChannel.remote(cfg.num_workers)
-        resources = {"CPU": cfg.cpus_per_worker}
+        resources = dict(cfg.resources_per_worker or {"CPU": cfg.cpus_per_worker})
         if cfg.use_gpu:
-            resources["GPU"] = 1
+            resources.setdefault("GPU", 1)
         trainer = TorchTrainer(
             _worker_loop,
             train_loop_config={"channel": self.channel, "cfg": cfg},
             scaling_config=ScalingConfig(num_workers=cfg.num_workers, use_gpu=cfg.use_gpu,
-                                         resources_per_worker=resources),
+                                         resources_per_worker=resources,
+                                         placement_strategy=cfg.placement_strategy),
             torch_config=TorchConfig(backend="nccl" if cfg.use_gpu else "gloo",
                                      timeout_s=int(cfg.collective_timeout_s)),
             run_config=RunConfig(name=f"ngrpo-trainer-{uuid.uuid4().hex[:12]}",  # id(self) can be reused: names must not
@@ -424,9 +437,27 @@ class TrainerGroup:
 
         self._thread = threading.Thread(target=fit, name="ngrpo-trainer-fit", daemon=True)
         self._thread.start()
+        self._wait_started(resources)
         self.workers = self._call("ping")
         self.startup_seconds = time.monotonic() - start
         return self
+
+    def _wait_started(self, resources: dict) -> None:
+        """Every rank registers first thing: until then Ray is still placing the group. Fail after start_timeout_s
+        with the numbers instead of letting the first command wait command_timeout_s."""
+        deadline = time.monotonic() + self.cfg.start_timeout_s
+        while True:
+            started = ray.get(self.channel.registered.remote())
+            if started == self.cfg.num_workers:
+                return
+            if self._thread is not None and not self._thread.is_alive():
+                raise TrainerGroupError(f"the trainer worker group did not start: {self._fit_error!r}")
+            if time.monotonic() > deadline:
+                raise TrainerGroupError(
+                    f"only {started} of {self.cfg.num_workers} trainer workers started within "
+                    f"{self.cfg.start_timeout_s:g} s (cluster.placement_timeout_s); each asks Ray for {resources}. "
+                    f"Cluster available: {ray.available_resources()}")
+            time.sleep(0.5)
 
     def shutdown(self) -> None:
         if self._thread is not None and self._thread.is_alive():

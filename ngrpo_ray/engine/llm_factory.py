@@ -39,6 +39,7 @@ class EngineSpec:
     never_mix: tuple[str, ...] = ("<eos>",)
     noise_table: bool = False  # allocate the [capacity, d] noise rows that the gaussian_noise (STHT) baseline needs
     hook_seed: int | None = None  # None -> seed
+    enable_sleep_mode: bool = False  # colocated on GPU: free weights and KV cache during the trainer's update
     dtype: str = "float32"  # exactness needs fp32 on CPU ("auto" turns fp32 checkpoints into bf16 there)
     extra: tuple[tuple[str, Any], ...] = ()  # more LLM kwargs, still checked by the refusals
 
@@ -56,6 +57,8 @@ def engine_kwargs(spec: EngineSpec, hooked: bool) -> dict[str, Any]:
         kw["gpu_memory_utilization"] = spec.gpu_memory_utilization
     if spec.num_gpu_blocks_override is not None:
         kw["num_gpu_blocks_override"] = spec.num_gpu_blocks_override
+    if spec.enable_sleep_mode:
+        kw["enable_sleep_mode"] = True
     if spec.max_num_batched_tokens is not None:
         kw["max_num_batched_tokens"] = spec.max_num_batched_tokens
     kw.update(dict(spec.extra))

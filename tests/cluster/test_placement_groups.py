@@ -25,53 +25,89 @@ GPU_RUN = (
 def test_disaggregated_bundles_gpu():
     plan = placement.plan_placement(_cfg("cluster.placement=disaggregated", *GPU_RUN))
     assert plan.bundles == [{"CPU": 2.0, "GPU": 1.0}] * 2 + [{"CPU": 1.0, "GPU": 1.0}] * 4
+    assert plan.engine_bundles == [{"CPU": 2.0, "GPU": 1.0}] * 2  # the engines' own group
+    assert plan.trainer_resources == {"CPU": 1.0, "GPU": 1.0}  # Ray Train builds the trainer's group from this
     assert plan.strategy == "PACK"
     assert plan.engine_slots == [[Slot(0, 2.0, 1.0)], [Slot(1, 2.0, 1.0)]]
     assert plan.trainer_slots == [Slot(2, 1.0, 1.0), Slot(3, 1.0, 1.0), Slot(4, 1.0, 1.0), Slot(5, 1.0, 1.0)]
+    assert plan.transports == ["nccl", "nccl"] and not plan.sleep_engines
+    assert plan.roles[0] == ["engine 0 tp 0"] and plan.roles[5] == ["trainer 3"]
 
 
-def test_disaggregated_bundles_tensor_parallel_and_fractional_engine():
+def test_tensor_parallel_shapes_are_planned_per_rank():
+    # The config refuses TP > 1 today (see test_config_refuses_*); the plan already seats one bundle per TP rank.
     cfg = _cfg("cluster.placement=disaggregated", "trainer.use_gpu=true", "trainer.num_workers=1",
-               "rollout.num_engines=2", "rollout.tensor_parallel_size=2", "rollout.engine_cpus=0.5",
-               "rollout.engine_gpus=0.5")
+               "rollout.num_engines=2", "rollout.engine_cpus=0.5")
+    cfg.rollout.tensor_parallel_size = 2
     plan = placement.plan_placement(cfg, trainer_cpus=3.0)
-    assert plan.bundles == [{"CPU": 0.5, "GPU": 0.5}] * 4 + [{"CPU": 3.0, "GPU": 1.0}]
-    assert plan.engine_slots == [[Slot(0, 0.5, 0.5), Slot(1, 0.5, 0.5)], [Slot(2, 0.5, 0.5), Slot(3, 0.5, 0.5)]]
+    assert plan.bundles == [{"CPU": 0.5, "GPU": 1.0}] * 4 + [{"CPU": 3.0, "GPU": 1.0}]
+    assert plan.engine_slots == [[Slot(0, 0.5, 1.0), Slot(1, 0.5, 1.0)], [Slot(2, 0.5, 1.0), Slot(3, 0.5, 1.0)]]
     assert plan.trainer_slots == [Slot(4, 3.0, 1.0)]
+    cfg = _cfg("cluster.placement=colocated", "trainer.use_gpu=true", "trainer.num_workers=8", "rollout.num_engines=2")
+    cfg.rollout.tensor_parallel_size = 2
+    plan = placement.plan_placement(cfg)
+    # engines fill the last GPUs: engine 0 on trainer ranks 4-5, engine 1 on ranks 6-7
+    assert [[s.host_rank for s in seats] for seats in plan.engine_slots] == [[4, 5], [6, 7]]
 
 
-def test_colocated_bundles_share_gpus():
+def test_colocated_engines_are_guests_on_the_last_trainer_gpus():
     plan = placement.plan_placement(_cfg("cluster.placement=colocated", *GPU_RUN))
-    # 4 shared GPUs: bundles 0-1 hold an engine (2 CPUs) and a trainer (1 CPU); bundles 2-3 a trainer only.
-    assert plan.bundles == [{"CPU": 3.0, "GPU": 1.0}] * 2 + [{"CPU": 1.0, "GPU": 1.0}] * 2
-    assert plan.engine_slots == [[Slot(0, 2.0, 0.5)], [Slot(1, 2.0, 0.5)]]
-    assert plan.trainer_slots == [Slot(i, 1.0, 0.5) for i in range(4)]
-    # Everyone seated in a bundle fits in it: fractions sum to at most the bundle.
-    for index, bundle in enumerate(plan.bundles):
-        seated = [s for s in plan.trainer_slots + sum(plan.engine_slots, []) if s.bundle_index == index]
-        assert sum(s.num_gpus for s in seated) <= bundle["GPU"]
-        assert sum(s.num_cpus for s in seated) == bundle["CPU"]
+    # 4 shared GPUs, each bundle room for a trainer (1 CPU) and an engine (2 CPUs); Ray Train claims whole bundles.
+    assert plan.bundles == [{"CPU": 3.0, "GPU": 1.0}] * 4
+    assert plan.trainer_resources == {"CPU": 3.0, "GPU": 1.0}
+    assert plan.engine_bundles == []  # no group of their own
+    assert plan.trainer_slots == [Slot(i, 3.0, 1.0) for i in range(4)]
+    assert plan.engine_slots == [[Slot(2, 0.0, 0.0, host_rank=2)], [Slot(3, 0.0, 0.0, host_rank=3)]]
+    assert plan.roles == [["trainer 0"], ["trainer 1"], ["trainer 2", "engine 0 tp 0"], ["trainer 3", "engine 1 tp 0"]]
+    assert plan.transports == ["nccl", "nccl"]  # neither shares trainer rank 0's GPU
+    assert plan.sleep_engines
+    assert "bundle 2 {CPU: 3, GPU: 1}: trainer 2, engine 0 tp 0" in plan.describe()
 
 
-def test_colocated_more_engine_ranks_than_trainers():
-    cfg = _cfg("cluster.placement=colocated", "trainer.use_gpu=true", "trainer.num_workers=1",
-               "rollout.num_engines=3", "rollout.engine_cpus=1")
-    assert placement.colocated_bundles(cfg) == [{"CPU": 2.0, "GPU": 1.0}] + [{"CPU": 1.0, "GPU": 1.0}] * 2
+def test_colocated_engine_on_rank0_gpu_needs_ipc_and_is_refused_on_gpu_only():
+    with pytest.raises(placement.PlacementInfeasibleError, match="CUDA IPC"):
+        placement.plan_placement(_cfg("cluster.placement=colocated", "trainer.use_gpu=true", "trainer.num_workers=2",
+                                      "rollout.num_engines=2"))
+    # On CPU there is no device to share: the gloo group is fine, and the plan says why.
+    plan = placement.plan_placement(_cfg("cluster.placement=colocated", "trainer.num_workers=2",
+                                         "rollout.num_engines=2", "rollout.engine_cpus=0.5"))
+    assert plan.transports == ["gloo", "gloo"] and plan.bundles == [{"CPU": 1.5}] * 2
+    assert any("sleep mode needs CUDA" in n for n in plan.notes)
+
+
+def test_config_refuses_what_the_plan_cannot_serve():
+    from ngrpo_ray.config.load import ConfigError
+
+    with pytest.raises(ConfigError, match="rollout.tensor_parallel_size"):
+        _cfg("rollout.tensor_parallel_size=2")
+    with pytest.raises(ConfigError, match="rollout.engine_gpus"):
+        _cfg("trainer.use_gpu=true", "rollout.engine_gpus=0.5")
+    with pytest.raises(ConfigError, match="rollout.num_engines"):
+        _cfg("cluster.placement=colocated", "trainer.use_gpu=true", "trainer.num_workers=1", "rollout.num_engines=3")
 
 
 def test_cpu_run_asks_for_no_gpu_whatever_engine_gpus_says():
     cfg = _cfg("rollout.engine_gpus=1", "rollout.engine_cpus=0.5", "trainer.num_workers=2")  # use_gpu false
-    assert placement.engine_bundles(cfg) == [{"CPU": 0.5}]
-    assert placement.trainer_bundles(cfg) == [{"CPU": 1.0}, {"CPU": 1.0}]
-    assert placement.colocated_bundles(cfg) == [{"CPU": 1.5}, {"CPU": 1.0}]
+    plan = placement.plan_placement(cfg)
+    assert plan.bundles == [{"CPU": 0.5}, {"CPU": 1.0}, {"CPU": 1.0}] and plan.gpus == 0
+    assert plan.transports == ["gloo"]
+
+
+def test_cpu_default_plan_is_one_engine_bundle_and_one_trainer_worker():
+    plan = placement.plan_placement(load_config("cpu_default"))
+    assert plan.placement == "disaggregated"
+    assert plan.engine_bundles == [{"CPU": 1.0}] and plan.trainer_resources == {"CPU": 1.0}
 
 
 def test_paper_presets_plan_eight_shared_gpus():
-    # The 1.5B/7B presets (colocated, 8 trainer workers, 1 engine) must ask the autoscaler for 8 GPUs.
+    # The 1.5B/7B presets (colocated, 8 trainer workers, 7 engines) ask for 8 GPUs in all, not 8 + engines.
     for name in ("r1_distill_1p5b_ngrpo", "r1_distill_7b_ngrpo"):
         plan = placement.plan_placement(load_config(name))
         assert plan.placement == "colocated"
-        assert sum(b.get("GPU", 0.0) for b in plan.bundles) == 8.0
+        assert plan.gpus == 8.0 and len(plan.bundles) == 8
+        assert plan.roles[0] == ["trainer 0"]  # rank 0's GPU is engine-free: every engine syncs over NCCL
+        assert plan.roles[1:] == [[f"trainer {i + 1}", f"engine {i} tp 0"] for i in range(7)]
+        assert plan.transports == ["nccl"] * 7
 
 
 @pytest.fixture(scope="module")
@@ -91,10 +127,10 @@ def test_init_ray_starts_local_cluster_with_configured_cpus(local_ray):
 
 @pytest.mark.ray
 def test_reserve_and_seat_actors_in_their_bundles(local_ray):
-    cfg = _cfg("cluster.placement=colocated", "rollout.engine_cpus=0.5", "cluster.placement_timeout_s=20")
+    cfg = _cfg("cluster.placement=disaggregated", "rollout.engine_cpus=0.5", "cluster.placement_timeout_s=20")
     pg, plan = placement.reserve(cfg)
     try:
-        assert plan.bundles == [{"CPU": 1.5}]
+        assert plan.bundles == [{"CPU": 0.5}, {"CPU": 1.0}]
 
         @ray.remote
         class Where:
@@ -114,12 +150,25 @@ def test_reserve_and_seat_actors_in_their_bundles(local_ray):
 
 
 @pytest.mark.ray
+def test_gpu_layout_on_a_cpu_cluster_fails_at_once_with_both_numbers(local_ray):
+    cfg = _cfg("cluster.placement=disaggregated", "trainer.use_gpu=true", "trainer.num_workers=1",
+               "rollout.engine_cpus=0.5", "cluster.placement_timeout_s=600")
+    start = time.monotonic()
+    with pytest.raises(placement.PlacementInfeasibleError) as info:
+        placement.reserve(cfg, name="never")
+    assert time.monotonic() - start < 5.0  # not after cluster.placement_timeout_s
+    assert "it asks for 2 GPUs, the cluster can have at most 0 GPUs (current total)" in str(info.value)
+    assert not [t for t in ray.util.placement_group_table().values() if t["name"] == "never"]  # nothing was asked
+
+
+@pytest.mark.ray
 def test_unsatisfiable_gpu_request_fails_within_timeout_naming_the_key(local_ray):
     cfg = _cfg("cluster.placement=disaggregated", "trainer.use_gpu=true", "trainer.num_workers=1",
-               "rollout.engine_cpus=0.5", "cluster.placement_timeout_s=2")
+               "rollout.engine_cpus=0.5")
+    plan = placement.plan_placement(cfg)
     start = time.monotonic()
     with pytest.raises(PlacementTimeoutError) as info:
-        placement.reserve(cfg, name="too-big")
+        placement.create_placement_group(plan.bundles, plan.strategy, timeout_s=2, name="too-big")
     elapsed = time.monotonic() - start
     assert 2.0 <= elapsed < 8.0
     message = str(info.value)

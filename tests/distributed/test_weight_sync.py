@@ -102,6 +102,36 @@ def test_gloo_sync_to_two_receivers_is_exact_and_versioned():
             assert state[k].dtype == v.dtype
 
 
+def _nccl_receiver_main(endpoint: SyncEndpoint, out: mp.Queue) -> None:
+    torch.cuda.set_device(1)  # the receiver's own GPU: one NCCL group never holds two ranks on one device
+    _receiver_main(endpoint, 1, out)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="the NCCL sync group needs two GPUs (one rank per device)")
+def test_nccl_sync_between_two_gpus_is_exact_and_versioned():
+    ctx = mp.get_context("spawn")
+    endpoint = SyncEndpoint("127.0.0.1", free_port(), world_size=2, backend="nccl", timeout_s=120)
+    out = ctx.Queue()
+    proc = ctx.Process(target=_nccl_receiver_main, args=(endpoint, out))
+    proc.start()
+    try:
+        torch.cuda.set_device(0)
+        sender_model = _model(seed=0).cuda(0)
+        group = WeightGroup(endpoint, rank=0, device=torch.device("cuda", 0))
+        stats = send_weights(group, sender_model, version=3, bucket_mb=0.002)
+        raw_broadcast_seconds(group, stats.bytes)
+        result = out.get(timeout=120)
+        group.close()
+    finally:
+        proc.join(timeout=60)
+    assert result["res"]["ok"], result["res"]
+    assert result["version"] == 3 and result["rebuilt"] == 1
+    state = torch.load(io.BytesIO(result["state"]))
+    for k, v in sender_model.state_dict().items():
+        assert torch.equal(state[k].cpu(), v.cpu()), k
+
+
 def test_sync_to_absent_peer_raises_within_timeout():
     endpoint = SyncEndpoint("127.0.0.1", free_port(), world_size=2, backend="gloo", timeout_s=3)
     start = time.monotonic()

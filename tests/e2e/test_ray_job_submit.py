@@ -11,18 +11,16 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import signal
-import socket
 import subprocess
 import sys
 import tempfile
 import uuid
 from pathlib import Path
 
-import psutil
 import pytest
 from mlflow.tracking import MlflowClient
 
+from tests.support.local_head import free_port, stop_head
 from tests.support.tiny_chat_model import write_tiny_chat_model
 
 pytestmark = [pytest.mark.slow, pytest.mark.ray, pytest.mark.engine]
@@ -33,12 +31,6 @@ VENV_BIN = Path(sys.executable).parent  # the interpreter running the tests: its
 EXCLUDES = [".venv", ".git", "runs", "mlruns", ".hypothesis", ".pytest_cache", "**/__pycache__", "*.egg-info"]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _cluster_env() -> dict[str, str]:
     env = dict(os.environ)
     env["PATH"] = f"{VENV_BIN}{os.pathsep}{env.get('PATH', '')}"
@@ -47,53 +39,23 @@ def _cluster_env() -> dict[str, str]:
     return env
 
 
-def _processes_of(temp_dir: str) -> list[psutil.Process]:
-    """This head's daemons (their command lines name its private temp dir) and everything they started."""
-    found: dict[int, psutil.Process] = {}
-    for proc in psutil.process_iter(["cmdline"]):
-        try:
-            if temp_dir in " ".join(proc.info["cmdline"] or []):
-                found[proc.pid] = proc
-                found.update((c.pid, c) for c in proc.children(recursive=True))
-        except (psutil.NoSuchProcess, psutil.AccessDenied):
-            continue
-    found.pop(os.getpid(), None)
-    return list(found.values())
-
-
-def _stop_head(temp_dir: str) -> None:
-    procs = _processes_of(temp_dir)
-    for p in procs:
-        try:
-            p.send_signal(signal.SIGTERM)
-        except psutil.NoSuchProcess:
-            pass
-    _, alive = psutil.wait_procs(procs, timeout=15)
-    for p in alive:
-        try:
-            p.kill()
-        except psutil.NoSuchProcess:
-            pass
-    psutil.wait_procs(alive, timeout=10)
-
-
 @pytest.fixture
 def ray_head():
     """A local head on loopback with free ports; yields (dashboard address, env for clients)."""
     # A short path of its own: Ray's socket paths live under it (108-byte limit) and teardown finds the head by it.
     temp_dir = tempfile.mkdtemp(prefix="ngrpo_rjs_", dir="/tmp")
-    dashboard = _free_port()
+    dashboard = free_port()
     env = _cluster_env()
     cmd = [str(VENV_BIN / "ray"), "start", "--head", "--node-ip-address=127.0.0.1", "--dashboard-host=127.0.0.1",
-           f"--port={_free_port()}", f"--dashboard-port={dashboard}", f"--ray-client-server-port={_free_port()}",
-           f"--dashboard-agent-listen-port={_free_port()}", "--num-cpus=4", "--disable-usage-stats",
+           f"--port={free_port()}", f"--dashboard-port={dashboard}", f"--ray-client-server-port={free_port()}",
+           f"--dashboard-agent-listen-port={free_port()}", "--num-cpus=4", "--disable-usage-stats",
            f"--temp-dir={temp_dir}"]
     try:
         started = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=180)
         assert started.returncode == 0, f"ray start failed:\n{started.stdout}\n{started.stderr}"
         yield f"http://127.0.0.1:{dashboard}", env
     finally:
-        _stop_head(temp_dir)
+        stop_head(temp_dir)
         shutil.rmtree(temp_dir, ignore_errors=True)
 
 

@@ -41,17 +41,20 @@ def _cfg(model: Path, out: Path, *extra: str):
         "rollout.engine_cpus=1", "trainer.lr=1e-4", "algorithm.beta=0.01", "trainer.validate_before=false", *extra])
 
 
-# grpo: the CPU default's old_logprobs: rollout (gap measured on the first mini-batch's pre-update forward);
-# gspo: the old-log-prob pass with sequence-level TIS (the weights travel through both trainer ranks)
-@pytest.mark.parametrize("loss_type, extra", [
-    ("grpo", ()),
-    ("gspo", ("trainer.old_logprobs=recompute", "algorithm.rollout_correction=tis",
-              "algorithm.rollout_correction_level=sequence")),
+# grpo: the CPU default's old_logprobs: rollout (gap measured on the first mini-batch's pre-update forward),
+# disaggregated; gspo: the old-log-prob pass with sequence-level TIS (the weights travel through both trainer ranks),
+# colocated on CPU
+@pytest.mark.parametrize("loss_type, layout, extra", [
+    ("grpo", "disaggregated", ()),
+    ("gspo", "colocated", ("trainer.old_logprobs=recompute", "algorithm.rollout_correction=tis",
+                           "algorithm.rollout_correction_level=sequence")),
 ])
-def test_three_iterations_two_workers_log_everything(tiny_model, tmp_path, capsys, loss_type, extra):
+def test_three_iterations_two_workers_log_everything(tiny_model, tmp_path, capsys, loss_type, layout, extra):
     out = tmp_path / loss_type
     cfg = _cfg(tiny_model, out, f"algorithm.loss_type={loss_type}", "trainer.num_workers=2",
-               "trainer.iterations=3", "trainer.validate_every=3", *extra)
+               "trainer.iterations=3", "trainer.validate_every=3", f"cluster.placement={layout}",
+               # colocated on 4 CPUs: 2 x (trainer 1 + engine 0.5) leaves room for the reward scorer (0.1)
+               *(["rollout.engine_cpus=0.5"] if layout == "colocated" else []), *extra)
     rec = train_and_read(cfg)
     assert rec.run.info.status == "FINISHED"
     for key in EVERY_STEP + MISMATCH:
@@ -75,7 +78,13 @@ def test_three_iterations_two_workers_log_everything(tiny_model, tmp_path, capsy
     assert rec.steps("val/mean_at_n") == [3]
     assert all(0.0 < v < 1.0 for _, v in rec.history("mixing/mixed_token_fraction"))  # rho 0.5, 24 tokens/iteration
     assert rec.run.data.params["algorithm.loss_type"] == loss_type
-    assert "resolved_config.yaml" in rec.artifacts()
+    assert {"resolved_config.yaml", "placement_plan.json"} <= rec.artifacts()
+    plan = rec.json_artifact("placement_plan.json", tmp_path)
+    assert rec.run.data.params["plan.layout"] == plan["placement"] == layout
+    assert plan["gpus"] == 0 and plan["transports"] == ["gloo"]
+    # colocated on CPU: the engine is a guest on the last trainer rank (1); disaggregated: its own bundle first
+    assert plan["roles"] == ([["trainer 0"], ["trainer 1", "engine 0 tp 0"]] if layout == "colocated"
+                             else [["engine 0 tp 0"], ["trainer 0"], ["trainer 1"]])
     plots = rec.artifacts("plots")
     assert {"plots/reward.png", "plots/timing.png", "plots/mixing.png", "plots/validation.png"} <= plots
     assert (out / "checkpoints" / "iter_000003" / "trainer" / "hf" / "config.json").exists()
