@@ -79,11 +79,11 @@ def plan_memory(cfg: Config, gpu_gib: float = DEFAULT_GPU_GIB, gpus: int = DEFAU
     notes: list[str] = []
     tp = r.tensor_parallel_size
     if cfg.cluster.placement == "colocated":
-        gpus_needed = max(t.num_workers, tp)
-        engines = max(1, gpus_needed // tp)
-        if r.num_engines * tp != gpus_needed:
-            notes.append(f"colocated: planned as one engine shard on each of the {gpus_needed} trainer GPUs "
-                         f"({engines} engine(s) x TP {tp}); the config says rollout.num_engines={r.num_engines}")
+        # as distributed.placement seats them: engine ranks on the last trainer GPUs, the rest trainer-only
+        gpus_needed, engines = t.num_workers, r.num_engines
+        if engines * tp < gpus_needed:
+            notes.append(f"colocated: {engines} engine(s) x TP {tp} share GPUs {gpus_needed - engines * tp}.."
+                         f"{gpus_needed - 1}; the other {gpus_needed - engines * tp} GPU(s) hold a trainer rank only")
     else:
         engines = r.num_engines
         per_engine_gpus = max(r.engine_gpus, float(tp))
@@ -106,8 +106,11 @@ def plan_memory(cfg: Config, gpu_gib: float = DEFAULT_GPU_GIB, gpus: int = DEFAU
     kinds: list[GpuKind] = []
     if cfg.cluster.placement == "colocated":
         asleep = asleep_term(r.enforce_eager)
-        kinds.append(GpuKind("trainer rank + engine", gpus_needed, trainer + [reserve, asleep], {
+        shared = min(gpus_needed, engines * tp)
+        kinds.append(GpuKind("trainer rank + engine", shared, trainer + [reserve, asleep], {
             "rollout": resident + reservation, "update": resident + peak + asleep.bytes}))
+        if gpus_needed > shared:
+            kinds.append(GpuKind("trainer rank", gpus_needed - shared, trainer, {"update": resident + peak}))
     else:
         kinds.append(GpuKind("trainer rank", t.num_workers, trainer, {"update": resident + peak}))
         kinds.append(GpuKind("engine", gpus_needed - t.num_workers, [reserve], {"rollout": reservation}))
