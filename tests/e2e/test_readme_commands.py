@@ -126,17 +126,30 @@ RULES: dict[str, Rule] = {
         add=("--rounds", "1"), timeout_s=400, marks=("engine", "ray"),
         json_keys=("model_path", "bytes", "sync_send_s", "raw_s", "ratio_send"),
         progress="bench sync rounds: 1/1, elapsed "),
+    "ngrpo bench hook-step": Rule(
+        "reduced", "3 batch sizes x 15 steps at V = 151,936 take about 30 s; one small size shows the command works",
+        add=("--rows", "8", "--vocab", "4096", "--steps", "2", "--warmup", "1"), timeout_s=200,
+        json_keys=("per_rows", "ratio_8")),
+    "ngrpo bench train-step": Rule(
+        "reduced", "2 rounds of a 64-response demo iteration take about 4 minutes; one round of 8 short responses",
+        add=("--rounds", "1", "--response-tokens", "8", "--prompt-tokens", "16", "trainer.prompts_per_iteration=1",
+             "trainer.mini_batches=1"), timeout_s=300, json_keys=("trainer_s", "plain_s", "ratio")),
     # --- server ---
     "mlflow ui --backend-store-uri sqlite:///runs/cpu_default/mlflow.db": Rule(
         "server", "a server; started in a scratch folder holding runs/cpu_default/ (the demo's output folder)",
         add=("--host", "127.0.0.1", "--port", "{port}"), timeout_s=90),
-    # --- synopsis (usage lines) ---
+    "ngrpo plan --config r1_distill_1p5b_ngrpo": Rule("run", "the documented memory plan (no Ray, no GPU, 0.2 s)"),
+    # --- synopsis (usage lines, and subcommands named in prose) ---
+    "ngrpo plan": Rule("synopsis"),
+    "ngrpo train": Rule("synopsis"),
+    "ngrpo config --dry-run": Rule("synopsis"),
     "ngrpo config [--config PRESET] [key=value ...]": Rule("synopsis"),
     "ngrpo train [--config PRESET] [key=value ...] [--resume]": Rule("synopsis"),
     "ngrpo eval [--config PRESET] [key=value ...]": Rule("synopsis"),
     "ngrpo demo [--resume]": Rule("synopsis"),
     "ngrpo compare [--methods grpo n-grpo stht] [--seeds 0 1] [key=value ...]": Rule("synopsis"),
-    "ngrpo bench hook-overhead | neighbor-table | sync": Rule("synopsis"),
+    "ngrpo bench hook-overhead | hook-step | neighbor-table | sync | train-step": Rule("synopsis"),
+    "ngrpo plan [--config PRESET] [key=value ...] [--gpu-memory-gib 80] [--gpus 8]": Rule("synopsis"),
     # --- skipped, with the reason ---
     "make demo": Rule("skip", "21 minutes; a shortened demo is tests/e2e/test_demo_short.py"),
     "make test": Rule("skip", "the test suite itself"),
