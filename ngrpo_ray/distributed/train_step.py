@@ -295,6 +295,7 @@ def train_on_sequences(
                 # We own the accumulation boundary (DeepSpeed's micro-step counter drifts when the count changes
                 # between calls): reduce and update only after the last micro-batch, then one step().
                 set_boundary(engine, j == len(micro_list) - 1)
+                begin_micro_batch(engine)
                 weight = 1.0
                 if not micro:  # keep the collective schedule identical on every rank: a zero-weight dummy
                     micro, weight = [by_index[local[0].index]], 0.0
@@ -322,6 +323,16 @@ def train_on_sequences(
     summary = _summarise(per_step, grad_norms, device)
     summary.update(off_policy.metrics(lambda sums: all_reduce_metrics(sums, device)))
     return summary
+
+
+def begin_micro_batch(engine: Any) -> None:
+    """What DeepSpeedEngine.forward does first. We run ``engine.module`` directly (hidden states, then the head in
+    chunks), so DeepSpeed must be told a new micro-batch starts: ZeRO-3 counts its micro-steps here (without it every
+    micro-batch's gradient partition overwrote the previous one instead of adding to it, and only the last
+    micro-batch of an optimizer step counted), and ZeRO-1/2 reset their per-backward hook state. No-op elsewhere."""
+    clear = getattr(getattr(engine, "optimizer", None), "clear_backward_seen_flag", None)
+    if clear is not None:
+        clear()
 
 
 def set_boundary(engine: Any, is_boundary: bool) -> None:

@@ -159,9 +159,6 @@ def test_train_reports_loss_kl_and_versions_then_sync_matches(env):
         ray.kill(r)
 
 
-@pytest.mark.xfail(reason="issue 12 open: ZeRO-3 now trains and its sync is exact, but its update differs from ZeRO-2's "
-                          "(measured |diff| 0.89 vs an update of 2.23); not yet bisected (checkpointing, budget, chunks, "
-                          "tied head under ZeRO-3)", strict=False)
 def test_zero3_trains_like_zero2_and_its_sync_reproduces_the_weights(env):
     """Issue 12, done-when 2: ZeRO-3 (partitioned embedding, mixtures rebuilt through the embedding module) gives the
     same update as ZeRO-2 on a batch with mixed steps; the ZeRO-3 run also uses gradient checkpointing, a token
@@ -177,8 +174,10 @@ def test_zero3_trains_like_zero2_and_its_sync_reproduces_the_weights(env):
                             **({"max_tokens_per_micro_batch": 16, "logprob_chunk_tokens": 4} if stage == 3 else
                                {"micro_batches": 2}))
         cfg = TrainerGroupConfig(model_path=path, num_workers=2, cpus_per_worker=1, step=step,
-                                 deepspeed=DeepSpeedSettings(zero_stage=stage, optimizer="adamw", lr=1e-2,
-                                                             grad_clip=1.0),
+                                 # SGD at lr 1: the update IS the gradient, so the comparison is linear (Adam's
+                                 # g / sqrt(v) turns reduction-order noise on near-zero gradients into +-lr steps)
+                                 deepspeed=DeepSpeedSettings(zero_stage=stage, optimizer="sgd", lr=1.0,
+                                                             grad_clip=0.0),
                                  loss=PolicyLossConfig(loss_type="grpo"), **extra)
         with TrainerGroup(cfg) as group:
             initial = group.state_dict()
