@@ -14,7 +14,13 @@ Its draw at decode step t (t = number of tokens the response emitted before this
 
     h = mix64(key ^ mix64(2 * t + lane + GOLDEN)),  uniform = (h >>> 40) / 2**24,  noise seed = h >>> 2
 
-with ``mix64`` the splitmix64 finaliser. Nothing has state: the draw is the same on every tensor-parallel rank, in any
+with ``mix64`` the splitmix64 finaliser. The Gumbel noise of the soft-token strategies (gumbel_topk, latent_gumbel)
+has its own sub-stream, keyed by the step and the candidate column j (rank in the top-K):
+
+    h = mix64(mix64(mix64(key ^ GUMBEL_SALT) ^ mix64(t + GOLDEN)) ^ mix64(j + GOLDEN)),
+    u = ((h >>> 40) + 1/2) / 2**24 in (0, 1),  g = -log(-log u)  (computed in float64, stored as float32)
+
+so the engine and the reference generator draw the same noise, and a replay recomputes it from (key, t, j). Nothing has state: the draw is the same on every tensor-parallel rank, in any
 batch composition, after preemption, and a rerun reproduces it. ``gate = uniform < rho``.
 
 All functions work on int64 ``torch`` tensors (any device) and on int64 ``numpy`` arrays with the same code: both wrap
@@ -31,6 +37,7 @@ import torch
 MASK64 = (1 << 64) - 1
 GATE_LANE = 0
 NOISE_SEED_LANE = 1
+GUMBEL_SALT = 0x6A09E667F3BCC908  # separates the Gumbel sub-stream from the gate / noise-seed lanes
 PURPOSES = {"train": 0, "validate": 1, "evaluate": 2, "bench": 3}
 STRATEGY_CODES = {"sample": 0, "neighbor_mix": 1, "gaussian_noise": 2, "gumbel_topk": 3, "soft_thinking": 4,
                   "latent_gumbel": 5}
@@ -115,3 +122,28 @@ def noise_seeds(key: Any, step: Any) -> Any:
 
 def noise_seed_reference(key: int, step: int) -> int:
     return _draw_reference(key, step, NOISE_SEED_LANE) >> 2
+
+
+def _gumbel_bits(key: torch.Tensor, step: torch.Tensor, width: int) -> torch.Tensor:
+    """[n] int64 keys, [n] int64 steps -> [n, width] int64 draws of the Gumbel sub-stream (24 high bits)."""
+    sub = mix64(key ^ _signed(GUMBEL_SALT))
+    row = mix64(sub ^ mix64(step + _GOLDEN_S)).unsqueeze(1)
+    col = torch.arange(width, dtype=torch.int64, device=key.device).unsqueeze(0)
+    return _srl(mix64(row ^ mix64(col + _GOLDEN_S)), 64 - UNIFORM_BITS)
+
+
+def gumbel(key: torch.Tensor, step: torch.Tensor, width: int) -> torch.Tensor:
+    """[n] int64 keys, [n] int64 steps -> [n, width] float32 Gumbel(0, 1) noise, column j for candidate rank j."""
+    u = (_gumbel_bits(key, step, width).to(torch.float64) + 0.5) * (2.0 ** -UNIFORM_BITS)
+    return (-torch.log(-torch.log(u))).to(torch.float32)
+
+
+def gumbel_reference(key: int, step: int, column: int) -> float:
+    """The same draw on Python ints and floats (tests)."""
+    import math
+
+    sub = mix64_reference((key & MASK64) ^ GUMBEL_SALT)
+    row = mix64_reference(sub ^ mix64_reference(step + _GOLDEN))
+    h = mix64_reference(row ^ mix64_reference(column + _GOLDEN))
+    u = ((h >> (64 - UNIFORM_BITS)) + 0.5) * 2.0 ** -UNIFORM_BITS
+    return -math.log(-math.log(u))

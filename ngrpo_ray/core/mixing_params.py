@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
-from ngrpo_ray.core.neighbors import METRICS
-
-STRATEGIES = ("sample", "neighbor_mix", "gaussian_noise", "gumbel_topk", "soft_thinking", "latent_gumbel")
-ALPHA_SOURCES = ("logits", "filtered_probs")
-EMIT_MODES = ("anchor", "sampled")
+from ngrpo_ray.core import mixing_spec
+from ngrpo_ray.core.mixing_spec import ALPHA_SOURCES, EMIT_MODES, STRATEGIES  # noqa: F401  (re-exported)
 
 
 def _require(ok: bool, field: str, allowed: str, value: object) -> None:
@@ -59,26 +57,13 @@ class MixingParams:
     seed: int | None = None  # seeds the gate / noise generator; None derives it from the sampling generator
 
     def __post_init__(self) -> None:
-        _require(self.strategy in STRATEGIES, "strategy", f"one of {STRATEGIES}", self.strategy)
-        _require(isinstance(self.rho, (int, float)) and 0.0 <= self.rho <= 1.0, "rho", "a float in [0, 1]", self.rho)
-        _require(isinstance(self.k, int) and self.k >= 1, "k", "an int >= 1", self.k)
-        _require(self.tau is None or self.tau > 0, "tau", "None or a float > 0", self.tau)
-        _require(self.metric in METRICS, "metric", f"one of {METRICS}", self.metric)
-        _require(self.alpha_source in ALPHA_SOURCES, "alpha_source", f"one of {ALPHA_SOURCES}", self.alpha_source)
-        _require(self.emit in EMIT_MODES, "emit", f"one of {EMIT_MODES}", self.emit)
+        values = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        for key, message in mixing_spec.problems(values):  # the ranges, declared once in core.mixing_spec
+            raise ValueError(f"mixing.{key} {message}")
         for field in ("stop_after_ids", "never_mix_ids"):
             ids = getattr(self, field)
             _require(isinstance(ids, tuple) and all(isinstance(i, int) and i >= 0 for i in ids), field,
                      "a tuple of non-negative ints", ids)
-        _require(self.noise_std >= 0, "noise_std", "a float >= 0", self.noise_std)
-        _require(self.gumbel_tau > 0, "gumbel_tau", "a float > 0", self.gumbel_tau)
-        top_k_ok = (self.top_k is None and self.strategy == "soft_thinking") or (
-            isinstance(self.top_k, int) and self.top_k >= 1)
-        _require(top_k_ok, "top_k", "an int >= 1 (None only with strategy 'soft_thinking')", self.top_k)
-        lo_hi = self.noise_clamp
-        _require(len(lo_hi) == 2 and lo_hi[0] < lo_hi[1], "noise_clamp", "a pair (low, high) with low < high", lo_hi)
-        _require(self.noise_scale > 0, "noise_scale", "a float > 0", self.noise_scale)
-        _require(self.seed is None or isinstance(self.seed, int), "seed", "None or an int", self.seed)
 
     @property
     def mixes(self) -> bool:
@@ -86,6 +71,4 @@ class MixingParams:
 
     def record_width(self, vocab_size: int) -> int:
         """Number of candidate columns in cand_ids / alpha for this strategy."""
-        if self.strategy in ("sample", "neighbor_mix", "gaussian_noise"):
-            return self.k
-        return vocab_size if self.top_k is None else min(self.top_k, vocab_size)
+        return mixing_spec.record_width({"strategy": self.strategy, "k": self.k, "top_k": self.top_k}, vocab_size)

@@ -1,8 +1,8 @@
 """Reference generator on plain transformers: the oracle the vLLM mixing hook is tested against.
 
 Batched with left padding and a KV cache; every step feeds ``inputs_embeds`` (the strategy's next input), so mixed
-inputs enter exactly as in the engine. One seeded torch.Generator drives token sampling, the strategy's aux generator
-(MixState) the gate and noise. Returns one ResponseRecord per prompt (records contract in ngrpo_ray.core.records).
+inputs enter exactly as in the engine. One seeded torch.Generator drives token sampling; each response's
+counter-based stream (core.gate_stream, through MixState) the gate, the noise seeds and the Gumbel noise. Returns one ResponseRecord per prompt (records contract in ngrpo_ray.core.records).
 """
 
 from __future__ import annotations

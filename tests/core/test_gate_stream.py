@@ -101,3 +101,27 @@ def test_reference_strategies_gate_on_the_engines_streams():
         key = gs.stream_key_reference(5, gs.STRATEGY_CODES["gaussian_noise"], gs.PURPOSES["train"], 2, 10 + b)
         assert gates[b].tolist() == [gs.uniform_reference(key, t) < 0.3 for t in range(64)]
         assert seeds[b].tolist() == [gs.noise_seed_reference(key, t) for t in range(64)]
+
+
+def test_gumbel_noise_is_the_streams_and_the_reference_strategies_use_it():
+    """The Gumbel sub-stream: equal to the Python-int reference, distinct from the gate lane, Gumbel(0, 1) in
+    distribution; gumbel_topk's scores are logp + exactly these draws (what the engine adds)."""
+    from ngrpo_ray.core.mixing_params import MixingParams, SamplingParams
+    from ngrpo_ray.core.strategies import mixing_step
+    from ngrpo_ray.core.strategies.base import MixState
+
+    key = gs.stream_key(9, "gumbel_topk", "train", 4, 2)
+    g = gs.gumbel(torch.tensor([key, key]), torch.tensor([0, 5]), 3)
+    expected = [[gs.gumbel_reference(key, t, j) for j in range(3)] for t in (0, 5)]
+    torch.testing.assert_close(g, torch.tensor(expected, dtype=torch.float32), atol=1e-6, rtol=0)
+    many = gs.gumbel(torch.full((4096,), key), torch.arange(4096), 8)
+    assert abs(float(many.mean()) - 0.5772) < 0.02 and abs(float(many.std()) - 1.2825) < 0.02  # Euler gamma, pi/sqrt6
+
+    params = MixingParams(strategy="gumbel_topk", rho=1.0, top_k=4, seed=9)
+    state = MixState.create(params, SamplingParams(), 3, "cpu", call=4, first_index=1)
+    logits = torch.randn(3, 12, generator=torch.Generator().manual_seed(0))
+    for t in range(2):
+        res = mixing_step(logits, torch.randn(12, 2), state, torch.Generator().manual_seed(t))
+        top = torch.topk(torch.log_softmax(logits, -1), 4, -1).values
+        keys = torch.tensor([gs.stream_key(9, "gumbel_topk", "train", 4, 1 + b) for b in range(3)])
+        torch.testing.assert_close(res.extras["scores"] - top, gs.gumbel(keys, torch.full((3,), t), 4), atol=1e-6, rtol=0)

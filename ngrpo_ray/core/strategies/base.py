@@ -1,11 +1,12 @@
 """The one interface every exploration strategy implements, and the per-batch state they share.
 
 A strategy is ``fn(logits [B, V], E [V, d], state: MixState, generator: torch.Generator) -> StepResult``.
-``generator`` drives token sampling only. The gate and the Gaussian-noise seeds come from each row's counter-based
-stream (core.gate_stream, keyed like the engine's: seed, strategy, purpose, call, row index), so the reference
-generator gates a response exactly where the engine does; every other random draw of a step (Gumbel noise) comes from
-``state.aux_gen``, and each strategy draws fixed-size blocks from it. So for the same ``generator`` state
-every strategy samples exactly the tokens "sample" would at its unmixed rows, and rho = 0 equals "sample" bit for bit.
+``generator`` drives token sampling only. Every other random draw of a step (the gate, the Gaussian-noise seeds, the
+Gumbel noise of gumbel_topk / latent_gumbel) comes from each row's counter-based stream (core.gate_stream, keyed
+like the engine's: seed, strategy, purpose, call, row index), so the reference generator gates and perturbs a
+response exactly where and as the engine does, and a replay recomputes the draws. So for the same ``generator``
+state every strategy samples exactly the tokens "sample" would at its unmixed rows, and rho = 0 equals "sample" bit
+for bit.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from ngrpo_ray.core import gate_stream
 from ngrpo_ray.core.mixing_params import MixingParams, SamplingParams
 from ngrpo_ray.core.neighbors import LazyNeighborTable
 
-AUX_SEED_OFFSET = 0x5EED  # aux generator seed = sampling seed + this, when MixingParams.seed is None
+AUX_SEED_OFFSET = 0x5EED  # stream seed = sampling seed + this, when MixingParams.seed is None
 
 
 @dataclass
@@ -36,7 +37,10 @@ class StepResult:
 
 @dataclass
 class MixState:
-    """What persists across the steps of one batch: parameters, neighbor table, aux generator, stopped rows."""
+    """What persists across the steps of one batch: parameters, neighbor table, stream keys, stopped rows.
+
+    ``aux_gen`` is seeded like the streams and kept for strategies that need extra draws outside the streams (none
+    today)."""
 
     params: MixingParams
     sampling: SamplingParams
@@ -80,12 +84,19 @@ class MixState:
         """[B] int64 Gaussian-noise seeds in [0, 2**62) from each row's stream at this step."""
         return gate_stream.noise_seeds(self.stream_keys.to(device), self._steps(batch_size, device))
 
+    def gumbel(self, batch_size: int, width: int, device: torch.device) -> torch.Tensor:
+        """[B, width] float32 Gumbel(0, 1) noise from each row's stream at this step, column j for rank j."""
+        return gate_stream.gumbel(self.stream_keys.to(device), self._steps(batch_size, device), width)
+
     def allowed(self, would_emit: torch.Tensor, anchors: torch.Tensor) -> torch.Tensor:
         """[B] rows where mixing is allowed: not stopped, anchor not in never_mix_ids, and the token this step
-        would emit is not a stop_after id (the marker itself is fed as a clean token)."""
+        would emit is not a stop_after id (the marker itself is fed as a clean token). With emit "sampled" the
+        emitted token is not the anchor: it must not be a never-mix id either (the engine emits a virtual id at a
+        mixed step, which would hide an EOS from vLLM's stop check)."""
         ok = ~self.stopped
         if self.params.never_mix_ids:
-            ok &= ~torch.isin(anchors, _ids(self.params.never_mix_ids, anchors.device))
+            never = _ids(self.params.never_mix_ids, anchors.device)
+            ok &= ~torch.isin(anchors, never) & ~torch.isin(would_emit, never)
         if self.params.stop_after_ids:
             stop = _ids(self.params.stop_after_ids, anchors.device)
             ok &= ~torch.isin(would_emit, stop) & ~torch.isin(anchors, stop)

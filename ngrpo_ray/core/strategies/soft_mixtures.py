@@ -6,7 +6,9 @@ All three feed sum_i w_i E[c_i] over candidates c = top-K of the temperature-sca
 - latent_gumbel: g clamped to noise_clamp and, one-sided, shifted by -noise_clamp[0] (so g >= 0);
   scores = logp + noise_scale * g; w = softmax(scores / gumbel_tau); text token = argmax scores; the step's
   log-density is ``latent_step_logdensity``.
-Every draw comes from state.aux_gen in fixed [B, K] blocks, so unmixed rows sample exactly like "sample".
+The Gumbel noise comes from each row's counter-based stream (core.gate_stream.gumbel, keyed by the step and the
+candidate rank j), the same draws as the vLLM hook's, so a replay recomputes the weights; token sampling is untouched,
+so unmixed rows sample exactly like "sample".
 """
 
 from __future__ import annotations
@@ -25,8 +27,11 @@ def latent_step_logdensity(logp_topk: torch.Tensor, scores: torch.Tensor) -> tor
     return (-D - torch.exp(-D)).mean(-1)
 
 
-def _gumbel(shape: tuple[int, ...], state: MixState, device: torch.device) -> torch.Tensor:
-    return -torch.empty(shape, device=device).exponential_(generator=state.aux_gen).log()
+def latent_noise(g: torch.Tensor, noise_clamp: tuple[float, float], one_sided: bool) -> torch.Tensor:
+    """Latent-GRPO's noise: Gumbel clamped to noise_clamp, shifted by -low when one-sided (so it is >= 0)."""
+    lo, hi = noise_clamp
+    g = g.clamp(lo, hi)
+    return g - lo if one_sided else g
 
 
 def _top_logp(logits: torch.Tensor, state: MixState) -> tuple[torch.Tensor, torch.Tensor]:
@@ -49,7 +54,7 @@ def gumbel_topk_step(logits: torch.Tensor, E: torch.Tensor, state: MixState,
     sampled = sample_tokens(logits, state.sampling, generator)
     gate = state.gate(B, logits.device)
     top_logp, cand = _top_logp(logits, state)
-    scores = top_logp + _gumbel(tuple(top_logp.shape), state, logits.device)
+    scores = top_logp + state.gumbel(B, top_logp.shape[1], logits.device)
     weights = torch.softmax(scores / state.params.gumbel_tau, dim=-1)
     anchor = cand.gather(1, scores.argmax(-1, keepdim=True)).squeeze(1)
     return _finish(logits, E, state, sampled, gate, cand, weights, anchor, {"scores": scores})
@@ -73,10 +78,7 @@ def latent_gumbel_step(logits: torch.Tensor, E: torch.Tensor, state: MixState,
     sampled = sample_tokens(logits, state.sampling, generator)
     gate = state.gate(B, logits.device)
     top_logp, cand = _top_logp(logits, state)
-    lo, hi = p.noise_clamp
-    g = _gumbel(tuple(top_logp.shape), state, logits.device).clamp(lo, hi)
-    if p.one_sided:
-        g = g - lo
+    g = latent_noise(state.gumbel(B, top_logp.shape[1], logits.device), p.noise_clamp, p.one_sided)
     scores = top_logp + p.noise_scale * g
     weights = torch.softmax(scores / p.gumbel_tau, dim=-1)
     anchor = cand.gather(1, scores.argmax(-1, keepdim=True)).squeeze(1)
