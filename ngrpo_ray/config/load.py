@@ -18,6 +18,7 @@ from typing import Any, Literal, Union
 import yaml
 
 from ngrpo_ray.config.schema import Config
+from ngrpo_ray.core import mixing_spec
 
 _FLOAT_RE = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")
 PRESET_DIR = Path(__file__).resolve().parents[2] / "workflows" / "presets"
@@ -158,12 +159,7 @@ def _check(ok: bool, key: str, message: str) -> None:
 def validate(cfg: Config) -> None:
     """Range and cross-field checks that types alone cannot express."""
     m, r, a, t = cfg.mixing, cfg.rollout, cfg.algorithm, cfg.trainer
-    _check(0.0 <= m.rho <= 1.0, "mixing.rho", f"must lie in [0, 1], got {m.rho}")
-    _check(m.k >= 1, "mixing.k", f"must be >= 1, got {m.k}")
-    _check(m.tau is None or m.tau > 0, "mixing.tau", f"must be > 0 or null, got {m.tau}")
-    _check(m.noise_std >= 0, "mixing.noise_std", f"must be >= 0, got {m.noise_std}")
-    _check(m.top_k >= 1, "mixing.top_k", f"must be >= 1, got {m.top_k}")
-    _check(m.table_slots >= 1, "mixing.table_slots", f"must be >= 1, got {m.table_slots}")
+    _validate_mixing(m)
     _check(r.temperature > 0, "rollout.temperature", f"must be > 0, got {r.temperature}")
     _check(0 < r.top_p <= 1, "rollout.top_p", f"must lie in (0, 1], got {r.top_p}")
     _check(r.group_size >= 1, "rollout.group_size", f"must be >= 1, got {r.group_size}")
@@ -210,6 +206,14 @@ def validate(cfg: Config) -> None:
     _check(c.engine_restart_timeout_s > 0, "cluster.engine_restart_timeout_s",
            f"must be > 0, got {c.engine_restart_timeout_s}")
     _check(cfg.eval.n >= 1, "eval.n", f"must be >= 1, got {cfg.eval.n}")
+
+
+def _validate_mixing(m: Any) -> None:
+    """The mixing ranges (core.mixing_spec, declared once) and what the vLLM engine can serve, at config time."""
+    values = dataclasses.asdict(m)
+    for key, message in mixing_spec.problems(values) + mixing_spec.engine_problems(values):
+        _check(False, f"mixing.{key}", message)
+    _check(m.table_slots >= 1, "mixing.table_slots", f"must be >= 1, got {m.table_slots}")
 
 
 def _check_best_metric(cfg: Config) -> None:

@@ -10,8 +10,11 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal, Optional
 
-Strategy = Literal["sample", "neighbor_mix", "gaussian_noise", "gumbel_topk", "soft_thinking", "latent_gumbel"]
-Metric = Literal["cosine", "l2", "l1", "dot"]
+from ngrpo_ray.core import mixing_spec
+
+# The mixing options' allowed values come from core.mixing_spec (declared once; ranges are checked there too).
+Strategy = Literal[mixing_spec.STRATEGIES]
+Metric = Literal[mixing_spec.METRICS]
 
 
 @dataclass
@@ -63,13 +66,18 @@ class MixingConfig:
     k: int = 3  # anchor + k-1 neighbors
     tau: Optional[float] = None  # alpha temperature; None -> rollout.temperature (paper: the same tau)
     metric: Metric = "cosine"
-    alpha_source: Literal["logits", "filtered_probs"] = "logits"  # paper eq. 9 | released code
-    emit: Literal["anchor", "sampled"] = "anchor"  # text token of a mixed step: paper | released code
+    alpha_source: Literal[mixing_spec.ALPHA_SOURCES] = "logits"  # paper eq. 9 | released code
+    emit: Literal[mixing_spec.EMIT_MODES] = "anchor"  # text token of a mixed step: paper | released code
     stop_after: list[str] = field(default_factory=list)  # e.g. ["</think>"]: no mixing after the marker
     never_mix: list[str] = field(default_factory=lambda: ["<eos>"])  # "<eos>" means the tokenizer's EOS
     noise_std: float = 0.05  # gaussian_noise (STHT)
     gumbel_tau: float = 1.0  # gumbel_topk / latent_gumbel
-    top_k: int = 10  # candidates for gumbel_topk / soft_thinking / latent_gumbel
+    # candidates for gumbel_topk / soft_thinking / latent_gumbel; null (all tokens) only for soft_thinking, and the
+    # engine serves at most mixing_spec.ENGINE_MAX_WIDTH (refused at config time)
+    top_k: Optional[int] = 10
+    noise_clamp: list[float] = field(default_factory=lambda: [-1.5, 3.0])  # latent_gumbel: Gumbel noise clamp
+    one_sided: bool = True  # latent_gumbel: shift the clamped noise by -noise_clamp[0] so it is >= 0
+    noise_scale: float = 1.0  # latent_gumbel: scores = logp + noise_scale * noise
     table_slots: int = 1 << 20  # hook ring-table capacity; overflow raises
     # Seed of every response's gate / noise-seed stream (core.gate_stream: key = H(seed, strategy, purpose, call,
     # global index)); responses, prompts, iterations and methods differ through the key, runs through this seed

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 from ngrpo_ray.config import Config
+from ngrpo_ray.core import mixing_spec
 from ngrpo_ray.core.losses import PolicyLossConfig
 from ngrpo_ray.core.mixing_params import MixingParams
 from ngrpo_ray.core.rollout_correction import RolloutCorrection
@@ -21,7 +23,8 @@ def mixing_params(cfg: Config, tokenizer: Any, enabled: bool = True) -> MixingPa
     return MixingParams(
         strategy=m.strategy, rho=m.rho, k=m.k, tau=m.tau, metric=m.metric, alpha_source=m.alpha_source, emit=m.emit,
         stop_after_ids=token_ids_of(tokenizer, m.stop_after), never_mix_ids=token_ids_of(tokenizer, m.never_mix),
-        noise_std=m.noise_std, gumbel_tau=m.gumbel_tau, top_k=m.top_k, seed=m.seed,
+        noise_std=m.noise_std, gumbel_tau=m.gumbel_tau, top_k=m.top_k, noise_clamp=tuple(m.noise_clamp),
+        one_sided=m.one_sided, noise_scale=m.noise_scale, seed=m.seed,
     )
 
 
@@ -45,7 +48,7 @@ def engine_spec(cfg: Config, model_path: str, max_prompt_tokens: int) -> dict:
         "max_num_seqs": 256 if r.engine_gpus and cfg.trainer.use_gpu else 64,
         "enforce_eager": r.enforce_eager,
         "table_capacity": int(m.table_slots),
-        "k_max": max(m.k, 4),
+        "k_max": mixing_spec.engine_width(dataclasses.asdict(m)),  # the ring's record width (k or top_k)
         "noise_table": m.strategy == "gaussian_noise",
         "never_mix": tuple(m.never_mix),  # never neighbors either (resolved with the model's tokenizer)
         "dtype": "float32" if cfg.model.dtype == "float32" else cfg.model.dtype,

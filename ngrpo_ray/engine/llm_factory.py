@@ -30,7 +30,7 @@ class EngineSpec:
     num_gpu_blocks_override: int | None = None  # tests force preemption with a tiny cache
     max_num_batched_tokens: int | None = None
     table_capacity: int = 1 << 16  # ring slots allocated in the embedding (mixed steps alive per generate call)
-    k_max: int = 3  # largest mixing.k the engine serves (paper: 3; each extra column costs a gather per token)
+    k_max: int = 3  # record width the ring holds: the largest mixing.k or top_k served (each column costs a gather per token)
     neighbor_mode: str | None = None  # "full": whole table per weight load; "lazy": rows on first use; None:
     # "full" on CUDA, "lazy" on CPU (a 152k table takes ~15 min on a 2-core CPU, 1.7 s on an H200)
     # Neighbor tables cover the tokenizer's ids (None: read from the model folder's tokenizer; else a count n for ids

@@ -1,4 +1,4 @@
-"""Sampler pre/post hooks that implement Semantic Neighbor Mixing inside vLLM's V1 model runner (paper eq. 6-11).
+"""Sampler pre/post hooks that implement the exploration strategies inside vLLM's V1 model runner.
 
 Gate (host, no device read): each response has a counter-based stream (core.gate_stream) keyed by (mixing seed,
 strategy, purpose, call, global index); its uniform at step t (tokens it emitted so far) decides m ~ Bernoulli(rho).
@@ -6,21 +6,17 @@ The per-request state lives in slots (engine.request_table): host columns for th
 kernels, mapped to the persistent batch's rows by an index built only when the batch composition changes. So the
 host knows which rows are gated without looking at any tensor, and the device work is sized by the gated rows.
 
-Pre-hook, for the gated neighbor-mixing rows: z = logits / temperature, anchor = argmax z,
-C = neighbor_table[anchor, :k], alpha = softmax(logits[C] / tau), anchor logprob = log_softmax(z)[anchor]; the row
-mixes unless its request already emitted a stop_after id or the anchor is a stop / never-mix id (device masks).
-Post-hook (sees vLLM's sampled ids): a mixed row's id becomes VIRTUAL_BASE + c and (C, alpha, logprob) go into ring
-slot c % S; the logprob vLLM reports for every opted-in row is log_softmax(logits / temperature) of the emitted token
-(the anchor at mixed steps), so every recorded logprob follows the records contract. The stopped flags are updated on
-device from the emitted tokens.
+Pre-hook: the gated rows are grouped by kernel and each group computed on device, vectorised over its rows:
+neighbor mixing (engine.neighbor_kernel: paper eq. 6-11, alpha from the logits or the released code's filtered
+probabilities), the soft-token baselines (engine.soft_kernel: gumbel_topk, soft_thinking, latent_gumbel over the
+top-K log-probabilities, Gumbel noise from the response's stream) and Gaussian noise (engine.noise_kernel, STHT).
+Post-hook (sees vLLM's sampled ids): engine.ring_writer turns each mixed row's id into VIRTUAL_BASE + c and writes
+its records into ring slot c % S: (cand, alpha) for the embedding, the text token (the anchor, or the sampled token
+under emit "sampled") and its logprob. The logprob vLLM reports for every opted-in row is log_softmax(logits /
+temperature) of the emitted token, so every recorded logprob follows the records contract. The stopped flags are
+updated on device from the emitted tokens.
 
-Gaussian noise (the STHT baseline, strategy "gaussian_noise"): a gated row keeps vLLM's sampled token as its text;
-its slot gets cand = (token, token, ...), alpha = (1, 0, ...) and the noise row noise_std * N(0, I) regenerated from an
-int64 seed drawn from the response's stream (lane 1), on the host like core.records.noise_from_seeds, so the next
-input is E[token] + noise and the trainer rebuilds it from the recorded seed. Its recorded logprob is the sampled
-token's.
-
-No host synchronisation on the per-step path: no tensor value is read into Python (tests/engine/test_hook_no_host_read
+No host synchronisation on the per-step path: no tensor value is read into Python (tests/engine/test_gate_streams.py
 runs the hooks under a guard that fails on any such read). Records stay on device in the ring and are read in bulk
 by ``records`` when the requests have finished. Cost per step: O(B) host numpy for the gate, O(G * V) device work on
 the G ~ rho * B gated rows, and nothing over [B, V] when every temperature is 1 and vLLM runs in raw_logprobs mode
@@ -30,67 +26,18 @@ computed for all opted-in rows, as the contract needs.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import numpy as np
 import torch
 
 from ngrpo_ray.core import gate_stream
 from ngrpo_ray.engine.embedding_patch import VIRTUAL_BASE, MixingEmbedding
+from ngrpo_ray.engine.hook_batch import NEIGHBOR, NOISE, SOFT, Composition, Pending, log_norm, to_device
+from ngrpo_ray.engine.neighbor_kernel import neighbor_group
 from ngrpo_ray.engine.neighbor_tables import NeighborTables
-from ngrpo_ray.engine.request_options import METRICS
-from ngrpo_ray.engine.request_table import NOISE_CODE, RequestTable
-
-_INT32_MAX = (1 << 31) - 1
-
-
-@dataclass
-class _Composition:
-    """The opted-in rows of one batch composition (rebuilt only when vLLM's persistent batch changes)."""
-
-    req_ids: list[str]
-    rows: np.ndarray  # [H] batch rows that opted in
-    slots: np.ndarray  # [H] their request slots
-    rows_t: torch.Tensor  # the same on device
-    slots_t: torch.Tensor
-    every_row: bool  # rows == 0..B-1: no copy of the [B, V] logits needed
-    unit_temp: bool
-    any_stop: bool  # some request has stop_after ids: the post-hook updates the stopped flags
-    temps: torch.Tensor  # [H] device temperatures
-
-
-@dataclass
-class _Pending:
-    """What the pre-hook computed for the post-hook of the same sampler call."""
-
-    comp: _Composition
-    scaled_logits: torch.Tensor | None  # [H, V] logits / temperature; None: vLLM's logprob is reused
-    log_norm: torch.Tensor | None  # [H] logsumexp of scaled_logits
-    num_mix: int = 0  # gated rows: the first num_mix neighbor mixing, then the gaussian_noise ones
-    g_rows: torch.Tensor | None = None  # [G] batch rows
-    g_slots: torch.Tensor | None = None  # [G] request slots
-    g_pos: torch.Tensor | None = None  # [G] positions among the opted-in rows
-    mixed: torch.Tensor | None = None  # [num_mix] bool
-    cand: torch.Tensor | None = None  # [num_mix, k_max]
-    alpha: torch.Tensor | None = None  # [num_mix, k_max]
-    anchor_logprob: torch.Tensor | None = None  # [num_mix]; None: computed by the post-hook from vLLM's logprob
-    z: torch.Tensor | None = None  # [num_mix, V] the gated rows' logits (temperature 1), kept for that
-    anchor_z: torch.Tensor | None = None  # [num_mix] z at the anchor
-    noise: torch.Tensor | None = None  # [G - num_mix, d]
-    noise_seed: torch.Tensor | None = None  # [G - num_mix] int64
-
-    @property
-    def num_gated(self) -> int:
-        return 0 if self.g_rows is None else int(self.g_rows.shape[0])
-
-
-def _log_norm(z: torch.Tensor) -> torch.Tensor:
-    """[n, V] -> [n] logsumexp. On CPU through log_softmax (its kernel is several times faster than logsumexp's
-    there), read at the row's maximum where the log-probability is nearest 0, so no precision is lost."""
-    if z.device.type != "cpu":
-        return torch.logsumexp(z, dim=-1)
-    top = z.argmax(dim=-1, keepdim=True)
-    return (z.gather(1, top) - torch.log_softmax(z, dim=-1).gather(1, top)).squeeze(1)
+from ngrpo_ray.engine.noise_kernel import noise_group
+from ngrpo_ray.engine.request_table import RequestTable, kind_of
+from ngrpo_ray.engine.ring_writer import write_gated
+from ngrpo_ray.engine.soft_kernel import soft_group
 
 
 class MixingHook:
@@ -107,17 +54,18 @@ class MixingHook:
         self.counter = torch.zeros((), dtype=torch.int64, device=self.device)  # virtual ids handed out so far
         self.record_logprob = torch.zeros(self.capacity + 1, dtype=torch.float32, device=self.device)
         self.record_noise_seed = torch.full((self.capacity + 1,), -1, dtype=torch.int64, device=self.device)
+        self.record_token = torch.zeros(self.capacity + 1, dtype=torch.int64, device=self.device)  # the text token
         self.tables = NeighborTables(self.k_max, neighbor_mode)
         self.tables.bind(self.embedding_matrix())
         self.requests = RequestTable(self.device, vocab_size, self.k_max, self.seed, embedding.ngrpo_has_noise,
                                      capacity=max(256, 2 * int(getattr(runner, "max_num_reqs", 0) or 0)))
-        self._comp: _Composition | None = None
-        self._pending: _Pending | None = None
+        self._comp: Composition | None = None
+        self._pending: Pending | None = None
         self.steps_hooked = 0
         self.compositions = 0  # how often the batch composition changed (the only time rows are re-indexed)
         # Host-side upper bound of the counter (every gated row could mix): the exact, syncing check runs only
         # once this bound gets near int32.
-        self._counter_bound = 0
+        self.counter_bound = 0
         self.steps_reusing_vllm_logprob = 0
         self._raw_logprobs = getattr(runner.sampler, "logprobs_mode", None) == "raw_logprobs"
         self.resumed_rows = 0  # a request came back after missing steps: preempted and recomputed
@@ -147,7 +95,7 @@ class MixingHook:
         self.embedding.ngrpo_slots.fill_(slots)
 
     # ---- batch composition -----------------------------------------------------------------------------------
-    def _composition(self, req_ids: list[str]) -> _Composition:
+    def _composition(self, req_ids: list[str]) -> Composition:
         """The opted-in rows of this batch; re-indexed only when vLLM's persistent batch changed."""
         comp = self._comp
         if comp is not None and comp.req_ids == req_ids:
@@ -165,21 +113,17 @@ class MixingHook:
                 if rid not in previous and table.step[slot] > 0:
                     self.resumed_rows += 1  # it had emitted tokens, missed steps, and is back: preempted
         rows_np, slots_np = np.asarray(rows, np.int64), np.asarray(slots, np.int64)
-        rows_t, slots_t = self._to_device(rows_np), self._to_device(slots_np)
+        rows_t, slots_t = self.to_device(rows_np), self.to_device(slots_np)
         temps = table.temp.index_select(0, slots_t)
         unit_temp = all(float(self.runner.requests[req_ids[r]].sampling_params.temperature) == 1.0 for r in rows)
-        self._comp = _Composition(list(req_ids), rows_np, slots_np, rows_t, slots_t,
+        self._comp = Composition(list(req_ids), rows_np, slots_np, rows_t, slots_t,
                                   rows == list(range(len(req_ids))), unit_temp,
                                   bool(table.has_stop[slots_np].any()) if slots else False, temps)
         self.compositions += 1
         return self._comp
 
-    def _to_device(self, a: np.ndarray) -> torch.Tensor:
-        """Host numpy -> device tensor without waiting for the device (pinned staging on CUDA)."""
-        t = torch.from_numpy(np.ascontiguousarray(a))
-        if self.device.type == "cpu":
-            return t
-        return t.pin_memory().to(self.device, non_blocking=True)
+    def to_device(self, a: np.ndarray) -> torch.Tensor:
+        return to_device(a, self.device)
 
     # ---- hooks -----------------------------------------------------------------------------------------------
     @torch.no_grad()
@@ -203,79 +147,44 @@ class MixingHook:
         # vLLM's own logprob of the drawn token is log_softmax(logits)[drawn] in raw_logprobs mode, which is the
         # contract's value when every temperature is 1: then no full-vocab pass is needed here.
         reuse = comp.unit_temp and self._raw_logprobs and logits.shape[1] == V
-        scaled = log_norm = None
+        scaled = norm = None
         if reuse:
             self.steps_reusing_vllm_logprob += 1
         else:
             lg = (logits if comp.every_row else logits.index_select(0, comp.rows_t)).float()[:, :V]
             scaled = lg / comp.temps.unsqueeze(1)
-            log_norm = _log_norm(scaled)
-        p = _Pending(comp, scaled, log_norm)
+            norm = log_norm(scaled)
+        p = Pending(comp, scaled, norm)
         pos = np.flatnonzero(gated)
         if pos.size:
-            is_noise = table.strategy[comp.slots[pos]] == NOISE_CODE
-            pos = np.concatenate([pos[~is_noise], pos[is_noise]])  # neighbor mixing first, then gaussian_noise
-            p.num_mix = int(pos.size - is_noise.sum())
-            g = self._to_device(np.stack([comp.rows[pos], comp.slots[pos], pos]))
+            kinds = kind_of(table.strategy[comp.slots[pos]])
+            order = np.argsort(kinds, kind="stable")  # neighbor mixing, then soft tokens, then gaussian_noise
+            pos, kinds = pos[order], kinds[order]
+            g = self.to_device(np.stack([comp.rows[pos], comp.slots[pos], pos]))
             p.g_rows, p.g_slots, p.g_pos = g[0], g[1], g[2]
-            self._counter_bound += int(pos.size)
-            if p.num_mix:
-                self._mix_rows(logits, p, comp.slots[pos[: p.num_mix]])
-            if p.num_mix < pos.size:
-                n_pos = pos[p.num_mix:]
-                self._noise_rows(p, comp.slots[n_pos], steps[n_pos])
+            self.counter_bound += int(pos.size)
+            for kind in (NEIGHBOR, SOFT, NOISE):
+                start, end = np.searchsorted(kinds, kind, "left"), np.searchsorted(kinds, kind, "right")
+                if end > start:
+                    p.groups.append(self._group(kind, logits, p, int(start), int(end), comp.slots[pos[start:end]],
+                                                steps[pos[start:end]]))
         self._pending = p
         return None
 
-    def _mix_rows(self, logits: torch.Tensor, p: _Pending, slots: np.ndarray) -> None:
-        """Anchors, candidate sets, alpha and anchor logprobs of the gated neighbor-mixing rows (device)."""
-        table, n, V = self.requests, p.num_mix, self.vocab_size
-        rows, slot_t = p.g_rows[:n], p.g_slots[:n]
+    def _group(self, kind: int, logits: torch.Tensor, p: Pending, start: int, end: int, slots: np.ndarray,
+               steps: np.ndarray):
+        """One kind's gated rows through its kernel (device)."""
+        if kind == NOISE:
+            return noise_group(self, slots, steps, start, end)
+        rows, slot_t = p.g_rows[start:end], p.g_slots[start:end]
         if p.scaled_logits is not None:
-            z = p.scaled_logits.index_select(0, p.g_pos[:n])
-        else:  # every temperature is 1: z = logits, and the post-hook gets log_softmax(z)[anchor] from vLLM's value
-            z = logits.index_select(0, rows)[:, :V].float()
-        anchor = z.argmax(dim=-1)
-        banned = table.id_sets[table.ban_set.index_select(0, slot_t), anchor]
-        p.mixed = ~table.stopped.index_select(0, slot_t) & ~banned
-        cand = self._candidates(slots, anchor)
-        col = torch.arange(self.k_max, device=anchor.device).unsqueeze(0)
-        in_set = col < table.k.index_select(0, slot_t).unsqueeze(1)
-        cand = torch.where(in_set, cand, anchor.unsqueeze(1))  # padding points at the anchor, alpha 0
-        cand_logits = logits[rows.unsqueeze(1), cand].float()
-        scores = torch.where(in_set, cand_logits / table.tau.index_select(0, slot_t).unsqueeze(1),
-                             torch.tensor(float("-inf"), device=anchor.device))
-        p.cand = cand
-        p.alpha = torch.softmax(scores, dim=-1)
-        anchor_z = z.gather(1, anchor.unsqueeze(1)).squeeze(1)
-        if p.scaled_logits is not None:
-            p.anchor_logprob = anchor_z - p.log_norm.index_select(0, p.g_pos[:n])
-        else:
-            p.z, p.anchor_z = z, anchor_z
-
-    def _candidates(self, slots: np.ndarray, anchor: torch.Tensor) -> torch.Tensor:
-        """Neighbor-table rows of the anchors, by each request's metric (grouped on the host)."""
-        codes = self.requests.metric[slots]
-        first = int(codes[0])
-        if (codes == first).all():
-            return self.tables.rows(METRICS[first], anchor)
-        out = torch.empty(len(slots), self.k_max, dtype=torch.long, device=anchor.device)
-        for code in np.unique(codes):
-            idx = self._to_device(np.flatnonzero(codes == code))
-            out[idx] = self.tables.rows(METRICS[int(code)], anchor.index_select(0, idx))
-        return out
-
-    def _noise_rows(self, p: _Pending, slots: np.ndarray, steps: np.ndarray) -> None:
-        """Seeds from the responses' streams and noise_std * N(0, I) rows, made on the host like
-        core.records.noise_from_seeds (the trainer's rebuild), then sent to the device."""
-        table, d = self.requests, self.embedding.embedding_dim
-        seeds = gate_stream.noise_seeds(table.key[slots], steps)
-        noise = torch.empty(len(slots), d, dtype=torch.float32)
-        for j, (s, std) in enumerate(zip(seeds, table.noise_std[slots])):
-            noise[j] = torch.randn(d, generator=torch.Generator().manual_seed(int(s))) * float(std)
-        p.noise_seed = self._to_device(seeds)
-        noise = noise.to(self.embedding.ngrpo_noise.dtype)
-        p.noise = noise if self.device.type == "cpu" else noise.pin_memory().to(self.device, non_blocking=True)
+            z = p.scaled_logits.index_select(0, p.g_pos[start:end])
+            norm = p.log_norm.index_select(0, p.g_pos[start:end])
+        else:  # every temperature is 1: z = logits
+            z, norm = logits.index_select(0, rows)[:, : self.vocab_size].float(), None
+        if kind == NEIGHBOR:
+            return neighbor_group(self, logits, z, norm, rows, slot_t, slots, start, end)
+        return soft_group(self, z, norm, slot_t, slots, steps, start, end)
 
     @torch.no_grad()
     def _post_hook(self, module, args, kwargs, output):
@@ -290,7 +199,7 @@ class MixingHook:
             drawn_lp = p.scaled_logits.gather(1, drawn.clamp_max(V - 1).unsqueeze(1)).squeeze(1) - p.log_norm
             lp.logprobs[comp.rows_t, 0] = drawn_lp.to(lp.logprobs.dtype)
         if p.num_gated:
-            self._write_gated(p, sampled, lp)
+            write_gated(self, p, sampled, lp)
         if comp.any_stop:  # a request that emitted a stop_after id never mixes again (set on device)
             table = self.requests
             emitted = sampled.index_select(0, comp.rows_t)[:, 0].long().clamp(0, V)  # virtual ids -> column V
@@ -299,70 +208,13 @@ class MixingHook:
             table.stopped[comp.slots_t] = table.stopped.index_select(0, comp.slots_t) | (hit & ~discard.bool())
         return None
 
-    def _write_gated(self, p: _Pending, sampled: torch.Tensor, lp) -> None:
-        """Virtual ids and ring records for the gated rows that mix."""
-        table, n, V = self.requests, p.num_mix, self.vocab_size
-        drawn = sampled.index_select(0, p.g_rows)[:, 0].long()
-        current_lp = lp.logprobs.index_select(0, p.g_rows)[:, 0].float() if lp is not None else None
-        parts_mixed, parts_cand, parts_alpha, parts_lp = [], [], [], []
-        if n:
-            parts_mixed.append(p.mixed)
-            parts_cand.append(p.cand)
-            parts_alpha.append(p.alpha)
-            parts_lp.append(p.anchor_logprob if p.anchor_logprob is not None else self._anchor_logprob(
-                p, drawn[:n], current_lp))
-        if n < p.num_gated:  # gaussian_noise rows: the sampled token, unless it is a stop / never-mix id
-            n_slots, n_drawn = p.g_slots[n:], drawn[n:]
-            banned = table.id_sets[table.ban_set.index_select(0, n_slots), n_drawn.clamp(0, V)]
-            parts_mixed.append(~table.stopped.index_select(0, n_slots) & ~banned)
-            parts_cand.append(n_drawn.unsqueeze(1).expand(-1, self.k_max))
-            one_hot = torch.zeros(n_drawn.shape[0], self.k_max, dtype=torch.float32, device=drawn.device)
-            one_hot[:, 0] = 1.0
-            parts_alpha.append(one_hot)
-            parts_lp.append(current_lp[n:] if current_lp is not None else torch.zeros_like(one_hot[:, 0]))
-        mixed, cand = torch.cat(parts_mixed), torch.cat(parts_cand)
-        alpha, record_lp = torch.cat(parts_alpha), torch.cat(parts_lp)
-        m = mixed.long()
-        offset = torch.cumsum(m, 0) - m  # rank among this step's mixed rows
-        c = self.counter + offset
-        vid = VIRTUAL_BASE + c
-        if VIRTUAL_BASE + self._counter_bound > _INT32_MAX and int(vid.max()) + 1 > _INT32_MAX:  # rare: syncs
-            raise RuntimeError("ngrpo virtual-id counter exhausted (int32); restart the engine")
-        self.counter += m.sum()
-        emb = self.embedding
-        slot = torch.where(mixed, torch.remainder(c, emb.ngrpo_slots), self.capacity)  # capacity: a write sink
-        emb.ngrpo_ids[slot] = torch.where(mixed, vid, -1)
-        emb.ngrpo_cand[slot] = cand
-        emb.ngrpo_alpha[slot] = alpha.to(emb.ngrpo_alpha.dtype)
-        self.record_logprob[slot] = record_lp
-        if emb.ngrpo_has_noise:  # every slot written this step gets its noise row (zeros for neighbor mixtures)
-            noise = torch.zeros(mixed.shape[0], emb.embedding_dim, dtype=emb.ngrpo_noise.dtype, device=drawn.device)
-            seeds = torch.full((mixed.shape[0],), -1, dtype=torch.int64, device=drawn.device)
-            if p.noise is not None:
-                noise[n:] = p.noise
-                seeds[n:] = p.noise_seed
-            emb.ngrpo_noise[slot] = noise
-            self.record_noise_seed[slot] = seeds
-        final = torch.where(mixed, vid, drawn)
-        sampled[p.g_rows, 0] = final.to(sampled.dtype)
-        if lp is not None:
-            lp.logprobs[p.g_rows, 0] = torch.where(mixed, record_lp, current_lp).to(lp.logprobs.dtype)
-            lp.logprob_token_ids[p.g_rows, 0] = final.to(lp.logprob_token_ids.dtype)
-
-    def _anchor_logprob(self, p: _Pending, drawn: torch.Tensor, drawn_lp: torch.Tensor | None) -> torch.Tensor:
-        """log_softmax(z)[anchor] at temperature 1 without a pass over the vocabulary: vLLM's raw logprob of the
-        drawn token s is z_s - logsumexp(z), so logsumexp(z) = z_s - lp_s."""
-        if drawn_lp is None:  # no logprobs requested from vLLM: the full pass
-            return p.anchor_z - _log_norm(p.z)
-        z_s = p.z.gather(1, drawn.clamp_max(self.vocab_size - 1).unsqueeze(1)).squeeze(1)
-        return p.anchor_z - (z_s - drawn_lp)
-
     # ---- records ---------------------------------------------------------------------------------------------
     def records(self, virtual_ids: list[int]) -> dict:
-        """(cand, alpha, logprob) of each virtual id; raises if any id's slot now holds another id (overflow)."""
+        """(cand, alpha, text token, logprob, noise seed) of each virtual id; raises if any id's slot now holds
+        another id (overflow)."""
         emb = self.embedding
         if not virtual_ids:
-            return {"cand": [], "alpha": [], "logprob": [], "noise_seed": []}
+            return {"cand": [], "alpha": [], "token": [], "logprob": [], "noise_seed": []}
         vid = torch.tensor(virtual_ids, dtype=torch.int64, device=self.device)
         slot = torch.remainder(vid - VIRTUAL_BASE, emb.ngrpo_slots)
         held = emb.ngrpo_ids[slot]
@@ -378,6 +230,7 @@ class MixingHook:
         return {
             "cand": emb.ngrpo_cand[slot].tolist(),
             "alpha": emb.ngrpo_alpha[slot].float().tolist(),
+            "token": self.record_token[slot].tolist(),
             "logprob": self.record_logprob[slot].tolist(),
             "noise_seed": self.record_noise_seed[slot].tolist(),
         }

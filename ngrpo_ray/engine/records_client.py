@@ -27,7 +27,7 @@ def check(results: list[dict]) -> dict:
 class ResponseRecord:
     """One response in the records contract (length T)."""
 
-    response_ids: np.ndarray  # [T] int64, anchors at mixed steps
+    response_ids: np.ndarray  # [T] int64, the text token (anchor, or the sampled token under emit "sampled")
     mixed_mask: np.ndarray  # [T] bool
     cand_ids: np.ndarray  # [T, k] int64
     alpha: np.ndarray  # [T, k] float32
@@ -37,15 +37,16 @@ class ResponseRecord:
 
 def fetch_records(llm: Any, outputs_token_ids: list[list[int]], outputs_logprobs: list[list[float]], k: int
                   ) -> list[ResponseRecord]:
-    """Resolve every virtual id of every response through one RPC."""
+    """Resolve every virtual id of every response through one RPC (k: the record width, k or top_k)."""
     vids = sorted({t for ids in outputs_token_ids for t in ids if t >= VIRTUAL_BASE})
-    table = check(llm.collective_rpc("ngrpo_records", args=(vids,))) if vids else {"cand": [], "alpha": [],
-                                                                                     "logprob": [], "noise_seed": []}
+    table = check(llm.collective_rpc("ngrpo_records", args=(vids,))) if vids else {
+        "cand": [], "alpha": [], "token": [], "logprob": [], "noise_seed": []}
     index = {v: i for i, v in enumerate(vids)}
     width = len(table["cand"][0]) if vids else k
     cand_all = np.asarray(table["cand"], dtype=np.int64).reshape(len(vids), width)
     alpha_all = np.asarray(table["alpha"], dtype=np.float32).reshape(len(vids), width)
     lp_all = np.asarray(table["logprob"], dtype=np.float32)
+    token_all = np.asarray(table["token"], dtype=np.int64) if "token" in table else cand_all[:, 0]
     seed_all = np.asarray(table.get("noise_seed") or [-1] * len(vids), dtype=np.int64)
     if vids and cand_all.shape[1] < k:
         raise EngineHookError(f"engine k_max={cand_all.shape[1]} < requested k={k}")
@@ -65,7 +66,7 @@ def fetch_records(llm: Any, outputs_token_ids: list[list[int]], outputs_logprobs
             i = index[int(ids_arr[t])]
             cand[t] = cand_all[i, :k]
             alpha[t] = alpha_all[i, :k]
-            resp[t] = cand_all[i, 0]
+            resp[t] = token_all[i]
             logprobs[t] = lp_all[i]
             seeds[t] = seed_all[i]
         cand[~mixed, 0] = resp[~mixed]

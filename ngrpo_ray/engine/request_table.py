@@ -5,7 +5,9 @@ Host columns (numpy, never read from the device): what the gate needs, i.e. the 
 (core.gate_stream), its step (tokens emitted so far) and rho, plus the strategy and metric codes that split gated rows
 into kernels. Device columns (tensors): what the kernels need, i.e. the temperature, tau, k, the index of the
 request's "never mix" and "stop after" id sets in a stacked [n_sets, V + 1] bool table (column V: virtual ids, never
-set), and the stopped flag that the post-hook sets on device when the request emits a stop_after id.
+set), the stopped flag that the post-hook sets on device when the request emits a stop_after id, and the knobs of the
+other kernels (record width, Gumbel temperature, Latent-GRPO's clamp / side / scale, emit "sampled", the
+filtered-probability alpha with the request's top-k / top-p).
 
 A request keeps its slot while vLLM keeps its cached state (``runner.requests``), so a preempted request keeps its
 step count and stopped flag; slots are freed when a composition change finds the request gone.
@@ -19,9 +21,17 @@ import numpy as np
 import torch
 
 from ngrpo_ray.core import gate_stream
+from ngrpo_ray.core.mixing_spec import SOFT_STRATEGIES
+from ngrpo_ray.engine.hook_batch import NEIGHBOR, NOISE, SOFT
 from ngrpo_ray.engine.request_options import EXTRA_ARGS_KEY, METRICS, RequestMixing, from_wire
 
 NOISE_CODE = gate_stream.STRATEGY_CODES["gaussian_noise"]
+SOFT_CODES = tuple(gate_stream.STRATEGY_CODES[s] for s in SOFT_STRATEGIES)
+
+
+def kind_of(strategy_codes: np.ndarray) -> np.ndarray:
+    """Host strategy codes -> kernel kinds (hook_batch.NEIGHBOR / SOFT / NOISE)."""
+    return np.where(strategy_codes == NOISE_CODE, NOISE, np.where(np.isin(strategy_codes, SOFT_CODES), SOFT, NEIGHBOR))
 
 
 class RequestTable:
@@ -43,6 +53,10 @@ class RequestTable:
         self.metric = np.zeros(0, np.int8)
         self.noise_std = np.zeros(0, np.float32)
         self.has_stop = np.zeros(0, bool)
+        self.width = np.zeros(0, np.int64)  # record width (k or top_k)
+        self.filtered = np.zeros(0, bool)  # alpha_source "filtered_probs"
+        self.filter_top_k = np.zeros(0, np.int64)  # the request's top-k (<= 0: off)
+        self.filter_top_p = np.zeros(0, np.float32)
         # device columns
         self.stopped = torch.zeros(0, dtype=torch.bool, device=device)
         self.temp = torch.ones(0, dtype=torch.float32, device=device)
@@ -50,6 +64,17 @@ class RequestTable:
         self.k = torch.ones(0, dtype=torch.int64, device=device)
         self.ban_set = torch.zeros(0, dtype=torch.int64, device=device)
         self.stop_set = torch.zeros(0, dtype=torch.int64, device=device)
+        self.width_t = torch.ones(0, dtype=torch.int64, device=device)
+        self.code_t = torch.zeros(0, dtype=torch.int64, device=device)  # strategy code
+        self.gumbel_tau = torch.ones(0, dtype=torch.float32, device=device)
+        self.clamp_lo = torch.zeros(0, dtype=torch.float32, device=device)
+        self.clamp_hi = torch.zeros(0, dtype=torch.float32, device=device)
+        self.one_sided = torch.zeros(0, dtype=torch.bool, device=device)
+        self.noise_scale = torch.ones(0, dtype=torch.float32, device=device)
+        self.emit_sampled = torch.zeros(0, dtype=torch.bool, device=device)
+        self.filtered_t = torch.zeros(0, dtype=torch.bool, device=device)
+        self.top_k_t = torch.zeros(0, dtype=torch.int64, device=device)
+        self.top_p_t = torch.ones(0, dtype=torch.float32, device=device)
         self.id_sets = torch.zeros(1, vocab_size + 1, dtype=torch.bool, device=device)  # set 0: empty
         self._set_index: dict[tuple[int, ...], int] = {(): 0}
         self._grow(capacity)
@@ -58,11 +83,14 @@ class RequestTable:
     def _grow(self, capacity: int) -> None:
         old = self.capacity
         pad = capacity - old
-        for name in ("key", "step", "rho", "strategy", "metric", "noise_std", "has_stop"):
+        for name in ("key", "step", "rho", "strategy", "metric", "noise_std", "has_stop", "width", "filtered",
+                     "filter_top_k", "filter_top_p"):
             a = getattr(self, name)
             setattr(self, name, np.concatenate([a, np.zeros(pad, a.dtype)]))
         for name, fill in (("stopped", False), ("temp", 1.0), ("tau", 1.0), ("k", 1), ("ban_set", 0),
-                           ("stop_set", 0)):
+                           ("stop_set", 0), ("width_t", 1), ("code_t", 0), ("gumbel_tau", 1.0), ("clamp_lo", 0.0),
+                           ("clamp_hi", 0.0), ("one_sided", False), ("noise_scale", 1.0), ("emit_sampled", False),
+                           ("filtered_t", False), ("top_k_t", 0), ("top_p_t", 1.0)):
             t = getattr(self, name)
             setattr(self, name, torch.cat([t, torch.full((pad,), fill, dtype=t.dtype, device=self.device)]))
         self._free.extend(range(capacity - 1, old - 1, -1))
@@ -80,7 +108,7 @@ class RequestTable:
 
     def join(self, req_ids: list[str], requests: dict[str, Any]) -> None:
         """Give every new request of ``req_ids`` that carries mixing options a slot (one device write per column)."""
-        new: list[tuple[int, RequestMixing, float]] = []
+        new: list[tuple[int, RequestMixing, Any]] = []
         for rid in req_ids:
             if rid in self.slot_of or rid in self.unmixed:
                 continue
@@ -100,19 +128,20 @@ class RequestTable:
             slot = self._free.pop()
             self.slot_of[rid] = slot
             self.options[slot] = options
-            new.append((slot, options, temp))
+            new.append((slot, options, sp))
         if new:
             self._write(new)
 
     def _checked(self, options: RequestMixing) -> RequestMixing:
-        if options.k > self.k_max:
-            raise ValueError(f"mixing.k={options.k} exceeds the engine's k_max={self.k_max}")
+        if options.k > self.k_max or options.width > self.k_max:
+            raise ValueError(f"mixing.k={options.k} / record width {options.width} exceeds the engine's "
+                             f"k_max={self.k_max} (EngineSpec.k_max: the ring table's record width)")
         if options.strategy == "gaussian_noise" and not self.has_noise:
             raise ValueError("mixing.strategy='gaussian_noise' needs an engine built with a noise table "
                              "(EngineSpec.noise_table=True)")
         return options
 
-    def _write(self, new: list[tuple[int, RequestMixing, float]]) -> None:
+    def _write(self, new: list[tuple[int, RequestMixing, Any]]) -> None:
         slots = [s for s, _, _ in new]
         for slot, o, _ in new:
             index = o.stream_index
@@ -127,16 +156,37 @@ class RequestTable:
             self.metric[slot] = METRICS.index(o.metric)
             self.noise_std[slot] = o.noise_std
             self.has_stop[slot] = bool(o.stop_after_ids)
+            self.width[slot] = o.width
+            self.filtered[slot] = o.alpha_source == "filtered_probs" and o.strategy == "neighbor_mix"
+        temps = [float(sp.temperature) for _, _, sp in new]
+        top_k = [int(sp.top_k or 0) if 0 < int(sp.top_k or 0) < self.vocab_size else 0 for _, _, sp in new]
+        top_p = [float(sp.top_p) for _, _, sp in new]
+        self.filter_top_k[slots] = top_k
+        self.filter_top_p[slots] = top_p
         idx = torch.tensor(slots, dtype=torch.long, device=self.device)
         dev = dict(device=self.device)
+
+        def column(values, dtype):
+            return torch.tensor(values, dtype=dtype, **dev)
+
         self.stopped[idx] = False
-        self.temp[idx] = torch.tensor([t for _, _, t in new], dtype=torch.float32, **dev)
-        self.tau[idx] = torch.tensor([o.tau if o.tau is not None else t for _, o, t in new], dtype=torch.float32,
-                                     **dev)
+        self.temp[idx] = column(temps, torch.float32)
+        self.tau[idx] = column([o.tau if o.tau is not None else t for (_, o, _), t in zip(new, temps)], torch.float32)
         self.k[idx] = torch.tensor([o.k for _, o, _ in new], dtype=torch.int64, **dev)
         self.ban_set[idx] = torch.tensor(
             [self._id_set((*o.stop_after_ids, *o.never_mix_ids, *o.no_mix_anchor_ids)) for _, o, _ in new], **dev)
         self.stop_set[idx] = torch.tensor([self._id_set(o.stop_after_ids) for _, o, _ in new], **dev)
+        self.width_t[idx] = column([o.width for _, o, _ in new], torch.int64)
+        self.code_t[idx] = column([gate_stream.STRATEGY_CODES[o.strategy] for _, o, _ in new], torch.int64)
+        self.gumbel_tau[idx] = column([o.gumbel_tau for _, o, _ in new], torch.float32)
+        self.clamp_lo[idx] = column([o.noise_clamp[0] for _, o, _ in new], torch.float32)
+        self.clamp_hi[idx] = column([o.noise_clamp[1] for _, o, _ in new], torch.float32)
+        self.one_sided[idx] = column([o.one_sided for _, o, _ in new], torch.bool)
+        self.noise_scale[idx] = column([o.noise_scale for _, o, _ in new], torch.float32)
+        self.emit_sampled[idx] = column([o.emit == "sampled" for _, o, _ in new], torch.bool)
+        self.filtered_t[idx] = column(list(self.filtered[slots]), torch.bool)
+        self.top_k_t[idx] = column(top_k, torch.int64)
+        self.top_p_t[idx] = column(top_p, torch.float32)
 
     def release_gone(self, live: Any) -> None:
         """Free the slots of requests vLLM no longer holds (``live``: its ``runner.requests``)."""

@@ -72,7 +72,7 @@ def generate_rollout(llm: Any, prompt_token_ids: list[list[int]], sampling: Any,
     ``stream`` names the responses' gate streams: {"purpose": "train" | "validate" | "evaluate" | "bench",
     "call": int (default: policy_version), "first_prompt": global index of the first prompt (default 0)}."""
     sampling = _as_dict(sampling)
-    k = int(to_wire(mixing)["k"])
+    k = int(to_wire(mixing)["width"])  # record width: k, or top_k for the soft-token strategies
     sp = make_sampling_params(sampling, mixing, list(stop_token_ids))
     stream = {"call": int(policy_version), **(stream or {})}
     per_request = stream_params(sp, len(prompt_token_ids), group_size, stream)

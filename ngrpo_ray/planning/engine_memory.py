@@ -5,7 +5,7 @@ Model (bytes; P parameters, b bytes of the model dtype, TP shards, L layers, g K
   KV cache           the engine's share of the rollout batch held at once: group_size x ceil(prompts / engines)
                      sequences x (data.max_prompt_tokens + rollout.max_new_tokens) tokens x L x 2 x ceil(g / TP) x d x b
   mixing tables      ring table (mixing.table_slots + 1) x (8 + 12 k_max + 12) B (ids, candidates, alphas, log-prob,
-                     noise seed; k_max = max(k, 4) as the engine is built); neighbor_mix: the neighbor table V x k_max
+                     noise seed; k_max = the record width, max(k or top_k, 4), as the engine is built); neighbor_mix: the neighbor table V x k_max
                      int64 and the normalised embedding rows V x h x b it is searched in (cosine); gaussian_noise:
                      the noise table (slots + 1) x h x b
   vLLM runtime       forward activations at 8,192 batched tokens ((2 h + 2 I / TP) x b each), the sampler's fp32

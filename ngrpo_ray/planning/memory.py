@@ -14,10 +14,12 @@ A phase fits when its terms sum to at most the card; the engine's own terms must
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass, field
 
 from ngrpo_ray.config.schema import Config
+from ngrpo_ray.core.mixing_spec import engine_width
 from ngrpo_ray.planning.engine_memory import EngineSettings, asleep_term, engine_terms
 from ngrpo_ray.planning.model_shape import ModelShape, read_model_shape
 from ngrpo_ray.planning.terms import GIB, RESIDENT, UPDATE, Term, dtype_bytes
@@ -96,7 +98,7 @@ def plan_memory(cfg: Config, gpu_gib: float = DEFAULT_GPU_GIB, gpus: int = DEFAU
     sequences = math.ceil(t.prompts_per_iteration / engines) * r.group_size
     engine = engine_terms(EngineSettings(
         shape=shape, dtype_bytes=b, tensor_parallel=tp, sequences=sequences,
-        sequence_tokens=cfg.data.max_prompt_tokens + r.max_new_tokens, strategy=m.strategy, k=m.k,
+        sequence_tokens=cfg.data.max_prompt_tokens + r.max_new_tokens, strategy=m.strategy, k=engine_width(dataclasses.asdict(m)),
         table_slots=m.table_slots, max_num_seqs=256 if t.use_gpu else 64, enforce_eager=r.enforce_eager))
     reservation = r.gpu_memory_utilization * card
     reserve = Term("engine", f"reservation ({r.gpu_memory_utilization:.2f} x card)", reservation, "rollout",

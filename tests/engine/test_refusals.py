@@ -51,13 +51,25 @@ def test_plain_settings_pass_and_carry_the_options():
 
 
 @pytest.mark.parametrize("mixing,message", [
-    (MixingParams(strategy="gumbel_topk", rho=0.1), "strategy='gumbel_topk' is not implemented"),
-    (MixingParams(alpha_source="filtered_probs"), "alpha_source='filtered_probs' is not implemented"),
-    (MixingParams(emit="sampled"), "emit='sampled' is not implemented"),
+    (MixingParams(strategy="soft_thinking", rho=1.0, top_k=None), r"mixing.top_k must be an integer <= 64 in the engine"),
+    (MixingParams(strategy="gumbel_topk", rho=0.1, top_k=65), r"mixing.top_k must be an integer <= 64 in the engine"),
 ])
-def test_unsupported_strategies_are_refused(mixing, message):
+def test_what_the_engine_cannot_serve_is_refused(mixing, message):
     with pytest.raises(ValueError, match=message):
         make_sampling_params({"temperature": 1.0}, mixing, [1])
+
+
+@pytest.mark.parametrize("mixing,width", [
+    (MixingParams(strategy="gumbel_topk", rho=0.1, top_k=5), 5),
+    (MixingParams(strategy="latent_gumbel", rho=1.0, top_k=10, noise_clamp=(-1.0, 2.0), one_sided=False), 10),
+    (MixingParams(strategy="soft_thinking", rho=1.0, top_k=10), 10),
+    (MixingParams(alpha_source="filtered_probs", emit="sampled", k=2), 2),
+])
+def test_every_strategy_travels_to_the_engine(mixing, width):
+    wire = make_sampling_params({"temperature": 1.0}, mixing, [1]).extra_args["ngrpo"]
+    assert (wire["strategy"], wire["width"], wire["alpha_source"], wire["emit"]) == (
+        mixing.strategy, width, mixing.alpha_source, mixing.emit)
+    assert wire["noise_clamp"] == list(mixing.noise_clamp) and wire["one_sided"] == mixing.one_sided
 
 
 ENGINE_REFUSALS = [
