@@ -37,14 +37,10 @@ class StepResult:
 
 @dataclass
 class MixState:
-    """What persists across the steps of one batch: parameters, neighbor table, stream keys, stopped rows.
-
-    ``aux_gen`` is seeded like the streams and kept for strategies that need extra draws outside the streams (none
-    today)."""
+    """What persists across the steps of one batch: parameters, neighbor table, stream keys, stopped rows."""
 
     params: MixingParams
     sampling: SamplingParams
-    aux_gen: torch.Generator
     stopped: torch.Tensor  # [B] bool: row emitted a stop_after id, no more mixing
     table: LazyNeighborTable | torch.Tensor | None = None
     valid: torch.Tensor | None = None  # [V] bool rows allowed as neighbors
@@ -58,11 +54,10 @@ class MixState:
                first_index: int = 0) -> "MixState":
         """Row b's gate stream is the engine's for the response with global index first_index + b."""
         seed = params.seed if params.seed is not None else sampling_seed + AUX_SEED_OFFSET
-        aux = torch.Generator(device=device).manual_seed(seed)
         stopped = torch.zeros(batch_size, dtype=torch.bool, device=device)
         keys = torch.tensor([gate_stream.stream_key(seed, params.strategy, purpose, call, first_index + b)
                              for b in range(batch_size)], dtype=torch.int64, device=device)
-        return cls(params, sampling, aux, stopped, table, valid, stream_keys=keys)
+        return cls(params, sampling, stopped, table, valid, stream_keys=keys)
 
     def neighbors(self, E: torch.Tensor, anchors: torch.Tensor) -> torch.Tensor:
         """[n] anchors -> [n, k] candidate sets C (anchor first), building a lazy table on first use."""
