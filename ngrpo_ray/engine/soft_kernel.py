@@ -29,7 +29,7 @@ def soft_group(hook, z: torch.Tensor, log_norm: torch.Tensor | None, slot_t: tor
     """z: [n, V] the rows' scaled logits; ``log_norm`` [n] their logsumexp (None: computed here)."""
     table = hook.requests
     logp = z - (log_norm if log_norm is not None else torch.logsumexp(z, dim=-1)).unsqueeze(1)
-    width = int(table.width[slots].max())  # host column
+    width = min(int(table.width[slots].max()), z.shape[1])  # host column
     top_logp, cand = torch.topk(logp, width, dim=-1)
     keys_steps = hook.to_device(np.stack([table.key[slots], steps]))
     g = gate_stream.gumbel(keys_steps[0], keys_steps[1], width)
