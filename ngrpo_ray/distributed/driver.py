@@ -267,7 +267,6 @@ class Session:
         scored = sample_and_score(self.fleet, self.scorer, prompts, golds, cfg.rollout.group_size,
                                   components.rollout_sampling(cfg), self.mixing, version, self.train_set.kind)
         t_rollout = time.perf_counter() - t0
-        self.fleet.maybe_kill_for_test("train")
         advantages, adv_info = compute_advantages(cfg, scored)
         t0 = time.perf_counter()
         if self.plan.sleep_engines:

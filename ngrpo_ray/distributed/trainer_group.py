@@ -403,7 +403,6 @@ class TrainerGroup:
         self.sync_endpoint: SyncEndpoint | None = None
         self.startup_seconds = 0.0
         self.generation = 0  # the worker group's restarts the driver has seen and recovered from
-        self._test_killed: set[str] = set()
 
     # -- life cycle -------------------------------------------------------------------------------------------
     def start(self) -> "TrainerGroup":
@@ -521,12 +520,6 @@ class TrainerGroup:
         self.sync_endpoint = None
         return self.generation
 
-    def kill_worker_for_test(self, rank: int) -> None:
-        """Tests only: SIGKILL one worker process (as the kernel's OOM killer would); Ray Train sees it die."""
-        import signal
-
-        os.kill(self.workers[rank]["pid"], signal.SIGKILL)
-
     # -- the API ------------------------------------------------------------------------------------------------
     def train(self, batch_refs: Sequence[ray.ObjectRef], advantages: Any, version: int | None = None,
               loss: PolicyLossConfig | None = None, step: StepSettings | None = None) -> dict:
@@ -538,16 +531,7 @@ class TrainerGroup:
             advantages = ray.put(advantages)
         handle = self.submit("train", batch_refs=list(batch_refs), advantages=advantages, version=version,
                              loss=loss, step=step)
-        self._maybe_kill_for_test(version)
         return self.wait(handle)[0]
-
-    def _maybe_kill_for_test(self, version: int | None) -> None:
-        """Tests only: NGRPO_TEST_KILL_TRAINER="<version>:<rank>" kills that rank's process once, right after the
-        update to that policy version was sent."""
-        spec = os.environ.get("NGRPO_TEST_KILL_TRAINER")
-        if spec and spec not in self._test_killed and version == int(spec.split(":")[0]):
-            self._test_killed.add(spec)
-            self.kill_worker_for_test(int(spec.split(":")[1]))
 
     def logprobs(self, batch_refs: Sequence[ray.ObjectRef], use_records: bool = True) -> list[torch.Tensor]:
         """The trainer's log-probs of every response, in batch order (each rank computes its shard)."""
