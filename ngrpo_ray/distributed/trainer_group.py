@@ -37,9 +37,10 @@ import torch
 
 from ngrpo_ray.core.losses import PolicyLossConfig
 from ngrpo_ray.core.records import ResponseRecord
-from ngrpo_ray.distributed.deepspeed_config import DeepSpeedSettings
-from ngrpo_ray.distributed.train_step import StepSettings, TrainSequence
 from ngrpo_ray.distributed.weight_sync import SyncEndpoint
+from ngrpo_ray.training.deepspeed_config import DeepSpeedSettings
+from ngrpo_ray.training.train_sequence import TrainSequence
+from ngrpo_ray.training.train_step import StepSettings
 
 
 class TrainerGroupError(RuntimeError):
@@ -203,7 +204,7 @@ class _PolicyWorker:
         import deepspeed
         from transformers import AutoModelForCausalLM
 
-        from ngrpo_ray.distributed.deepspeed_config import (
+        from ngrpo_ray.training.deepspeed_config import (
             build_config, build_optimizer, build_scheduler, init_distributed)
 
         torch.set_num_threads(max(1, cfg.torch_threads))
@@ -247,8 +248,8 @@ class _PolicyWorker:
 
     def train(self, batch_refs: list, advantages: Any, version: int | None = None,
               loss: PolicyLossConfig | None = None, step: StepSettings | None = None) -> dict:
-        from ngrpo_ray.distributed.deepspeed_config import loss_scale_for_deepspeed
-        from ngrpo_ray.distributed.train_step import train_on_sequences
+        from ngrpo_ray.training.deepspeed_config import loss_scale_for_deepspeed
+        from ngrpo_ray.training.train_step import train_on_sequences
 
         start = time.monotonic()
         step = step or self.cfg.step
@@ -266,7 +267,7 @@ class _PolicyWorker:
         return metrics
 
     def logprobs(self, batch_refs: list, use_records: bool = True) -> list[tuple[int, torch.Tensor]]:
-        from ngrpo_ray.distributed.train_step import _agreed_count, response_logprobs
+        from ngrpo_ray.training.logprobs import _agreed_count, response_logprobs
 
         local, _ = self._local(batch_refs, None)
         model = self.engine.module
