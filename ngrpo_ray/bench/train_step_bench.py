@@ -88,7 +88,7 @@ def run_train_step_bench(args: Any) -> dict:
 
     from ngrpo_ray.config.load import load_config
     from ngrpo_ray.distributed.components import trainer_config
-    from ngrpo_ray.distributed.trainer_group import _PolicyWorker
+    from ngrpo_ray.distributed.policy_worker import _PolicyWorker
     from ngrpo_ray.models.offline import resolve_model
 
     a = dict(DEFAULTS)

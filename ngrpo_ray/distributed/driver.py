@@ -25,7 +25,8 @@ from ngrpo_ray.distributed import components, placement
 from ngrpo_ray.distributed.reward_scorer import RewardScorer
 from ngrpo_ray.distributed.rollout_fleet import RolloutFleet
 from ngrpo_ray.distributed.sample_and_score import Scored, sample_and_score
-from ngrpo_ray.distributed.trainer_group import TrainerGroup, TrainerRestarted
+from ngrpo_ray.distributed.trainer_config import TrainerRestarted
+from ngrpo_ray.distributed.trainer_group import TrainerGroup
 from ngrpo_ray.evaluation.report import summarize
 from ngrpo_ray.models.offline import resolve_model, resolve_tokenizer
 from ngrpo_ray.tracking.mlflow_run import MlflowRun, tracking_uri_for
