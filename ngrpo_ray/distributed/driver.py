@@ -21,7 +21,8 @@ from ngrpo_ray.config import Config, ConfigError, flatten, to_yaml
 from ngrpo_ray.core.advantages import dr_grpo_advantages, dynamic_sampling_filter, grpo_advantages
 from ngrpo_ray.data.prompts import render_prompt
 from ngrpo_ray.data.sources import grader_kind, load_problems
-from ngrpo_ray.distributed import components, placement
+from ngrpo_ray.distributed import cluster_capacity, components, placement, reservation
+from ngrpo_ray.distributed.ray_init import init_ray
 from ngrpo_ray.distributed.reward_scorer import RewardScorer
 from ngrpo_ray.distributed.rollout_fleet import RolloutFleet
 from ngrpo_ray.distributed.sample_and_score import Scored, sample_and_score
@@ -103,8 +104,8 @@ class Session:
         # before data, models or an MLflow run are touched.
         self.plan = placement.plan_placement(cfg)
         self.log(self.plan.describe())
-        placement.init_ray(cfg)
-        placement.check_capacity(self.plan)
+        init_ray(cfg)
+        cluster_capacity.check_capacity(self.plan)
         self.out = Path(cfg.trainer.output_dir).expanduser().resolve()
         self.out.mkdir(parents=True, exist_ok=True)
         self.state: RunState | None = None
@@ -145,7 +146,7 @@ class Session:
         self.mlflow.log_artifact(plan_file)
         self.mlflow.log_params(placement.plan_params(self.plan))
         t0 = time.perf_counter()
-        self.engine_pg = placement.reserve_engines(cfg, self.plan)  # disaggregated: the engines' own bundles
+        self.engine_pg = reservation.reserve_engines(cfg, self.plan)  # disaggregated: the engines' own bundles
         self.trainer_restarts: list[dict] = []
         self.restarts_logged = 0
         pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
@@ -157,7 +158,7 @@ class Session:
                                   policy_version=self.state.policy_version,
                                   max_restarts=cfg.cluster.engine_max_restarts,
                                   restart_timeout_s=cfg.cluster.engine_restart_timeout_s,
-                                  actor_options=placement.engine_actor_options(self.plan, self.engine_pg,
+                                  actor_options=reservation.engine_actor_options(self.plan, self.engine_pg,
                                                                                self.trainer.workers))
         self.fleet.resync = self.resync_engines
         if checkpoint is not None:
@@ -218,7 +219,7 @@ class Session:
         self.log(f"trainer worker group restarted in iteration {failed} ({error}); restoring the last checkpoint")
         hosts = self.trainer.workers  # where the colocated engines were seated
         self.trainer.recover()
-        placement.check_guests_after_restart(self.plan, hosts, self.trainer.workers)
+        reservation.check_guests_after_restart(self.plan, hosts, self.trainer.workers)
         checkpoint = latest_checkpoint(self.out)
         if checkpoint is not None:
             self.trainer.load_checkpoint(str(checkpoint / "trainer"), "ds")

@@ -47,7 +47,7 @@ class RolloutFleet:
     def __init__(self, spec: dict, num_engines: int, num_cpus: float = 1.0, num_gpus: float = 0.0,
                  policy_version: int = 0, max_restarts: int = 2, restart_timeout_s: float = 900.0,
                  actor_options: Sequence[dict] | None = None):
-        """`actor_options`: per engine, its seat from the placement plan (placement.engine_actor_options); without
+        """`actor_options`: per engine, its seat from the placement plan (reservation.engine_actor_options); without
         it every engine asks Ray for num_cpus / num_gpus directly (evaluation, benchmarks)."""
         self.spec = spec
         if actor_options is None:

@@ -25,7 +25,7 @@ import pytest
 import ray
 
 from ngrpo_ray.config.load import load_config
-from ngrpo_ray.distributed import placement
+from ngrpo_ray.distributed import cluster_capacity, placement, reservation
 from tests.support.local_head import free_port, stop_head
 
 # Opt-in for now: it sets RAY_AUTH_MODE=disabled for its private head, and Ray keeps the auth mode process-wide, so a
@@ -98,17 +98,17 @@ def _wait_for(condition, timeout_s: float) -> float:
 def test_paper_layout_scales_a_gpu_node_up_and_down(autoscaling_head):
     t0 = time.monotonic()
     assert _gpu_nodes() == 0 and "GPU" not in ray.cluster_resources()
-    capacity, source = placement.cluster_capacity()
+    capacity, source = cluster_capacity.cluster_capacity()
     assert capacity["GPU"] == 16 and source == "autoscaler maximum"
 
     too_big = load_config("r1_distill_1p5b_ngrpo", ["trainer.num_workers=24", "trainer.prompts_per_iteration=96"])
     with pytest.raises(placement.PlacementInfeasibleError) as info:
-        placement.reserve_layout(too_big, name="too-big")
+        reservation.reserve_layout(too_big, name="too-big")
     assert "it asks for 24 GPUs, the cluster can have at most 16 GPUs (autoscaler maximum)" in str(info.value)
 
     cfg = load_config("r1_distill_1p5b_ngrpo", ["cluster.placement_timeout_s=120"])
     start = time.monotonic()
-    pg, plan = placement.reserve_layout(cfg, name="paper")  # waits while the autoscaler adds a node
+    pg, plan = reservation.reserve_layout(cfg, name="paper")  # waits while the autoscaler adds a node
     scale_up_s = time.monotonic() - start
     assert plan.gpus == 8 and _gpu_nodes() == 1  # PACK: the whole layout on one 8-GPU node
     nodes = set(ray.util.placement_group_table(pg)["bundles_to_node_id"].values())
