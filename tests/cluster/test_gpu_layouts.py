@@ -124,7 +124,7 @@ def test_layout_larger_than_the_cluster_fails_at_once_with_both_numbers(eight_gp
 
 @pytest.mark.ray
 def test_driver_refuses_a_layout_the_cluster_can_never_hold_before_loading_anything(eight_gpu_node, tmp_path):
-    from ngrpo_ray.distributed.driver import Session
+    from ngrpo_ray.distributed.session import Session
 
     cfg = load_config("r1_distill_7b_ngrpo", ["cluster.placement=disaggregated", "rollout.num_engines=1",
                                               f"trainer.output_dir={tmp_path}"])

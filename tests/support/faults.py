@@ -17,7 +17,7 @@ from ngrpo_ray.distributed.rollout_fleet import RolloutFleet
 from ngrpo_ray.distributed.trainer_group import TrainerGroup
 
 # Where the driver looks the two classes up when it builds a run's components.
-BUILDER_MODULE = "ngrpo_ray.distributed.driver"
+BUILDER_MODULE = "ngrpo_ray.distributed.session"
 
 
 def inject_faults(monkeypatch, engine_kills: Sequence[tuple[int, int, str]] = (),
