@@ -34,8 +34,8 @@ def _engine_spec(model_path: str) -> dict[str, Any]:
 
 
 def _trainer_config(model_path: str):
-    from ngrpo_ray.distributed.deepspeed_config import DeepSpeedSettings
-    from ngrpo_ray.distributed.trainer_group import TrainerGroupConfig
+    from ngrpo_ray.training.deepspeed_config import DeepSpeedSettings
+    from ngrpo_ray.distributed.trainer_config import TrainerGroupConfig
 
     return TrainerGroupConfig(model_path=model_path, num_workers=1, torch_threads=1, ref_model=False,
                               deepspeed=DeepSpeedSettings(zero_stage=0, dtype="fp32"))

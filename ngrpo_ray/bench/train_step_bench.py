@@ -77,8 +77,8 @@ def _plain_update(model, optimizer, batch: dict, order: list[list[list[int]]], p
 
 
 def _micro_order(n: int, mini_batches: int, micro_batches: int, seed: int) -> list[list[list[int]]]:
-    from ngrpo_ray.distributed.micro_batches import split_even
-    from ngrpo_ray.distributed.train_step import mini_batch_plan
+    from ngrpo_ray.training.micro_batches import split_even
+    from ngrpo_ray.training.train_step import mini_batch_plan
 
     return [split_even(mb, micro_batches) for mb in mini_batch_plan(range(n), mini_batches, 0, seed, True)]
 
@@ -88,7 +88,7 @@ def run_train_step_bench(args: Any) -> dict:
 
     from ngrpo_ray.config.load import load_config
     from ngrpo_ray.distributed.components import trainer_config
-    from ngrpo_ray.distributed.trainer_group import _PolicyWorker
+    from ngrpo_ray.distributed.policy_worker import _PolicyWorker
     from ngrpo_ray.models.offline import resolve_model
 
     a = dict(DEFAULTS)

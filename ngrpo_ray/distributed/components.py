@@ -10,10 +10,10 @@ from ngrpo_ray.core import mixing_spec
 from ngrpo_ray.core.losses import PolicyLossConfig
 from ngrpo_ray.core.mixing_params import MixingParams
 from ngrpo_ray.core.rollout_correction import RolloutCorrection
-from ngrpo_ray.distributed.deepspeed_config import DeepSpeedSettings
-from ngrpo_ray.distributed.train_step import StepSettings
-from ngrpo_ray.distributed.trainer_group import TrainerGroupConfig
+from ngrpo_ray.distributed.trainer_config import TrainerGroupConfig
 from ngrpo_ray.models.vocabulary import token_ids_of
+from ngrpo_ray.training.deepspeed_config import DeepSpeedSettings
+from ngrpo_ray.training.train_step import StepSettings
 
 
 def mixing_params(cfg: Config, tokenizer: Any, enabled: bool = True) -> MixingParams:

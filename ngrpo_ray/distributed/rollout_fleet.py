@@ -16,7 +16,6 @@ its own incarnation id), which the driver calls before every weight sync.
 
 from __future__ import annotations
 
-import os
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
@@ -48,7 +47,7 @@ class RolloutFleet:
     def __init__(self, spec: dict, num_engines: int, num_cpus: float = 1.0, num_gpus: float = 0.0,
                  policy_version: int = 0, max_restarts: int = 2, restart_timeout_s: float = 900.0,
                  actor_options: Sequence[dict] | None = None):
-        """`actor_options`: per engine, its seat from the placement plan (placement.engine_actor_options); without
+        """`actor_options`: per engine, its seat from the placement plan (reservation.engine_actor_options); without
         it every engine asks Ray for num_cpus / num_gpus directly (evaluation, benchmarks)."""
         self.spec = spec
         if actor_options is None:
@@ -69,7 +68,6 @@ class RolloutFleet:
         # policy before they serve again. None (evaluation): a restarted engine's initial model is the one asked for.
         self.resync: Callable[[list[int], int], None] | None = None
         self.iteration: int | None = None  # set by the driver; recorded with each restart
-        self._test_killed: set[str] = set()  # test hooks already fired (each fires once)
 
     def __len__(self) -> int:
         return len(self.engines)
@@ -88,7 +86,6 @@ class RolloutFleet:
             stream = {"purpose": purpose, "call": int(call), "first_prompt": lo}
             request = ([list(p) for p in prompts[lo:hi]], sampling, mixing, policy_version, group_size, stream)
             chunks.append(self._issue(request, lo, self._least_loaded(chunks)))
-        self.maybe_kill_for_test("rollout")
         return chunks
 
     def _issue(self, request: tuple, first_prompt: int, engine: int, attempt: int = 0) -> Chunk:
@@ -183,16 +180,6 @@ class RolloutFleet:
                     raise RuntimeError(f"rollout engine {engine} did not come back (restarts used up, or "
                                        f"{self.restart_timeout_s:.0f}s passed): {exc}") from exc
                 time.sleep(1.0)
-
-    def maybe_kill_for_test(self, phase: str) -> None:
-        """Tests only: NGRPO_TEST_KILL_ENGINE="<iteration>:<engine>[:<phase>],..." kills that engine once (Ray restarts
-        it); phase "rollout" (the default) right after that iteration's chunks were issued, "train" after the
-        rollout, while the trainer updates."""
-        for spec in filter(None, os.environ.get("NGRPO_TEST_KILL_ENGINE", "").split(",")):
-            iteration, engine, at = (spec.split(":") + ["rollout"])[:3]
-            if spec not in self._test_killed and self.iteration == int(iteration) and at == phase:
-                self._test_killed.add(spec)
-                ray.kill(self.engines[int(engine)], no_restart=False)
 
     def policy_versions(self) -> list[int]:
         return [int(h["policy_version"]) for h in ray.get([e.health.remote() for e in self.engines])]

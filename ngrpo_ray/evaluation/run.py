@@ -32,9 +32,9 @@ def evaluate(cfg: Config, model_path: str | None = None, out_dir: str | Path | N
     from tqdm import tqdm
     from transformers import AutoTokenizer
 
+    from ngrpo_ray.data.prompt_set import build_prompt_set
     from ngrpo_ray.distributed import components
-    from ngrpo_ray.distributed.driver import build_prompt_set
-    from ngrpo_ray.distributed.placement import init_ray
+    from ngrpo_ray.distributed.ray_init import init_ray
     from ngrpo_ray.distributed.reward_scorer import RewardScorer
     from ngrpo_ray.distributed.rollout_fleet import RolloutFleet
     from ngrpo_ray.distributed.sample_and_score import sample_and_score

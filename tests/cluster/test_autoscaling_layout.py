@@ -22,20 +22,14 @@ import time
 from pathlib import Path
 
 import pytest
-import ray
 
-from ngrpo_ray.config.load import load_config
-from ngrpo_ray.distributed import placement
 from tests.support.local_head import free_port, stop_head
 
-# Opt-in for now: it sets RAY_AUTH_MODE=disabled for its private head, and Ray keeps the auth mode process-wide, so a
-# local `ray.init()` later in the same pytest process fails ("Authentication token is missing"). Run it alone:
-#   NGRPO_AUTOSCALING_TEST=1 pytest tests/cluster/test_autoscaling_layout.py   (about 25 s here)
-# Moving its client into a subprocess would let it join the suite.
-pytestmark = [pytest.mark.slow, pytest.mark.ray,
-              pytest.mark.skipif(os.environ.get("NGRPO_AUTOSCALING_TEST") != "1",
-                                 reason="opt-in (NGRPO_AUTOSCALING_TEST=1): changes Ray's process-wide auth mode")]
+# The Ray client runs in a subprocess (tests/cluster/autoscaling_client.py): Ray keeps the auth mode of the first
+# `ray.init` process-wide, and this private head runs with RAY_AUTH_MODE=disabled.
+pytestmark = [pytest.mark.slow, pytest.mark.ray]
 
+REPO = Path(__file__).resolve().parents[2]
 VENV_BIN = Path(sys.executable).parent
 IDLE_TIMEOUT_MIN = 0.05  # 3 s: the GPU node goes soon after the layout releases it
 
@@ -58,7 +52,7 @@ def _autoscaling_config(gcs_address: str) -> dict:
 
 
 @pytest.fixture
-def autoscaling_head(monkeypatch):
+def autoscaling_head():
     temp_dir = tempfile.mkdtemp(prefix="ngrpo_as_", dir="/tmp")
     port = free_port()
     gcs = f"127.0.0.1:{port}"
@@ -71,50 +65,28 @@ def autoscaling_head(monkeypatch):
            "--num-gpus=0", "--node-ip-address=127.0.0.1", f"--port={port}", "--include-dashboard=false",
            f"--ray-client-server-port={free_port()}", f"--dashboard-agent-listen-port={free_port()}",
            "--disable-usage-stats", f"--temp-dir={temp_dir}"]
-    monkeypatch.setenv("RAY_AUTH_MODE", "disabled")
     try:
         started = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=180)
         assert started.returncode == 0, f"ray start failed:\n{started.stdout}\n{started.stderr}"
-        ray.init(address=gcs, log_to_driver=False)
-        yield
+        yield gcs, env
     finally:
-        ray.shutdown()
         stop_head(temp_dir)
         shutil.rmtree(temp_dir, ignore_errors=True)
 
 
-def _gpu_nodes() -> int:
-    return sum(1 for n in ray.nodes() if n.get("Alive") and n.get("Resources", {}).get("GPU", 0) > 0)
-
-
-def _wait_for(condition, timeout_s: float) -> float:
-    start = time.monotonic()
-    while not condition():
-        assert time.monotonic() - start < timeout_s, f"not within {timeout_s} s"
-        time.sleep(0.5)
-    return time.monotonic() - start
-
-
 def test_paper_layout_scales_a_gpu_node_up_and_down(autoscaling_head):
-    t0 = time.monotonic()
-    assert _gpu_nodes() == 0 and "GPU" not in ray.cluster_resources()
-    capacity, source = placement.cluster_capacity()
-    assert capacity["GPU"] == 16 and source == "autoscaler maximum"
-
-    too_big = load_config("r1_distill_1p5b_ngrpo", ["trainer.num_workers=24", "trainer.prompts_per_iteration=96"])
-    with pytest.raises(placement.PlacementInfeasibleError) as info:
-        placement.reserve_layout(too_big, name="too-big")
-    assert "it asks for 24 GPUs, the cluster can have at most 16 GPUs (autoscaler maximum)" in str(info.value)
-
-    cfg = load_config("r1_distill_1p5b_ngrpo", ["cluster.placement_timeout_s=120"])
+    gcs, env = autoscaling_head
+    env = dict(env, PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")])))
     start = time.monotonic()
-    pg, plan = placement.reserve_layout(cfg, name="paper")  # waits while the autoscaler adds a node
-    scale_up_s = time.monotonic() - start
-    assert plan.gpus == 8 and _gpu_nodes() == 1  # PACK: the whole layout on one 8-GPU node
-    nodes = set(ray.util.placement_group_table(pg)["bundles_to_node_id"].values())
-    assert len(nodes) == 1
-
-    ray.util.remove_placement_group(pg)
-    scale_down_s = _wait_for(lambda: _gpu_nodes() == 0, timeout_s=90)
-    print(f"autoscaling: up {scale_up_s:.1f} s, down {scale_down_s:.1f} s after release, "
-          f"test body {time.monotonic() - t0:.1f} s")
+    done = subprocess.run([sys.executable, "-m", "tests.cluster.autoscaling_client", gcs], env=env, cwd=REPO,
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, f"client failed:\n{done.stdout[-3000:]}\n{done.stderr[-6000:]}"
+    got = json.loads(done.stdout.strip().splitlines()[-1])
+    assert got["gpu_nodes_at_start"] == 0 and got["gpus_at_start"] == 0
+    assert got["capacity_gpus"] == 16 and got["capacity_source"] == "autoscaler maximum"
+    assert "it asks for 24 GPUs, the cluster can have at most 16 GPUs (autoscaler maximum)" in got["too_big_error"]
+    assert got["plan_gpus"] == 8 and got["gpu_nodes_after_reserve"] == 1  # the autoscaler added one 8-GPU node
+    assert got["nodes_holding_layout"] == 1  # PACK: the whole layout on that node
+    assert got["scale_down_s"] < 90  # removed after release and the idle timeout
+    print(f"autoscaling: up {got['scale_up_s']:.1f} s, down {got['scale_down_s']:.1f} s after release, "
+          f"client {time.monotonic() - start:.1f} s")

@@ -14,7 +14,7 @@ import pytest
 import ray
 
 from ngrpo_ray.config.load import PRESET_DIR, load_config
-from ngrpo_ray.distributed import placement
+from ngrpo_ray.distributed import placement, reservation
 
 PATTERNS = ("*_1p5b*", "*_7b*", "llama32_*", "qwen3_*", "r1_*")
 GPU_PRESETS = sorted({p.stem for pattern in PATTERNS for p in Path(PRESET_DIR).glob(f"{pattern}.yaml")})
@@ -39,12 +39,12 @@ def _where() -> dict:
 
 def _seat(plan: placement.PlacementPlan, pg) -> tuple[list[dict], list[dict]]:
     """Run a task in every trainer seat, then in every engine seat (guests next to their host rank)."""
-    trainers = ray.get([_where.options(**placement.actor_options(pg, s)).remote() for s in plan.trainer_slots],
+    trainers = ray.get([_where.options(**reservation.actor_options(pg, s)).remote() for s in plan.trainer_slots],
                        timeout=60)
     if plan.placement == "colocated":
-        options = placement.engine_actor_options(plan, None, trainers)
+        options = reservation.engine_actor_options(plan, None, trainers)
     else:
-        options = placement.engine_actor_options(plan, pg, trainers)  # the layout's group starts with the engines
+        options = reservation.engine_actor_options(plan, pg, trainers)  # the layout's group starts with the engines
     engines = ray.get([_where.options(**o).remote() for o in options], timeout=60)
     return trainers, engines
 
@@ -64,7 +64,7 @@ def _layouts() -> list:
 def test_every_gpu_preset_layout_is_reserved_on_one_8_gpu_node(eight_gpu_node):
     start = time.monotonic()
     for cfg in _layouts():
-        pg, plan = placement.reserve_layout(cfg, name="layout")
+        pg, plan = reservation.reserve_layout(cfg, name="layout")
         ray.util.remove_placement_group(pg)
         assert plan.gpus == 8.0 and plan.placement in ("colocated", "disaggregated")
     elapsed = time.monotonic() - start
@@ -80,7 +80,7 @@ def test_every_role_gets_its_bundle_in_both_layouts(eight_gpu_node):
         distinct.setdefault((plan.placement, str(plan.bundles), str(plan.roles)), cfg)
     assert sorted(key[0] for key in distinct) == ["colocated", "disaggregated"]
     for cfg in distinct.values():
-        pg, plan = placement.reserve_layout(cfg, name="seats")
+        pg, plan = reservation.reserve_layout(cfg, name="seats")
         try:
             trainers, engines = _seat(plan, pg)
             trainer_gpus = [t["gpu_ids"] for t in trainers]
@@ -115,7 +115,7 @@ def test_layout_larger_than_the_cluster_fails_at_once_with_both_numbers(eight_gp
     cfg = load_config("r1_distill_7b_ngrpo", list(overrides))
     start = time.monotonic()
     with pytest.raises(placement.PlacementInfeasibleError) as info:
-        placement.reserve_layout(cfg, name="too-big")
+        reservation.reserve_layout(cfg, name="too-big")
     assert time.monotonic() - start < 5.0
     message = str(info.value)
     assert f"it asks for {asked} GPUs, the cluster can have at most 8 GPUs (current total)" in message
@@ -124,7 +124,7 @@ def test_layout_larger_than_the_cluster_fails_at_once_with_both_numbers(eight_gp
 
 @pytest.mark.ray
 def test_driver_refuses_a_layout_the_cluster_can_never_hold_before_loading_anything(eight_gpu_node, tmp_path):
-    from ngrpo_ray.distributed.driver import Session
+    from ngrpo_ray.distributed.session import Session
 
     cfg = load_config("r1_distill_7b_ngrpo", ["cluster.placement=disaggregated", "rollout.num_engines=1",
                                               f"trainer.output_dir={tmp_path}"])

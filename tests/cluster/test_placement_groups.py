@@ -8,8 +8,9 @@ import pytest
 import ray
 
 from ngrpo_ray.config.load import load_config
-from ngrpo_ray.distributed import placement
-from ngrpo_ray.distributed.placement import PlacementTimeoutError, Slot
+from ngrpo_ray.distributed import placement, ray_init, reservation
+from ngrpo_ray.distributed.placement import Slot
+from ngrpo_ray.distributed.reservation import PlacementTimeoutError
 
 
 def _cfg(*overrides: str):
@@ -113,7 +114,7 @@ def test_paper_presets_plan_eight_shared_gpus():
 @pytest.fixture(scope="module")
 def local_ray():
     cfg = _cfg("cluster.num_cpus=2")
-    placement.init_ray(cfg, include_dashboard=False, log_to_driver=False)
+    ray_init.init_ray(cfg, include_dashboard=False, log_to_driver=False)
     yield
     ray.shutdown()
 
@@ -128,7 +129,7 @@ def test_init_ray_starts_local_cluster_with_configured_cpus(local_ray):
 @pytest.mark.ray
 def test_reserve_and_seat_actors_in_their_bundles(local_ray):
     cfg = _cfg("cluster.placement=disaggregated", "rollout.engine_cpus=0.5", "cluster.placement_timeout_s=20")
-    pg, plan = placement.reserve(cfg)
+    pg, plan = reservation.reserve(cfg)
     try:
         assert plan.bundles == [{"CPU": 0.5}, {"CPU": 1.0}]
 
@@ -138,8 +139,8 @@ def test_reserve_and_seat_actors_in_their_bundles(local_ray):
                 ctx = ray.get_runtime_context()
                 return ctx.get_placement_group_id(), ctx.get_assigned_resources()
 
-        seated = [Where.options(**placement.actor_options(pg, plan.trainer_slots[0])).remote(),
-                  Where.options(**placement.actor_options(pg, plan.engine_slots[0][0])).remote()]
+        seated = [Where.options(**reservation.actor_options(pg, plan.trainer_slots[0])).remote(),
+                  Where.options(**reservation.actor_options(pg, plan.engine_slots[0][0])).remote()]
         (pg_a, res_a), (pg_b, res_b) = ray.get([a.where.remote() for a in seated], timeout=60)
         assert pg_a == pg_b == pg.id.hex()
         assert res_a["CPU"] == 1.0 and res_b["CPU"] == 0.5
@@ -155,7 +156,7 @@ def test_gpu_layout_on_a_cpu_cluster_fails_at_once_with_both_numbers(local_ray):
                "rollout.engine_cpus=0.5", "cluster.placement_timeout_s=600")
     start = time.monotonic()
     with pytest.raises(placement.PlacementInfeasibleError) as info:
-        placement.reserve(cfg, name="never")
+        reservation.reserve(cfg, name="never")
     assert time.monotonic() - start < 5.0  # not after cluster.placement_timeout_s
     assert "it asks for 2 GPUs, the cluster can have at most 0 GPUs (current total)" in str(info.value)
     assert not [t for t in ray.util.placement_group_table().values() if t["name"] == "never"]  # nothing was asked
@@ -168,7 +169,7 @@ def test_unsatisfiable_gpu_request_fails_within_timeout_naming_the_key(local_ray
     plan = placement.plan_placement(cfg)
     start = time.monotonic()
     with pytest.raises(PlacementTimeoutError) as info:
-        placement.create_placement_group(plan.bundles, plan.strategy, timeout_s=2, name="too-big")
+        reservation.create_placement_group(plan.bundles, plan.strategy, timeout_s=2, name="too-big")
     elapsed = time.monotonic() - start
     assert 2.0 <= elapsed < 8.0
     message = str(info.value)
@@ -185,7 +186,7 @@ def test_unsatisfiable_gpu_request_fails_within_timeout_naming_the_key(local_ray
 def test_cpu_group_larger_than_the_cluster_names_only_the_pending_bundles(local_ray):
     # Each bundle fits a node alone, but together they exceed 2 CPUs: none is "never fits".
     with pytest.raises(PlacementTimeoutError) as info:
-        placement.create_placement_group([{"CPU": 1.5}, {"CPU": 1.5}], "PACK", timeout_s=2, name="cpu-too-big")
+        reservation.create_placement_group([{"CPU": 1.5}, {"CPU": 1.5}], "PACK", timeout_s=2, name="cpu-too-big")
     message = str(info.value)
     assert "#0 {CPU: 1.5}, #1 {CPU: 1.5}" in message
     assert "No live node could hold" not in message
@@ -197,11 +198,11 @@ def test_init_ray_attaches_to_configured_address_without_local_options(monkeypat
     monkeypatch.setattr(ray, "is_initialized", lambda: False)
     monkeypatch.setattr(ray, "init", lambda **kw: calls.append(kw))
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
-    placement.init_ray(_cfg("cluster.address=ray://10.0.0.1:10001", "cluster.num_cpus=4"))
+    ray_init.init_ray(_cfg("cluster.address=ray://10.0.0.1:10001", "cluster.num_cpus=4"))
     monkeypatch.setenv("RAY_ADDRESS", "127.0.0.1:6379")
-    placement.init_ray(_cfg())
+    ray_init.init_ray(_cfg())
     monkeypatch.delenv("RAY_ADDRESS")
-    placement.init_ray(_cfg("cluster.num_cpus=3"), include_dashboard=False)
+    ray_init.init_ray(_cfg("cluster.num_cpus=3"), include_dashboard=False)
     assert calls == [
         {"address": "ray://10.0.0.1:10001"},
         {"address": "127.0.0.1:6379"},
@@ -216,4 +217,4 @@ def test_init_ray_auth_failure_explains_the_token(monkeypatch):
     monkeypatch.setattr(ray, "is_initialized", lambda: False)
     monkeypatch.setattr(ray, "init", refuse)
     with pytest.raises(RuntimeError, match="RAY_AUTH_MODE=token"):
-        placement.init_ray(_cfg("cluster.address=10.0.0.1:6379"))
+        ray_init.init_ray(_cfg("cluster.address=10.0.0.1:6379"))

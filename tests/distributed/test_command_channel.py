@@ -4,7 +4,7 @@ import asyncio
 
 import pytest
 
-from ngrpo_ray.distributed.trainer_group import CommandChannel
+from ngrpo_ray.distributed.command_channel import CommandChannel
 
 
 def _cmd(cmd_id: int, generation: int) -> dict:

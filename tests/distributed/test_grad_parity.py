@@ -19,9 +19,11 @@ import torch
 from ngrpo_ray.core.losses import GlobalNormalizers, PolicyLossConfig, policy_loss
 from ngrpo_ray.core.records import ResponseRecord
 from ngrpo_ray.core.rollout_correction import RolloutCorrection
-from ngrpo_ray.distributed.deepspeed_config import DeepSpeedSettings
-from ngrpo_ray.distributed.train_step import StepSettings, response_logprobs
-from ngrpo_ray.distributed.trainer_group import TrainerGroup, TrainerGroupConfig
+from ngrpo_ray.distributed.trainer_config import TrainerGroupConfig
+from ngrpo_ray.distributed.trainer_group import TrainerGroup
+from ngrpo_ray.training.deepspeed_config import DeepSpeedSettings
+from ngrpo_ray.training.logprobs import response_logprobs
+from ngrpo_ray.training.train_step import StepSettings
 
 pytestmark = pytest.mark.ray
 

@@ -41,7 +41,7 @@ def _bf16_matmul_rate() -> float:
 
 def _sequences(vocab: int):
     from ngrpo_ray.core.records import ResponseRecord
-    from ngrpo_ray.distributed.train_step import TrainSequence
+    from ngrpo_ray.training.train_sequence import TrainSequence
 
     g = torch.Generator().manual_seed(0)
     out = []
@@ -59,7 +59,7 @@ def _engine(stage: int):
     import deepspeed
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
-    from ngrpo_ray.distributed.deepspeed_config import DeepSpeedSettings, build_config, build_optimizer
+    from ngrpo_ray.training.deepspeed_config import DeepSpeedSettings, build_config, build_optimizer
 
     os.environ.update({"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1"})
     os.environ.setdefault("MASTER_PORT", "29533")
@@ -88,7 +88,7 @@ def test_paper_shape_step_fits_80gb_and_reports_mfu(stage):
 
 def _measure(stage, rate, engine, model):
     from ngrpo_ray.core.losses import PolicyLossConfig
-    from ngrpo_ray.distributed.train_step import StepSettings, train_on_sequences
+    from ngrpo_ray.training.train_step import StepSettings, train_on_sequences
 
     seqs = _sequences(SHAPE["vocab_size"])
     step = StepSettings(temperature=0.7, old_logprobs="rollout", max_tokens_per_micro_batch=SEQS * (PROMPT + RESPONSE),

@@ -13,10 +13,11 @@ import torch
 from ngrpo_ray.core.losses import PolicyLossConfig
 from ngrpo_ray.core.mixing_params import MixingParams, SamplingParams
 from ngrpo_ray.core.reference_generator import generate
-from ngrpo_ray.distributed.deepspeed_config import DeepSpeedSettings
-from ngrpo_ray.distributed.train_step import StepSettings
-from ngrpo_ray.distributed.trainer_group import TrainerGroup, TrainerGroupConfig, TrainerGroupError
+from ngrpo_ray.distributed.trainer_config import TrainerGroupConfig, TrainerGroupError
+from ngrpo_ray.distributed.trainer_group import TrainerGroup
 from ngrpo_ray.engine.weight_receiver import WeightReceiverMixin
+from ngrpo_ray.training.deepspeed_config import DeepSpeedSettings
+from ngrpo_ray.training.train_step import StepSettings
 
 pytestmark = pytest.mark.ray
 VOCAB, TEMP = 64, 0.7

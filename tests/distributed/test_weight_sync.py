@@ -179,8 +179,8 @@ def test_update_then_sync_to_a_vllm_engine_matches_trainer_logprobs(tmp_path):
 
     from ngrpo_ray.core.losses import GlobalNormalizers, PolicyLossConfig, policy_loss
     from ngrpo_ray.core.mixing_params import MixingParams
-    from ngrpo_ray.distributed.trainer_group import sequences_from_batches
-    from ngrpo_ray.distributed.train_step import response_logprobs
+    from ngrpo_ray.distributed.policy_worker import sequences_from_batches
+    from ngrpo_ray.training.logprobs import response_logprobs
     from ngrpo_ray.engine.llm_factory import EngineSpec, build_llm
     from ngrpo_ray.engine.records_client import check
     from ngrpo_ray.engine.rollout import generate_rollout

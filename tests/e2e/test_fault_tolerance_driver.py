@@ -13,6 +13,7 @@ import json
 import pytest
 
 from ngrpo_ray.config import load_config
+from tests.support.faults import inject_faults
 from tests.support.runs import train_and_read
 from tests.support.tiny_chat_model import write_tiny_chat_model
 
@@ -33,8 +34,7 @@ def test_engines_and_trainer_killed_the_run_recovers_and_logs(tmp_path, monkeypa
         "trainer.validate_before=false", "trainer.checkpoint_every=1", f"trainer.output_dir={out}",
         "cluster.num_cpus=4", "tracking.plots=false", "cluster.engine_max_restarts=2", "cluster.trainer_max_restarts=1"])
     # Iteration 2 rolls out at policy version 1: the restarted engine loads version 0, so only a resync lets it serve.
-    monkeypatch.setenv("NGRPO_TEST_KILL_ENGINE", "2:1:rollout,3:0:train")
-    monkeypatch.setenv("NGRPO_TEST_KILL_TRAINER", "4:0")
+    inject_faults(monkeypatch, engine_kills=[(2, 1, "rollout"), (3, 0, "train")], trainer_kills=[(4, 0)])
     rec = train_and_read(cfg)
 
     assert rec.run.info.status == "FINISHED"

@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from ngrpo_ray.core.mixing_params import MixingParams
-from ngrpo_ray.distributed.train_step import response_logprobs
 from ngrpo_ray.engine.rollout import generate_rollout
+from ngrpo_ray.training.logprobs import response_logprobs
 
 from conftest import _build
 from hf_oracle import load_hf

@@ -16,7 +16,7 @@ import sys
 
 import torch
 
-from ngrpo_ray.distributed.train_step import response_logprobs
+from ngrpo_ray.training.logprobs import response_logprobs
 
 V, TEMP = 151_936, 0.7
 
@@ -48,7 +48,7 @@ def batch(prompt_len, response_len, seed=0):
 
 _MEASURE = """
 import json, resource
-from ngrpo_ray.distributed.train_step import response_logprobs
+from ngrpo_ray.training.logprobs import response_logprobs
 
 
 def rss_bytes():

@@ -1,6 +1,6 @@
 """Token-budget micro-batches: longest first, padded size (rows x longest row) within the budget."""
 
-from ngrpo_ray.distributed.micro_batches import global_count, split_by_tokens, split_micro_batches
+from ngrpo_ray.training.micro_batches import global_count, split_by_tokens, split_micro_batches
 
 import torch
 

@@ -14,13 +14,9 @@ import torch
 from ngrpo_ray.core.losses import GlobalNormalizers, PolicyLossConfig, policy_loss
 from ngrpo_ray.core.records import ResponseRecord
 from ngrpo_ray.core.rollout_correction import RolloutCorrection
-from ngrpo_ray.distributed.train_step import (
-    StepSettings,
-    TrainSequence,
-    batched_logprobs,
-    response_logprobs,
-    train_on_sequences,
-)
+from ngrpo_ray.training.logprobs import batched_logprobs, response_logprobs
+from ngrpo_ray.training.train_sequence import TrainSequence
+from ngrpo_ray.training.train_step import StepSettings, train_on_sequences
 
 VOCAB, TEMP = 48, 0.8
 LENGTHS = [(3, 5), (6, 2), (2, 7), (4, 4), (5, 1)]  # (prompt, response)

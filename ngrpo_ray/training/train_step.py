@@ -4,7 +4,7 @@ Per call of ``train_on_sequences`` (every rank at once, each with its shard of t
   1. old log-probs (recomputed with the current weights, or the rollout's) and reference log-probs (beta > 0),
      both without gradient and before any update;
      The engine-vs-trainer gap (``mismatch/...``) and rollout-correction weights come from those old log-probs and
-     the records' (``distributed.off_policy``);
+     the records' (``training.off_policy``);
   2. for each epoch and mini-batch: the GLOBAL token / sequence counts of the mini-batch are all-reduced, then each
      micro-batch (``micro_batches`` even parts, or by the token budget ``max_tokens_per_micro_batch``: see
      ``micro_batches``) runs forward on ``inputs_embeds`` rebuilt from the records (the mixtures the engine fed),
@@ -12,9 +12,7 @@ Per call of ``train_on_sequences`` (every rank at once, each with its shard of t
 Mini-batches are fixed on the GLOBAL sequence order (seeded shuffle per epoch), and a rank takes every W-th
 sequence of each, so the update does not depend on the number of ranks or micro-batches (tested).
 
-Log-probs follow the record contract: log_softmax(logits / temperature)[token], no top-p/top-k renormalisation,
-computed over chunks of ``logprob_chunk_tokens`` response tokens (``core.token_logprobs``: no [tokens, V] tensor).
-This module imports no Ray.
+Log-probs follow the record contract (``training.logprobs``). This module imports no Ray.
 """
 
 from __future__ import annotations
@@ -33,21 +31,11 @@ from ngrpo_ray.core.losses import (
     policy_loss,
     reduce_policy_metrics,
 )
-from ngrpo_ray.core.records import ResponseRecord, align_records, noise_from_seeds, rebuild_inputs_embeds
 from ngrpo_ray.core.rollout_correction import RolloutCorrection
-from ngrpo_ray.core.token_logprobs import chunked_token_logprobs
-from ngrpo_ray.distributed.micro_batches import global_count, split_micro_batches
-from ngrpo_ray.distributed.off_policy import OffPolicyPass
-
-
-@dataclass
-class TrainSequence:
-    """One response to train on: its prompt, its records, its advantage (scalar or per token [T])."""
-
-    prompt_ids: torch.Tensor  # [P] int64
-    record: ResponseRecord
-    advantage: torch.Tensor  # [] or [T] float32
-    index: int = 0  # position in the global batch (fixes mini-batch membership independently of the rank count)
+from ngrpo_ray.training.logprobs import _pad_rows, _world, batched_logprobs, response_logprobs
+from ngrpo_ray.training.micro_batches import global_count, split_micro_batches
+from ngrpo_ray.training.off_policy import OffPolicyPass
+from ngrpo_ray.training.train_sequence import TrainSequence, seq_tokens
 
 
 @dataclass
@@ -79,129 +67,6 @@ class StepSettings:
         if self.rollout_correction.active and self.old_logprobs == "rollout":
             raise ValueError(f"algorithm.rollout_correction={self.rollout_correction.mode!r} needs "
                              "trainer.old_logprobs='recompute' (with 'rollout' the correction is the identity)")
-
-
-@dataclass
-class TokenBatch:
-    """A micro-batch in response coordinates: [B, T] where T is the longest response."""
-
-    logp: torch.Tensor
-    mask: torch.Tensor  # [B, T] bool
-    entropy: torch.Tensor | None = None  # [B, T] detached entropy of the tempered distribution (a metric)
-
-
-def _world() -> tuple[int, int]:
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
-
-
-def _causal_lm_parts(model: torch.nn.Module) -> tuple[torch.nn.Module, torch.nn.Module]:
-    """(decoder body returning hidden states, output head) of a HF causal LM."""
-    body = getattr(model, "model", None) or model.base_model
-    return body, model.get_output_embeddings()
-
-
-def response_logprobs(
-    model: torch.nn.Module,
-    prompts: Sequence[torch.Tensor],
-    records: Sequence[ResponseRecord],
-    temperature: float,
-    pad_id: int = 0,
-    use_records: bool = True,
-    with_entropy: bool = False,
-    noise_std: float | None = None,
-    chunk_tokens: int = 1024,
-) -> TokenBatch:
-    """log_softmax(logits / T)[response token] for every response step, teacher-forced on the rebuilt inputs.
-
-    With ``use_records=False`` the mixtures are ignored (plain token embeddings): the control that must disagree.
-    Records with noise seeds (the gaussian_noise baseline) get noise_std * N(0, I) regenerated from each seed added at
-    their positions, as the engine added it; ``noise_std`` must then be given.
-    Only response positions go through the output head, ``chunk_tokens`` at a time, so the extra memory is
-    O(chunk_tokens x V) whatever the response length; ``with_entropy`` adds the per-token entropy (no gradient).
-    """
-    device = next(model.parameters()).device
-    al = align_records(list(prompts), list(records), pad_id, padding_side="right")
-    body, head = _causal_lm_parts(model)
-    # The embedding MODULE, not its weight: under ZeRO-3 the weight is an empty partition outside the module.
-    emb = model.get_input_embeddings()
-    mixed = al.mixed_mask if use_records else torch.zeros_like(al.mixed_mask)
-    noise = None
-    if use_records and al.noise_seed is not None and bool((al.noise_seed >= 0).any()):
-        if noise_std is None:  # never train on inputs the engine did not see
-            raise ValueError("records carry noise seeds (gaussian_noise) but no noise_std was given")
-        # a noise step's record is (token, alpha 1): E[token] + noise, as the engine fed it
-        d = getattr(emb, "embedding_dim", None) or model.config.hidden_size
-        noise = noise_from_seeds(al.noise_seed, d, noise_std).to(device)
-    embeds = rebuild_inputs_embeds(al.input_ids.to(device), emb, mixed.to(device), al.cand_ids.to(device),
-                                   al.alpha.to(device), noise=noise)
-    hidden = body(inputs_embeds=embeds, attention_mask=al.attention_mask.to(device),
-                  position_ids=al.position_ids.to(device), use_cache=False).last_hidden_state
-    B = len(records)
-    T = max(len(r) for r in records)
-    lengths = torch.tensor([len(r) for r in records])
-    starts = torch.tensor([int(p.numel()) for p in prompts])
-    mask = torch.arange(T)[None, :] < lengths[:, None]  # [B, T]
-    # response token t of row b sits at position P_b + t; the logits predicting it are at P_b + t - 1
-    pos = (starts[:, None] + torch.arange(T)[None, :] - 1).clamp(max=al.input_ids.shape[1] - 1)
-    rows = torch.arange(B)[:, None].expand(B, T)
-    b_idx, p_idx = rows[mask].to(device), pos[mask].to(device)
-    targets = al.input_ids[rows[mask], pos[mask] + 1].to(device)
-    n_chunks = _agreed_count(-(-len(targets) // chunk_tokens), model)
-    token_logp, token_entropy = chunked_token_logprobs(head, hidden[b_idx, p_idx], targets, temperature,
-                                                       chunk_tokens, with_entropy, min_chunks=n_chunks)
-    where = (b_idx, mask.nonzero()[:, 1].to(device))
-    logp = torch.zeros(B, T, dtype=token_logp.dtype, device=device).index_put(where, token_logp)
-    entropy = None
-    if token_entropy is not None:
-        entropy = torch.zeros(B, T, dtype=torch.float32, device=device).index_put(where, token_entropy)
-    return TokenBatch(logp=logp, mask=mask.to(device), entropy=entropy)
-
-
-def _is_zero3(model: torch.nn.Module) -> bool:
-    return hasattr(next(model.parameters()), "ds_id")  # ZeRO-3 tags its partitioned parameters
-
-
-def _agreed_count(local: int, model: torch.nn.Module) -> int:
-    """Under ZeRO-3 every module call is a collective gather: the number of calls (forward passes, head chunks) must
-    be the same on every rank, so take the maximum over ranks. Elsewhere the local count is fine."""
-    if not _is_zero3(model) or _world()[1] == 1:
-        return local
-    return global_count(local, next(model.parameters()).device)
-
-
-def _pad_rows(values: Sequence[torch.Tensor], T: int, device) -> torch.Tensor:
-    out = torch.zeros(len(values), T, dtype=torch.float32, device=device)
-    for i, v in enumerate(values):
-        out[i, : v.numel()] = v.to(device=device, dtype=torch.float32)
-    return out
-
-
-@torch.no_grad()
-def batched_logprobs(model: torch.nn.Module, seqs: Sequence[TrainSequence], temperature: float, pad_id: int,
-                     chunk: int = 8, noise_std: float | None = None, max_tokens: int | None = None,
-                     chunk_tokens: int = 1024) -> list[torch.Tensor]:
-    """Per-sequence [T_i] log-probs without gradient (old / reference / parity checks), in the input order; batched
-    ``chunk`` sequences at a time, or by the token budget ``max_tokens`` when set."""
-    order = list(range(len(seqs)))
-    if max_tokens is None:
-        parts = [order[i: i + chunk] for i in range(0, len(seqs), chunk)]
-    else:
-        parts = split_micro_batches(order, [_seq_tokens(s) for s in seqs], 1, max_tokens)
-    out: list[torch.Tensor | None] = [None] * len(seqs)
-    # ZeRO-3: as many forward passes as the busiest rank (repeating a part rewrites the same values)
-    parts += [parts[0]] * (_agreed_count(len(parts), model) - len(parts))
-    for part in parts:
-        tb = response_logprobs(model, [seqs[i].prompt_ids for i in part], [seqs[i].record for i in part],
-                               temperature, pad_id, noise_std=noise_std, chunk_tokens=chunk_tokens)
-        for j, i in enumerate(part):
-            out[i] = tb.logp[j, : len(seqs[i].record)].float().cpu()
-    return out  # type: ignore[return-value]
-
-
-def _seq_tokens(s: TrainSequence) -> int:
-    return int(s.prompt_ids.numel()) + len(s.record)
 
 
 def mini_batch_plan(indices: Sequence[int], mini_batches: int, epoch: int, seed: int, shuffle: bool) -> list[list[int]]:
@@ -288,7 +153,7 @@ def train_on_sequences(
                                        seqs=sum(1 for s, _, _ in mine if len(s.record) > 0))
             norm = all_reduce_counts(counts, device if device.type != "cpu" else torch.device("cpu"))
             step_metrics: list[dict[str, torch.Tensor]] = []
-            micro_list = split_micro_batches(mine, [_seq_tokens(m[0]) for m in mine], settings.micro_batches, budget)
+            micro_list = split_micro_batches(mine, [seq_tokens(m[0]) for m in mine], settings.micro_batches, budget)
             if budget is not None:  # every rank runs as many micro-batches as the busiest one (dummies fill up)
                 micro_list += [[] for _ in range(max(1, global_count(len(micro_list), device)) - len(micro_list))]
             for j, micro in enumerate(micro_list):

@@ -1,0 +1,53 @@
+"""The policy's way from the trainer to the engines: the weight-sync group (trainer rank 0 + every engine) and the
+send of each policy version, rebuilt when an engine or the trainer group was restarted."""
+
+from __future__ import annotations
+
+import time
+from typing import Any, Callable
+
+import ray
+
+from ngrpo_ray.config import Config
+from ngrpo_ray.distributed.placement import PlacementPlan
+from ngrpo_ray.distributed.rollout_fleet import RolloutFleet
+from ngrpo_ray.distributed.trainer_group import TrainerGroup
+
+
+class PolicySync:
+    def __init__(self, cfg: Config, plan: PlacementPlan, trainer: TrainerGroup, fleet: RolloutFleet,
+                 log: Callable[[str], Any] = print):
+        self.cfg, self.plan, self.trainer, self.fleet, self.log = cfg, plan, trainer, fleet, log
+
+    def open_weight_sync(self) -> None:
+        """(Re)build the sync group: trainer rank 0 plus every engine. Joining closes a member's previous group."""
+        endpoint = self.trainer.open_weight_sync(len(self.fleet), timeout_s=self.cfg.cluster.sync_timeout_s)
+        joins = self.fleet.join_weight_sync(endpoint.__dict__)
+        self.trainer.finish_open_weight_sync()
+        ray.get(joins)
+
+    def sync_weights(self, version: int) -> tuple[Any, list]:
+        """Send the trainer's weights to every engine as `version`; returns (trainer stats, engine stats).
+        Engines Ray restarted since the last look (say, killed during the train step) left the sync group: it is
+        rebuilt first, and the restart recorded."""
+        t0 = time.perf_counter()
+        restarted = self.fleet.find_restarted()
+        if restarted:
+            self.log(f"engine(s) {restarted} restarted outside a rollout; rebuilding the weight-sync group")
+            self.open_weight_sync()
+            for engine in restarted:
+                self.fleet.record_restart(engine, "between_rollouts", version, version, t0)
+        timeout = self.cfg.cluster.sync_timeout_s
+        if self.plan.sleep_engines:
+            self.fleet.wake_up()  # colocated on GPU: weights and KV cache back before the load and the rollout
+        handle = self.trainer.start_sync(version, bucket_mb=self.cfg.cluster.sync_bucket_mb)
+        received = self.fleet.receive_weights(version)
+        sent = self.trainer.wait(handle, timeout_s=timeout)[0]
+        return sent, ray.get(received, timeout=timeout)
+
+    def resync_engines(self, engines: list[int], version: int) -> None:
+        """The fleet's hook after engines restarted (they hold the initial model and are outside the sync group,
+        which cannot take a new member): rebuild the group and send the current weights, the trainer's, again."""
+        self.log(f"engine(s) {engines} restarted; re-syncing the fleet to policy version {version}")
+        self.open_weight_sync()
+        self.sync_weights(version)

@@ -1,0 +1,252 @@
+"""One trainer rank inside the Ray Train worker group: its state (``_PolicyWorker``: the DeepSpeed engine, the
+reference model, the weight-sync group on rank 0) and the command loop Ray Train runs (``_worker_loop``)."""
+
+from __future__ import annotations
+
+import os
+import time
+import traceback
+from typing import Any, Sequence
+
+import ray
+import torch
+
+from ngrpo_ray.core.losses import PolicyLossConfig
+from ngrpo_ray.core.records import ResponseRecord
+from ngrpo_ray.distributed.trainer_config import TrainerGroupConfig, TrainerGroupError
+from ngrpo_ray.distributed.weight_sync import SyncEndpoint
+from ngrpo_ray.training.train_sequence import TrainSequence
+from ngrpo_ray.training.train_step import StepSettings
+
+
+def sequences_from_batches(batches: Sequence[Any], advantages: Any) -> list[TrainSequence]:
+    """Flatten rollout batches (in order) into TrainSequences with global indices and their advantages.
+
+    Accepts a ``core.rollout_batch.RolloutBatch`` (``prompt_ids`` and ``records()``), or an object with per-field lists
+    (``response_ids``, ``logprobs``, ``mixed_mask``, ``cand_ids``, ``alpha``), or a dict {"prompts", "records"}.
+    ``advantages``: [N] tensor (one per sequence) or a list of N tensors ([] or [T_i]).
+    """
+    prompts: list[torch.Tensor] = []
+    records: list[ResponseRecord] = []
+    for b in batches:
+        if isinstance(b, dict):
+            prompts += list(b["prompts"])
+            records += list(b["records"])
+        elif hasattr(b, "records"):  # core.rollout_batch.RolloutBatch: records() is a method
+            prompts += list(b.prompt_ids)
+            records += list(b.records() if callable(b.records) else b.records)
+        else:
+            for i in range(len(b.response_ids)):
+                prompts.append(torch.as_tensor(b.prompt_ids[i]))
+                records.append(ResponseRecord(
+                    response_ids=torch.as_tensor(b.response_ids[i]), logprobs=torch.as_tensor(b.logprobs[i]),
+                    mixed_mask=torch.as_tensor(b.mixed_mask[i]), cand_ids=torch.as_tensor(b.cand_ids[i]),
+                    alpha=torch.as_tensor(b.alpha[i])))
+    if advantages is None:  # log-prob passes need none
+        adv: list = [0.0] * len(records)
+    elif isinstance(advantages, torch.Tensor) and advantages.dim() == 0:
+        adv = [advantages]
+    else:
+        adv = list(advantages)
+    if len(adv) != len(records):
+        raise TrainerGroupError(f"{len(adv)} advantages for {len(records)} sequences")
+    return [TrainSequence(prompt_ids=torch.as_tensor(p).long(), record=r,
+                          advantage=torch.as_tensor(adv[i], dtype=torch.float32),
+                          index=i)
+            for i, (p, r) in enumerate(zip(prompts, records))]
+
+
+def _resolve(x: Any) -> Any:
+    return ray.get(x) if isinstance(x, ray.ObjectRef) else x
+
+
+class _PolicyWorker:
+    """State of one rank: the DeepSpeed engine, the optional reference model, the weight-sync group (rank 0)."""
+
+    def __init__(self, cfg: TrainerGroupConfig):
+        import deepspeed
+        from transformers import AutoModelForCausalLM
+
+        from ngrpo_ray.training.deepspeed_config import (
+            build_config, build_optimizer, build_scheduler, init_distributed)
+
+        torch.set_num_threads(max(1, cfg.torch_threads))
+        self.cfg = cfg
+        init_distributed(cfg.use_gpu)
+        import torch.distributed as dist
+
+        self.rank, self.world = dist.get_rank(), dist.get_world_size()
+        torch.manual_seed(cfg.seed)
+        dtype = torch.bfloat16 if cfg.deepspeed.dtype == "bf16" else torch.float32
+        # Loaded in the training dtype: with bf16, DeepSpeed keeps the fp32 master weights in its optimizer (ZeRO >= 1)
+        # and no full fp32 copy of the model is ever built per worker (28 GB for a 7B model).
+        model = AutoModelForCausalLM.from_pretrained(cfg.model_path, dtype=dtype)
+        if cfg.gradient_checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            model.config.use_cache = False
+        ds_cfg = build_config(cfg.deepspeed, cfg.step.micro_batches, self.world)
+        opt = build_optimizer(cfg.deepspeed, model.parameters())
+        sched = build_scheduler(cfg.deepspeed, opt)
+        self.engine, _, _, _ = deepspeed.initialize(model=model, optimizer=opt, lr_scheduler=sched, config=ds_cfg)
+        self.device = next(self.engine.module.parameters()).device
+        want_ref = cfg.ref_model if cfg.ref_model is not None else cfg.loss.beta != 0.0
+        self.ref = None
+        if want_ref:
+            self.ref = AutoModelForCausalLM.from_pretrained(cfg.model_path, dtype=dtype).to(self.device).eval()
+            self.ref.requires_grad_(False)
+        self.weight_group = None
+        self.version = 0
+
+    # -- commands ---------------------------------------------------------------------------------------------
+    def ping(self) -> dict:
+        """Who and where: colocated engines are seated next to a rank by its node_id and gpu_ids."""
+        ctx = ray.get_runtime_context()
+        return {"rank": self.rank, "world": self.world, "device": str(self.device), "pid": os.getpid(),
+                "node_id": ctx.get_node_id(), "gpu_ids": [str(g) for g in ctx.get_accelerator_ids().get("GPU", [])]}
+
+    def _local(self, batch_refs: list, advantages: Any) -> tuple[list[TrainSequence], list[int]]:
+        batches = [_resolve(r) for r in batch_refs]
+        seqs = sequences_from_batches(batches, _resolve(advantages))
+        return seqs[self.rank:: self.world], [s.index for s in seqs]
+
+    def train(self, batch_refs: list, advantages: Any, version: int | None = None,
+              loss: PolicyLossConfig | None = None, step: StepSettings | None = None) -> dict:
+        from ngrpo_ray.training.deepspeed_config import loss_scale_for_deepspeed
+        from ngrpo_ray.training.train_step import train_on_sequences
+
+        start = time.monotonic()
+        step = step or self.cfg.step
+        if step.micro_batches != self.engine.gradient_accumulation_steps():
+            # DeepSpeed's accumulation boundary must match the micro-batches we run per optimizer step
+            self.engine.set_train_batch_size(step.micro_batches * self.world)
+        local, all_idx = self._local(batch_refs, advantages)
+        metrics = train_on_sequences(self.engine, local, all_idx, step, loss or self.cfg.loss, self.ref,
+                                     loss_scale=loss_scale_for_deepspeed(self.world, step.micro_batches),
+                                     grad_norm_fn=self.engine.get_global_grad_norm)
+        metrics["lr"] = float(self.engine.get_lr()[0]) if self.engine.get_lr() else self.cfg.deepspeed.lr
+        metrics["train_seconds"] = time.monotonic() - start
+        self.version = version if version is not None else self.version + 1
+        metrics["policy_version"] = float(self.version)
+        return metrics
+
+    def logprobs(self, batch_refs: list, use_records: bool = True) -> list[tuple[int, torch.Tensor]]:
+        from ngrpo_ray.training.logprobs import _agreed_count, response_logprobs
+
+        local, _ = self._local(batch_refs, None)
+        model = self.engine.module
+        model.eval()
+        out = []
+        # ZeRO-3: every rank makes as many forward passes as the busiest (repeats of its first sequence, dropped)
+        passes = list(local) + [local[0]] * (_agreed_count(len(local), model) - len(local))
+        with torch.no_grad():
+            for s in passes:
+                tb = response_logprobs(model, [s.prompt_ids], [s.record], self.cfg.step.temperature,
+                                       self.cfg.step.pad_id, use_records=use_records, noise_std=self.cfg.step.noise_std,
+                                       chunk_tokens=self.cfg.step.logprob_chunk_tokens)
+                out.append((s.index, tb.logp[0, : len(s.record)].float().cpu()))
+        out = out[: len(local)]
+        model.train()
+        return out
+
+    def state_dict(self, dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor] | None:
+        """Full (gathered under ZeRO-3) parameters in `dtype` on rank 0; None elsewhere. Every rank must run it."""
+        from ngrpo_ray.distributed.weight_sync import _gathered
+
+        params = list(self.engine.module.named_parameters())
+        with _gathered([p for _, p in params], self.cfg.deepspeed.zero_stage == 3):
+            if self.rank != 0:
+                return None
+            return {n: p.detach().to(dtype).cpu().clone() for n, p in params}
+
+    def load_state_dict(self, state: Any) -> None:
+        """Overwrite the parameters (e.g. reset in tests). Stage 0-2 only: ZeRO-1/2 keep fp32 master copies."""
+        state = _resolve(state)
+        if self.cfg.deepspeed.zero_stage != 0 or self.cfg.deepspeed.dtype != "fp32":
+            opt = self.engine.optimizer
+            if not hasattr(opt, "refresh_fp32_params") and self.cfg.deepspeed.zero_stage > 0:
+                raise TrainerGroupError("load_state_dict under ZeRO needs the DeepSpeed checkpoint API")
+        with torch.no_grad():
+            for n, p in self.engine.module.named_parameters():
+                p.copy_(state[n].to(device=p.device, dtype=p.dtype))
+        if self.cfg.deepspeed.zero_stage in (1, 2):
+            self.engine.optimizer.refresh_fp32_params()  # copy model params into the fp32 master partitions
+
+    def sync_address(self) -> dict:
+        from ngrpo_ray.distributed.weight_sync import free_port, node_ip
+
+        host = node_ip()
+        return {"host": host, "port": free_port(host)}
+
+    def sync_join(self, endpoint: dict) -> dict:
+        from ngrpo_ray.distributed.weight_sync import WeightGroup
+
+        if self.rank == 0:
+            if self.weight_group is not None:
+                self.weight_group.close()
+            self.weight_group = WeightGroup(SyncEndpoint(**endpoint), rank=0)
+        return {"ok": True}
+
+    def sync_weights(self, version: int, bucket_mb: float, send_dtype: str | None) -> dict:
+        from ngrpo_ray.distributed.weight_sync import send_weights
+
+        if self.rank == 0 and self.weight_group is None:
+            raise TrainerGroupError("sync_weights before open_weight_sync")
+        dtype = getattr(torch, send_dtype) if send_dtype else None
+        stats = send_weights(self.weight_group if self.rank == 0 else None, self.engine.module, version,
+                             bucket_mb=bucket_mb, send_dtype=dtype, zero3=self.cfg.deepspeed.zero_stage == 3)
+        self.version = version
+        return stats.__dict__
+
+    def raw_broadcast(self, nbytes: int, chunk_mb: float | None) -> dict:
+        from ngrpo_ray.distributed.weight_sync import raw_broadcast_seconds
+
+        if self.rank != 0:
+            return {}
+        return {"seconds": raw_broadcast_seconds(self.weight_group, nbytes, chunk_mb)}
+
+    def save_checkpoint(self, path: str, tag: str, hf_dir: str | None = None, hf_dtype: str = "float32") -> dict:
+        """DeepSpeed checkpoint (model, optimizer, scheduler; every rank) and, when asked, HF weights from rank 0 in
+        `hf_dtype` (the model's dtype: a bf16 run exports bf16, half the bytes of fp32)."""
+        self.engine.save_checkpoint(path, tag=tag, client_state={"policy_version": self.version})
+        if hf_dir:
+            dtype = getattr(torch, hf_dtype)
+            sd = self.state_dict(dtype)
+            if self.rank == 0:
+                module = self.engine.module
+                module.config.dtype = dtype  # config.json names the dtype the weights are stored in
+                module.save_pretrained(hf_dir, state_dict=sd, safe_serialization=True)
+        return {"ok": True}
+
+    def load_checkpoint(self, path: str, tag: str) -> dict:
+        _, client = self.engine.load_checkpoint(path, tag=tag)
+        self.version = int((client or {}).get("policy_version", self.version))
+        return {"policy_version": self.version}
+
+
+def _worker_loop(config: dict) -> None:
+    """``train_loop_per_worker``: build the worker, then serve commands until "stop"."""
+    import ray.train
+
+    channel = config["channel"]
+    cfg: TrainerGroupConfig = config["cfg"]
+    rank = ray.train.get_context().get_world_rank()
+    generation = ray.get(channel.register.remote(rank))  # first thing: the driver learns of a restart at once
+    worker: _PolicyWorker | None = None
+    try:
+        worker = _PolicyWorker(cfg)
+    except Exception:
+        init_error = traceback.format_exc()
+    else:
+        init_error = None
+    while True:
+        cmd = ray.get(channel.next_command.remote(rank, generation))
+        if cmd["op"] == "stop":
+            ray.get(channel.put_result.remote(cmd["id"], rank, len(cmd["ranks"]), {"ok": True}))
+            return
+        try:
+            if worker is None:
+                raise TrainerGroupError(f"worker init failed:\n{init_error}")
+            result = {"ok": True, "value": getattr(worker, cmd["op"])(**cmd["kwargs"])}
+        except Exception as exc:
+            result = {"ok": False, "error": f"{type(exc).__name__}: {exc}", "traceback": traceback.format_exc()}
+        ray.get(channel.put_result.remote(cmd["id"], rank, len(cmd["ranks"]), result))
