@@ -20,7 +20,8 @@ import ray
 
 from ngrpo_ray.config import load_config
 from ngrpo_ray.distributed import components
-from ngrpo_ray.distributed.driver import Session
+from ngrpo_ray.distributed.driver import iteration
+from ngrpo_ray.distributed.session import Session
 from ngrpo_ray.distributed.sample_and_score import sample_and_score
 from tests.support.tiny_chat_model import write_tiny_chat_model
 
@@ -63,7 +64,7 @@ def test_each_strategy_trains_or_evaluates_in_one_session(tmp_path_factory, caps
         results = {}
         for it, (name, overrides) in enumerate(TRAINED.items()):
             session.mixing = components.mixing_params(_with_mixing(cfg, overrides), session.tokenizer)
-            metrics = session.iteration(it)
+            metrics = iteration(session, it)
             results[name] = (metrics["mixing/mixed_token_fraction"], metrics["mismatch/abs_diff_max"])
         ev = _with_mixing(cfg, EVALUATED)
         prompts, golds = session.train_set.prompts[:2], session.train_set.golds[:2]
