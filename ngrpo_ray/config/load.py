@@ -205,6 +205,9 @@ def validate(cfg: Config) -> None:
     _check(t.hf_export_every >= 0, "trainer.hf_export_every", f"must be >= 0, got {t.hf_export_every}")
     _check_best_metric(cfg)
     c = cfg.cluster
+    _check(c.sync_backend != "nccl" or t.use_gpu, "cluster.sync_backend",
+           "'nccl' needs GPUs (trainer.use_gpu: true); use 'auto' or 'gloo' on CPU")
+    _check(all(x >= 0 for x in r.stop_token_ids), "rollout.stop_token_ids", f"must be token ids >= 0, got {r.stop_token_ids}")
     _check(c.engine_max_restarts >= 0, "cluster.engine_max_restarts", f"must be >= 0, got {c.engine_max_restarts}")
     _check(c.trainer_max_restarts >= 0, "cluster.trainer_max_restarts", f"must be >= 0, got {c.trainer_max_restarts}")
     _check(c.engine_restart_timeout_s > 0, "cluster.engine_restart_timeout_s",

@@ -93,8 +93,6 @@ class Session:
     def __init__(self, cfg: Config, resume: bool = False, log=print):
         self.cfg, self.log = cfg, log
         a = cfg.algorithm
-        if a.kl_mode == "reward" and a.beta > 0:
-            raise ConfigError("'algorithm.kl_mode' 'reward' is not implemented yet; use kl_mode: loss")
         if a.first_token_selection:
             raise ConfigError("'algorithm.first_token_selection' is implemented in the core "
                               "(correct_path_first_token_selection) but not wired into the driver yet")

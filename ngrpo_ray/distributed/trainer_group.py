@@ -71,6 +71,7 @@ class TrainerGroupConfig:
     collective_timeout_s: float = 600.0
     command_timeout_s: float = 3600.0
     max_failures: int = 0  # worker-group restarts Ray Train may make after a worker dies (FailureConfig)
+    sync_backend: str = "auto"  # cluster.sync_backend (weight_sync.choose_sync_backend)  [options: sync_backend]
     seed: int = 0
     storage_path: str | None = None  # Ray Train's run folder; a temp dir by default
 
@@ -564,9 +565,11 @@ class TrainerGroup:
     def open_weight_sync(self, num_receivers: int, timeout_s: float = 120.0) -> SyncEndpoint:
         """Pick rank 0's address and start it listening; the engines must then join with this endpoint
         (``ngrpo_init_weight_group(endpoint, rank_offset)``) before ``finish_open_weight_sync()``."""
+        from ngrpo_ray.distributed.weight_sync import choose_sync_backend
+
         addr = self._call("sync_address", ranks=[0])[0]
         self.sync_endpoint = SyncEndpoint(addr["host"], addr["port"], 1 + num_receivers,
-                                          "nccl" if self.cfg.use_gpu else "gloo", timeout_s)
+                                          choose_sync_backend(self.cfg.sync_backend, self.cfg.use_gpu), timeout_s)
         self._join_handle = self.submit("sync_join", ranks=[0], endpoint=asdict(self.sync_endpoint))
         return self.sync_endpoint
 
