@@ -185,6 +185,9 @@ def validate(cfg: Config) -> None:
     _check(a.eps_low >= 0 and a.eps_high >= 0, "algorithm.eps_low/eps_high", "must be >= 0")
     _check(a.dual_clip is None or a.dual_clip > 1, "algorithm.dual_clip", f"must be > 1 or null, got {a.dual_clip}")
     _check(a.beta >= 0, "algorithm.beta", f"must be >= 0, got {a.beta}")
+    _check(a.max_resample_rounds >= 0, "algorithm.max_resample_rounds", f"must be >= 0, got {a.max_resample_rounds}")
+    _check(not a.dynamic_sampling or r.group_size >= 2, "algorithm.dynamic_sampling",
+           f"needs rollout.group_size >= 2 (a group of {r.group_size} never has reward variance)")
     _check(a.rollout_correction_cap > 1, "algorithm.rollout_correction_cap",
            f"must be > 1, got {a.rollout_correction_cap}")
     _check(a.rollout_correction == "none" or t.old_logprobs == "recompute", "algorithm.rollout_correction",

@@ -87,7 +87,11 @@ class AlgorithmConfig:
     dual_clip: Optional[float] = None
     beta: float = 0.001  # KL coefficient; 0 skips the reference model
     kl_estimator: Literal["k1", "k2", "k3"] = "k3"
-    dynamic_sampling: bool = False  # drop groups whose rewards are all equal
+    # DAPO dynamic sampling (training/dynamic_sampling.py): groups whose rewards are all equal are dropped and the
+    # batch refilled with new prompts until it holds trainer.prompts_per_iteration groups with signal, for at most
+    # max_resample_rounds extra rollout rounds (then padded with zero-advantage groups; every count is logged)
+    dynamic_sampling: bool = False
+    max_resample_rounds: int = 4
     mask_truncated: bool = False  # Latent-GRPO invalid-sample masking
     first_token_selection: bool = False  # Latent-GRPO optimal correct-path first-token selection
     # Engine-vs-trainer correction (core/rollout_correction.py), from r = pi_old / pi_behaviour (trainer's recomputed

@@ -17,11 +17,11 @@ import numpy as np
 import ray
 import torch
 
-from ngrpo_ray.config import Config, ConfigError, flatten, to_yaml
-from ngrpo_ray.core.advantages import dr_grpo_advantages, dynamic_sampling_filter, grpo_advantages
+from ngrpo_ray.config import Config, flatten, to_yaml
+from ngrpo_ray.core.advantages import dr_grpo_advantages, grpo_advantages
 from ngrpo_ray.data.prompts import render_prompt
 from ngrpo_ray.data.sources import grader_kind, load_problems
-from ngrpo_ray.distributed import components, placement
+from ngrpo_ray.distributed import components, dynamic_batch, first_token_task, placement
 from ngrpo_ray.distributed.reward_scorer import RewardScorer
 from ngrpo_ray.distributed.rollout_fleet import RolloutFleet
 from ngrpo_ray.distributed.sample_and_score import Scored, sample_and_score
@@ -78,12 +78,6 @@ def compute_advantages(cfg: Config, scored: Scored) -> tuple[torch.Tensor, dict]
     adv = out.advantages
     info = {"adv/num_invalid_zeroed": float(out.num_invalid_zeroed),
             "adv/num_degenerate_groups": float(out.num_degenerate_groups)}
-    if a.dynamic_sampling:
-        # Dropping a group's responses from the batch would change its shape mid-flight; zeroing its advantages
-        # removes its policy-gradient contribution the same way and is counted.
-        keep = dynamic_sampling_filter(rewards, G)
-        adv = adv * keep.keep_samples.float()
-        info["adv/dropped_groups"] = float(keep.num_dropped_groups)
     return adv, info
 
 
@@ -92,10 +86,6 @@ class Session:
 
     def __init__(self, cfg: Config, resume: bool = False, log=print):
         self.cfg, self.log = cfg, log
-        a = cfg.algorithm
-        if a.first_token_selection:
-            raise ConfigError("'algorithm.first_token_selection' is implemented in the core "
-                              "(correct_path_first_token_selection) but not wired into the driver yet")
         # One plan seats every trainer rank and engine; a layout the cluster can never hold fails here, in seconds,
         # before data, models or an MLflow run are touched.
         self.plan = placement.plan_placement(cfg)
@@ -262,11 +252,22 @@ class Session:
         prompts = [self.train_set.prompts[i] for i in idx]
         golds = [self.train_set.golds[i] for i in idx]
         t0 = time.perf_counter()
-        scored = sample_and_score(self.fleet, self.scorer, prompts, golds, cfg.rollout.group_size,
-                                  components.rollout_sampling(cfg), self.mixing, version, self.train_set.kind)
+        ds_info: dict[str, float] = {}
+        if cfg.algorithm.dynamic_sampling:  # [options] DAPO: refill the batch with groups that carry signal
+            scored, ds_info = dynamic_batch.sample_with_signal(cfg, self.fleet, self.scorer, self.train_set, idx, it,
+                                                               components.rollout_sampling(cfg), self.mixing, version,
+                                                               log_dir=self.out)
+        else:
+            scored = sample_and_score(self.fleet, self.scorer, prompts, golds, cfg.rollout.group_size,
+                                      components.rollout_sampling(cfg), self.mixing, version, self.train_set.kind)
         t_rollout = time.perf_counter() - t0
         self.fleet.maybe_kill_for_test("train")
         advantages, adv_info = compute_advantages(cfg, scored)
+        adv_info.update(ds_info)  # [options]
+        if cfg.algorithm.first_token_selection:  # [options] Latent-GRPO: per-token advantages
+            advantages, ft_info = first_token_task.apply([c.ref for c in scored.chunks], advantages, scored.rewards,
+                                                         cfg.rollout.group_size)
+            adv_info.update(ft_info)
         t0 = time.perf_counter()
         if self.plan.sleep_engines:
             self.fleet.sleep()  # colocated on GPU: the update gets the engines' GPU memory

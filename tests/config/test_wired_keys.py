@@ -51,3 +51,13 @@ def test_sync_backend_reaches_the_trainer_group_and_nccl_without_gpus_is_refused
 def test_kl_mode_is_not_a_key():
     with pytest.raises(ConfigError, match="unknown key 'algorithm.kl_mode'"):
         load_config("cpu_default", ["algorithm.kl_mode=loss"])
+
+
+def test_dynamic_sampling_keys_are_checked():
+    cfg = load_config("cpu_default", ["algorithm.dynamic_sampling=true", "algorithm.max_resample_rounds=2"])
+    assert cfg.algorithm.max_resample_rounds == 2
+    with pytest.raises(ConfigError, match="algorithm.max_resample_rounds"):
+        load_config("cpu_default", ["algorithm.max_resample_rounds=-1"])
+    with pytest.raises(ConfigError, match="algorithm.dynamic_sampling"):
+        load_config("cpu_default", ["algorithm.dynamic_sampling=true", "rollout.group_size=1",
+                                    "trainer.mini_batches=1", "trainer.prompts_per_iteration=4"])
