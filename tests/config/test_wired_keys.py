@@ -61,3 +61,11 @@ def test_dynamic_sampling_keys_are_checked():
     with pytest.raises(ConfigError, match="algorithm.dynamic_sampling"):
         load_config("cpu_default", ["algorithm.dynamic_sampling=true", "rollout.group_size=1",
                                     "trainer.mini_batches=1", "trainer.prompts_per_iteration=4"])
+
+
+def test_sync_backend_gloo_shows_in_the_gpu_placement_plan():
+    from ngrpo_ray.distributed.placement import plan_placement
+
+    assert set(plan_placement(load_config("r1_distill_1p5b_ngrpo")).transports) == {"nccl"}
+    assert set(plan_placement(load_config("r1_distill_1p5b_ngrpo", ["cluster.sync_backend=gloo"])).transports) == {
+        "gloo"}
