@@ -100,6 +100,19 @@ def listening_store(host: str, timeout_s: float) -> dist.TCPStore:
     return dist.TCPStore(host, 0, None, True, timedelta(seconds=timeout_s), wait_for_workers=False)
 
 
+def choose_sync_backend(setting: str, use_gpu: bool) -> str:
+    """cluster.sync_backend -> the group's backend: "auto" is NCCL on GPU runs and gloo on CPU; "gloo" on a GPU run
+    sends through host memory (slower, but needs no NCCL between trainer and engines); "nccl" needs GPUs (refused at
+    config time otherwise, config.load.validate)."""
+    if setting == "auto":
+        return "nccl" if use_gpu else "gloo"
+    if setting not in ("gloo", "nccl"):
+        raise ValueError(f"cluster.sync_backend must be 'auto', 'gloo' or 'nccl', got {setting!r}")
+    if setting == "nccl" and not use_gpu:
+        raise ValueError("cluster.sync_backend 'nccl' needs GPUs (trainer.use_gpu: true)")
+    return setting
+
+
 def free_port(host: str = "127.0.0.1") -> int:
     with contextlib.closing(socket.socket(socket.AF_INET, socket.SOCK_STREAM)) as s:
         s.bind((host, 0))
