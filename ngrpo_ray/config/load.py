@@ -181,6 +181,9 @@ def validate(cfg: Config) -> None:
     _check(a.eps_low >= 0 and a.eps_high >= 0, "algorithm.eps_low/eps_high", "must be >= 0")
     _check(a.dual_clip is None or a.dual_clip > 1, "algorithm.dual_clip", f"must be > 1 or null, got {a.dual_clip}")
     _check(a.beta >= 0, "algorithm.beta", f"must be >= 0, got {a.beta}")
+    _check(a.max_resample_rounds >= 0, "algorithm.max_resample_rounds", f"must be >= 0, got {a.max_resample_rounds}")
+    _check(not a.dynamic_sampling or r.group_size >= 2, "algorithm.dynamic_sampling",
+           f"needs rollout.group_size >= 2 (a group of {r.group_size} never has reward variance)")
     _check(a.rollout_correction_cap > 1, "algorithm.rollout_correction_cap",
            f"must be > 1, got {a.rollout_correction_cap}")
     _check(a.rollout_correction == "none" or t.old_logprobs == "recompute", "algorithm.rollout_correction",
@@ -201,6 +204,9 @@ def validate(cfg: Config) -> None:
     _check(t.hf_export_every >= 0, "trainer.hf_export_every", f"must be >= 0, got {t.hf_export_every}")
     _check_best_metric(cfg)
     c = cfg.cluster
+    _check(c.sync_backend != "nccl" or t.use_gpu, "cluster.sync_backend",
+           "'nccl' needs GPUs (trainer.use_gpu: true); use 'auto' or 'gloo' on CPU")
+    _check(all(x >= 0 for x in r.stop_token_ids), "rollout.stop_token_ids", f"must be token ids >= 0, got {r.stop_token_ids}")
     _check(c.engine_max_restarts >= 0, "cluster.engine_max_restarts", f"must be >= 0, got {c.engine_max_restarts}")
     _check(c.trainer_max_restarts >= 0, "cluster.trainer_max_restarts", f"must be >= 0, got {c.trainer_max_restarts}")
     _check(c.engine_restart_timeout_s > 0, "cluster.engine_restart_timeout_s",

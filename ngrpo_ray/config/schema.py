@@ -49,7 +49,7 @@ class RolloutConfig:
     top_p: float = 1.0
     top_k: int = -1
     max_new_tokens: int = 8192
-    stop_token_ids: list[int] = field(default_factory=list)
+    stop_token_ids: list[int] = field(default_factory=list)  # extra ids that end a response (besides EOS); never mixed
     gpu_memory_utilization: float = 0.3
     kv_cache_space_gib: Optional[float] = None  # CPU only: VLLM_CPU_KVCACHE_SPACE
     enforce_eager: bool = True
@@ -95,8 +95,11 @@ class AlgorithmConfig:
     dual_clip: Optional[float] = None
     beta: float = 0.001  # KL coefficient; 0 skips the reference model
     kl_estimator: Literal["k1", "k2", "k3"] = "k3"
-    kl_mode: Literal["loss", "reward"] = "loss"
-    dynamic_sampling: bool = False  # drop groups whose rewards are all equal
+    # DAPO dynamic sampling (training/dynamic_sampling.py): groups whose rewards are all equal are dropped and the
+    # batch refilled with new prompts until it holds trainer.prompts_per_iteration groups with signal, for at most
+    # max_resample_rounds extra rollout rounds (then padded with zero-advantage groups; every count is logged)
+    dynamic_sampling: bool = False
+    max_resample_rounds: int = 4
     mask_truncated: bool = False  # Latent-GRPO invalid-sample masking
     first_token_selection: bool = False  # Latent-GRPO optimal correct-path first-token selection
     # Engine-vs-trainer correction (core/rollout_correction.py), from r = pi_old / pi_behaviour (trainer's recomputed
@@ -151,7 +154,7 @@ class ClusterConfig:
     num_cpus: Optional[int] = None  # local cluster only
     placement: Literal["colocated", "disaggregated"] = "disaggregated"
     placement_timeout_s: float = 600.0
-    sync_backend: Literal["auto", "gloo", "nccl"] = "auto"
+    sync_backend: Literal["auto", "gloo", "nccl"] = "auto"  # auto: nccl on GPU runs, gloo on CPU; nccl needs GPUs
     sync_timeout_s: float = 120.0
     sync_bucket_mb: int = 64
     engine_max_restarts: int = 2  # Ray restarts a dead rollout engine this often; its chunk is re-issued

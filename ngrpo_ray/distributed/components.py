@@ -30,12 +30,15 @@ def mixing_params(cfg: Config, tokenizer: Any, enabled: bool = True) -> MixingPa
 
 def rollout_sampling(cfg: Config) -> dict:
     r = cfg.rollout
-    return {"temperature": r.temperature, "top_p": r.top_p, "top_k": r.top_k, "max_tokens": r.max_new_tokens}
+    return {"temperature": r.temperature, "top_p": r.top_p, "top_k": r.top_k, "max_tokens": r.max_new_tokens,
+            # on top of the tokenizer's EOS; make_sampling_params also makes them never-mixed anchors
+            "stop_token_ids": list(r.stop_token_ids)}
 
 
 def eval_sampling(cfg: Config) -> dict:
     e = cfg.eval
-    return {"temperature": e.temperature, "top_p": e.top_p, "top_k": -1, "max_tokens": e.max_new_tokens}
+    return {"temperature": e.temperature, "top_p": e.top_p, "top_k": -1, "max_tokens": e.max_new_tokens,
+            "stop_token_ids": list(cfg.rollout.stop_token_ids)}  # the same stops as the training rollouts
 
 
 def engine_spec(cfg: Config, model_path: str, max_prompt_tokens: int) -> dict:
@@ -72,7 +75,7 @@ def trainer_config(cfg: Config, model_path: str, pad_id: int, storage_path: str 
     micro = max(1, -(-per_rank_mini // t.micro_batch_size))
     loss = PolicyLossConfig(
         loss_type=a.loss_type, eps_low=a.eps_low, eps_high=a.eps_high, dual_clip=a.dual_clip,
-        beta=a.beta if a.kl_mode == "loss" else 0.0, kl_estimator=a.kl_estimator, aggregation=a.aggregation,
+        beta=a.beta, kl_estimator=a.kl_estimator, aggregation=a.aggregation,
         max_len=cfg.rollout.max_new_tokens if a.aggregation == "seq_mean_token_sum_norm" else None,
     )
     return TrainerGroupConfig(
@@ -99,4 +102,5 @@ def trainer_config(cfg: Config, model_path: str, pad_id: int, storage_path: str 
         seed=t.seed,
         storage_path=storage_path,
         max_failures=cfg.cluster.trainer_max_restarts,
+        sync_backend=cfg.cluster.sync_backend,
     )

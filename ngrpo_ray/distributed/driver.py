@@ -1,5 +1,5 @@
 """The training driver as a recipe: build the run's components, then per iteration
-rollout -> score -> advantages -> train -> weight sync -> (validate) -> log -> (checkpoint).
+rollout (with DAPO refills) -> score -> advantages -> train -> weight sync -> (validate) -> log -> (checkpoint).
 
 Read `train` top to bottom for one run and `iteration` for one iteration; each step is a component that does one
 thing: `session` (builds and holds the actors, data and MLflow run), `sample_and_score` (rollout and grading),
@@ -15,10 +15,10 @@ import time
 from typing import Callable
 
 from ngrpo_ray.config import Config
-from ngrpo_ray.distributed import components
+from ngrpo_ray.distributed import components, dynamic_batch, first_token_task
 from ngrpo_ray.distributed.checkpointing import checkpoint_if_due
 from ngrpo_ray.distributed.recovery import recover_trainer
-from ngrpo_ray.distributed.sample_and_score import sample_and_score
+from ngrpo_ray.distributed.sample_and_score import Scored, sample_and_score
 from ngrpo_ray.distributed.session import Session
 from ngrpo_ray.distributed.trainer_config import TrainerRestarted
 from ngrpo_ray.distributed.validation import validate, validate_initial_policy
@@ -75,12 +75,16 @@ def iteration(session: Session, it: int) -> dict[str, float]:
     """One iteration (0-based `it`); returns the metrics logged at step it + 1."""
     cfg, version = session.cfg, session.state.policy_version
     t_start = time.perf_counter()
-    prompts, golds = batch_prompts(session, it)
+    problems = batch_problems(session, it)
     t0 = time.perf_counter()
-    scored = sample_and_score(session.fleet, session.scorer, prompts, golds, cfg.rollout.group_size,
-                              components.rollout_sampling(cfg), session.mixing, version, session.train_set.kind)
+    scored, rollout_info = rollout(session, it, problems, version)
     t_rollout = time.perf_counter() - t0
     advantages, adv_info = compute_advantages(cfg, scored)
+    adv_info.update(rollout_info)
+    if cfg.algorithm.first_token_selection:  # Latent-GRPO: per-token advantages, computed next to the batches
+        advantages, first_info = first_token_task.apply([c.ref for c in scored.chunks], advantages, scored.rewards,
+                                                        cfg.rollout.group_size)
+        adv_info.update(first_info)
     t0 = time.perf_counter()
     if session.plan.sleep_engines:
         session.fleet.sleep()  # colocated on GPU: the update gets the engines' GPU memory
@@ -101,14 +105,28 @@ def iteration(session: Session, it: int) -> dict[str, float]:
     return metrics
 
 
-def batch_prompts(session: Session, it: int) -> tuple[list[list[int]], list[str]]:
-    """Iteration `it`'s prompts and gold answers (the order is a function of the iteration, so a re-run iteration
-    sees the same ones); which problems it saw is appended to prompt_order.jsonl (resume audits)."""
+def batch_problems(session: Session, it: int) -> list[int]:
+    """Iteration `it`'s problems (the order is a function of the iteration, so a re-run iteration sees the same
+    ones); which problems it saw is appended to prompt_order.jsonl (resume audits)."""
     idx = session.order.batch_at(it)
     with (session.out / "prompt_order.jsonl").open("a") as f:
         f.write(json.dumps({"iteration": it + 1, "problems": [session.train_set.ids[i] for i in idx]}) + "\n")
     session.fleet.iteration = it + 1
-    return [session.train_set.prompts[i] for i in idx], [session.train_set.golds[i] for i in idx]
+    return idx
+
+
+def rollout(session: Session, it: int, problems: list[int], version: int) -> tuple[Scored, dict[str, float]]:
+    """Generate and grade the iteration's groups; with algorithm.dynamic_sampling (DAPO), refill rounds replace
+    groups whose rewards are all equal (their counts come back as metrics)."""
+    cfg, data = session.cfg, session.train_set
+    sampling = components.rollout_sampling(cfg)
+    if cfg.algorithm.dynamic_sampling:
+        return dynamic_batch.sample_with_signal(cfg, session.fleet, session.scorer, data, problems, it, sampling,
+                                                session.mixing, version, log_dir=session.out)
+    scored = sample_and_score(session.fleet, session.scorer, [data.prompts[i] for i in problems],
+                              [data.golds[i] for i in problems], cfg.rollout.group_size, sampling, session.mixing,
+                              version, data.kind)
+    return scored, {}
 
 
 def record_iteration(session: Session, it: int, metrics: dict[str, float], write: Callable[[str], object]) -> bool:

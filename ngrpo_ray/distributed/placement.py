@@ -147,7 +147,7 @@ def plan_placement(cfg: Config, trainer_cpus: float = DEFAULT_TRAINER_CPUS) -> P
         engine_slots = [[Slot(e * tp + r, e_cpus, gpu * cfg.rollout.engine_gpus) for r in range(tp)]
                         for e in range(n_eng)]
         trainer_slots = [Slot(ranks + i, trainer_resources["CPU"], gpu) for i in range(workers)]
-    transports = [_transport(uses_gpu, seats, trainer_slots[0]) for seats in engine_slots]
+    transports = [_transport(uses_gpu, seats, trainer_slots[0], cfg.cluster.sync_backend) for seats in engine_slots]
     if not uses_gpu:
         notes.append("CPU: the weight-sync group is gloo between processes; no device is shared")
     # PACK: fill as few nodes as possible (fast NCCL inside a node) but spill to more nodes when needed.
@@ -158,8 +158,8 @@ def plan_placement(cfg: Config, trainer_cpus: float = DEFAULT_TRAINER_CPUS) -> P
     return plan
 
 
-def _transport(uses_gpu: bool, seats: list[Slot], rank0: Slot) -> str:
-    if not uses_gpu:
+def _transport(uses_gpu: bool, seats: list[Slot], rank0: Slot, sync_backend: str = "auto") -> str:
+    if not uses_gpu or sync_backend == "gloo":  # gloo goes through host memory: any seat works
         return "gloo"
     return "ipc" if any(s.bundle_index == rank0.bundle_index for s in seats) else "nccl"
 
@@ -177,7 +177,8 @@ def check_sync_devices(plan: PlacementPlan) -> None:
                 "by CUDA IPC, which this build does not have yet. Use fewer engine ranks than trainer GPUs "
                 "(rollout.num_engines x rollout.tensor_parallel_size < trainer.num_workers) or "
                 "cluster.placement=disaggregated")
-        members += [(f"engine {e} tp {r}", s.bundle_index) for r, s in enumerate(seats)]
+        if transport == "nccl":
+            members += [(f"engine {e} tp {r}", s.bundle_index) for r, s in enumerate(seats)]
     seen: dict[int, str] = {}
     for who, device in members:
         if device in seen:

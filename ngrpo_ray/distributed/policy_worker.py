@@ -172,10 +172,14 @@ class _PolicyWorker:
             self.engine.optimizer.refresh_fp32_params()  # copy model params into the fp32 master partitions
 
     def sync_address(self) -> dict:
-        from ngrpo_ray.distributed.weight_sync import free_port, node_ip
+        from ngrpo_ray.distributed.weight_sync import listening_store, node_ip
 
+        if self.weight_group is not None:
+            self.weight_group.close()  # a re-sync group gets a new store; the old one frees its port first
+            self.weight_group = None
         host = node_ip()
-        return {"host": host, "port": free_port(host)}
+        self._sync_store = listening_store(host, timeout_s=600.0)
+        return {"host": host, "port": int(self._sync_store.port)}
 
     def sync_join(self, endpoint: dict) -> dict:
         from ngrpo_ray.distributed.weight_sync import WeightGroup
@@ -183,7 +187,8 @@ class _PolicyWorker:
         if self.rank == 0:
             if self.weight_group is not None:
                 self.weight_group.close()
-            self.weight_group = WeightGroup(SyncEndpoint(**endpoint), rank=0)
+            store, self._sync_store = getattr(self, "_sync_store", None), None
+            self.weight_group = WeightGroup(SyncEndpoint(**endpoint), rank=0, store=store)
         return {"ok": True}
 
     def sync_weights(self, version: int, bucket_mb: float, send_dtype: str | None) -> dict:

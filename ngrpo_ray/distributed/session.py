@@ -9,7 +9,7 @@ from pathlib import Path
 
 import ray
 
-from ngrpo_ray.config import Config, ConfigError, flatten, to_yaml
+from ngrpo_ray.config import Config, flatten, to_yaml
 from ngrpo_ray.data.prompt_set import build_prompt_set
 from ngrpo_ray.distributed import checkpointing, cluster_capacity, components, placement, reservation
 from ngrpo_ray.distributed.policy_sync import PolicySync
@@ -25,21 +25,11 @@ from ngrpo_ray.training.prompt_order import PromptOrder
 from ngrpo_ray.training.run_state import RunState
 
 
-def refuse_unwired_options(cfg: Config) -> None:
-    a = cfg.algorithm
-    if a.kl_mode == "reward" and a.beta > 0:
-        raise ConfigError("'algorithm.kl_mode' 'reward' is not implemented yet; use kl_mode: loss")
-    if a.first_token_selection:
-        raise ConfigError("'algorithm.first_token_selection' is implemented in the core "
-                          "(correct_path_first_token_selection) but not wired into the driver yet")
-
-
 class Session:
     """Cluster actors, data, the MLflow run, and the run's state."""
 
     def __init__(self, cfg: Config, resume: bool = False, log=print):
         self.cfg, self.log = cfg, log
-        refuse_unwired_options(cfg)
         # One plan seats every trainer rank and engine; a layout the cluster can never hold fails here, in seconds,
         # before data, models or an MLflow run are touched.
         self.plan = placement.plan_placement(cfg)

@@ -38,5 +38,6 @@ class TrainerGroupConfig:
     collective_timeout_s: float = 600.0
     command_timeout_s: float = 3600.0
     max_failures: int = 0  # worker-group restarts Ray Train may make after a worker dies (FailureConfig)
+    sync_backend: str = "auto"  # cluster.sync_backend (weight_sync.choose_sync_backend)
     seed: int = 0
     storage_path: str | None = None  # Ray Train's run folder; a temp dir by default

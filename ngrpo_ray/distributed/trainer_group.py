@@ -35,7 +35,7 @@ from ngrpo_ray.core.losses import PolicyLossConfig
 from ngrpo_ray.distributed.command_channel import _CommandChannel
 from ngrpo_ray.distributed.policy_worker import _worker_loop
 from ngrpo_ray.distributed.trainer_config import TrainerGroupConfig, TrainerGroupError, TrainerRestarted
-from ngrpo_ray.distributed.weight_sync import SyncEndpoint
+from ngrpo_ray.distributed.weight_sync import SyncEndpoint, choose_sync_backend
 from ngrpo_ray.training.train_step import StepSettings
 
 
@@ -198,7 +198,7 @@ class TrainerGroup:
         (``ngrpo_init_weight_group(endpoint, rank_offset)``) before ``finish_open_weight_sync()``."""
         addr = self._call("sync_address", ranks=[0])[0]
         self.sync_endpoint = SyncEndpoint(addr["host"], addr["port"], 1 + num_receivers,
-                                          "nccl" if self.cfg.use_gpu else "gloo", timeout_s)
+                                          choose_sync_backend(self.cfg.sync_backend, self.cfg.use_gpu), timeout_s)
         self._join_handle = self.submit("sync_join", ranks=[0], endpoint=asdict(self.sync_endpoint))
         return self.sync_endpoint
 

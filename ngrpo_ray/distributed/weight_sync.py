@@ -94,6 +94,25 @@ class SyncStats:
         return {f"{prefix}{k}": float(v) for k, v in self.__dict__.items()}
 
 
+def listening_store(host: str, timeout_s: float) -> dist.TCPStore:
+    """Rank 0's store, bound to a port the OS picks and held from then on: a port probed free and bound later can be
+    taken in between by another process on a busy node ("address already in use")."""
+    return dist.TCPStore(host, 0, None, True, timedelta(seconds=timeout_s), wait_for_workers=False)
+
+
+def choose_sync_backend(setting: str, use_gpu: bool) -> str:
+    """cluster.sync_backend -> the group's backend: "auto" is NCCL on GPU runs and gloo on CPU; "gloo" on a GPU run
+    sends through host memory (slower, but needs no NCCL between trainer and engines); "nccl" needs GPUs (refused at
+    config time otherwise, config.load.validate)."""
+    if setting == "auto":
+        return "nccl" if use_gpu else "gloo"
+    if setting not in ("gloo", "nccl"):
+        raise ValueError(f"cluster.sync_backend must be 'auto', 'gloo' or 'nccl', got {setting!r}")
+    if setting == "nccl" and not use_gpu:
+        raise ValueError("cluster.sync_backend 'nccl' needs GPUs (trainer.use_gpu: true)")
+    return setting
+
+
 def free_port(host: str = "127.0.0.1") -> int:
     with contextlib.closing(socket.socket(socket.AF_INET, socket.SOCK_STREAM)) as s:
         s.bind((host, 0))
@@ -115,7 +134,8 @@ def node_ip() -> str:
 class WeightGroup:
     """One rank's handle on a dedicated broadcast group (rank 0 sends)."""
 
-    def __init__(self, endpoint: SyncEndpoint, rank: int, device: torch.device | None = None):
+    def __init__(self, endpoint: SyncEndpoint, rank: int, device: torch.device | None = None,
+                 store: dist.TCPStore | None = None):
         if not 0 <= rank < endpoint.world_size:
             raise ValueError(f"rank {rank} outside world_size {endpoint.world_size}")
         self.endpoint, self.rank = endpoint, rank
@@ -128,11 +148,13 @@ class WeightGroup:
             raise ValueError(f"weight sync backend must be 'gloo' or 'nccl', got {endpoint.backend!r}")
         start = time.monotonic()
         try:
-            # Only rank 0 listens; the others connect. The store is private to this group.
-            self.store = dist.TCPStore(
+            # Only rank 0 listens (on the store it bound in listening_store, when given); the others connect. The
+            # store is private to this group.
+            self.store = store if store is not None else dist.TCPStore(
                 endpoint.host, endpoint.port, endpoint.world_size, is_master=(rank == 0),
                 timeout=self.timeout, wait_for_workers=False,
             )
+            self.store.set_timeout(self.timeout)
             prefix = dist.PrefixStore(f"ngrpo_weight_sync/{endpoint.port}", self.store)
             self.pg = self._make_backend(prefix)
             if endpoint.backend == "gloo":

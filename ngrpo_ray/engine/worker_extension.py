@@ -7,9 +7,9 @@ MixingEmbedding override there (and only in engines that name this extension). E
   as fatal by the engine core); the driver side (records_client.check) raises it,
 - returns plain lists / numbers (numpy arrays do not survive the msgpack transport).
 
-A trainer->engine weight transport can be added as a mixin: ``WeightReceiverMixin`` from
-``ngrpo_ray.engine.weight_receiver`` is picked up automatically when that module exists; it should call
-``self.ngrpo_after_weights_changed()`` after it loads new weights.
+The trainer->engine weight transport is the ``WeightReceiverMixin`` of ``ngrpo_ray.engine.weight_receiver``; it
+calls ``self.ngrpo_after_weights_changed()`` after it loads new weights. It is required: an engine without it could
+not follow the trainer, so a failed import stops the worker with the cause instead of serving stale weights.
 """
 
 from __future__ import annotations
@@ -27,11 +27,11 @@ from ngrpo_ray.engine.refusals import check_worker_setup
 register_mixing_embedding()
 keep_cpu_linear_weights()
 
-try:  # the trainer->engine broadcast transport, added by the weight-sync work
-    from ngrpo_ray.engine.weight_receiver import WeightReceiverMixin  # type: ignore
-except ImportError:  # not written yet: no transport, refit from a path or a state dict still works
-    class WeightReceiverMixin:  # type: ignore[no-redef]
-        pass
+try:  # the trainer->engine broadcast transport: required (no silent stand-in)
+    from ngrpo_ray.engine.weight_receiver import WeightReceiverMixin
+except ImportError as exc:
+    raise ImportError(f"the engine's weight receiver (ngrpo_ray.engine.weight_receiver) failed to import: {exc!r}; "
+                      "the engine cannot receive the trainer's weights without it") from exc
 
 
 def _ok(**payload: Any) -> dict:

@@ -8,7 +8,7 @@ from typing import Any
 import torch
 
 from ngrpo_ray.config import Config
-from ngrpo_ray.core.advantages import dr_grpo_advantages, dynamic_sampling_filter, grpo_advantages
+from ngrpo_ray.core.advantages import dr_grpo_advantages, grpo_advantages
 
 
 def compute_advantages(cfg: Config, scored: Any) -> tuple[torch.Tensor, dict]:
@@ -24,10 +24,4 @@ def compute_advantages(cfg: Config, scored: Any) -> tuple[torch.Tensor, dict]:
     adv = out.advantages
     info = {"adv/num_invalid_zeroed": float(out.num_invalid_zeroed),
             "adv/num_degenerate_groups": float(out.num_degenerate_groups)}
-    if a.dynamic_sampling:
-        # Dropping a group's responses from the batch would change its shape mid-flight; zeroing its advantages
-        # removes its policy-gradient contribution the same way and is counted.
-        keep = dynamic_sampling_filter(rewards, G)
-        adv = adv * keep.keep_samples.float()
-        info["adv/dropped_groups"] = float(keep.num_dropped_groups)
     return adv, info

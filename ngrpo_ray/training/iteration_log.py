@@ -48,6 +48,10 @@ class IterationLog:
                                                                             "masked")):
             if key in m:
                 parts.append(f"{word} {m[key]:.1%}")
+        if "dynamic_sampling/groups_drawn" in m:  # groups with signal kept / drawn, padding, refill rounds
+            parts.append(f"groups {m['dynamic_sampling/groups_kept']:.0f}/{m['dynamic_sampling/groups_drawn']:.0f} "
+                         f"kept, {m['dynamic_sampling/groups_padded']:.0f} padded, "
+                         f"{m['dynamic_sampling/refill_rounds']:.0f} refills")
         if "val/mean_at_n" in m:
             parts.append(f"val mean@n {m['val/mean_at_n']:.3f}")
         parts.append(f"{m.get('time/total_s', float('nan')):.0f}s (gen {m.get('time/generation_s', 0):.0f} / "
