@@ -34,6 +34,26 @@ def kind_of(strategy_codes: np.ndarray) -> np.ndarray:
     return np.where(strategy_codes == NOISE_CODE, NOISE, np.where(np.isin(strategy_codes, SOFT_CODES), SOFT, NEIGHBOR))
 
 
+# Host columns (numpy): name, dtype; new slots start at 0.
+HOST_COLUMNS = (
+    ("key", np.int64), ("step", np.int64), ("rho", np.float32), ("strategy", np.int8), ("metric", np.int8),
+    ("noise_std", np.float32), ("has_stop", bool),
+    ("width", np.int64),  # record width (k or top_k)
+    ("filtered", bool),  # alpha_source "filtered_probs"
+    ("filter_top_k", np.int64),  # the request's top-k (<= 0: off)
+    ("filter_top_p", np.float32),
+)
+# Device columns: name, dtype, the value of a new slot until a request's options are written.
+DEVICE_COLUMNS = (
+    ("stopped", torch.bool, False), ("temp", torch.float32, 1.0), ("tau", torch.float32, 1.0),
+    ("k", torch.int64, 1), ("ban_set", torch.int64, 0), ("stop_set", torch.int64, 0), ("width_t", torch.int64, 1),
+    ("code_t", torch.int64, 0),  # strategy code
+    ("gumbel_tau", torch.float32, 1.0), ("clamp_lo", torch.float32, 0.0), ("clamp_hi", torch.float32, 0.0),
+    ("one_sided", torch.bool, False), ("noise_scale", torch.float32, 1.0), ("emit_sampled", torch.bool, False),
+    ("filtered_t", torch.bool, False), ("top_k_t", torch.int64, 0), ("top_p_t", torch.float32, 1.0),
+)
+
+
 class RequestTable:
     def __init__(self, device: torch.device, vocab_size: int, k_max: int, default_seed: int, has_noise: bool,
                  capacity: int = 256):
@@ -45,36 +65,10 @@ class RequestTable:
         self._free: list[int] = []
         self._joined = 0  # requests numbered in join order when the driver gave no stream index
         self.capacity = 0
-        # host columns
-        self.key = np.zeros(0, np.int64)
-        self.step = np.zeros(0, np.int64)
-        self.rho = np.zeros(0, np.float32)
-        self.strategy = np.zeros(0, np.int8)
-        self.metric = np.zeros(0, np.int8)
-        self.noise_std = np.zeros(0, np.float32)
-        self.has_stop = np.zeros(0, bool)
-        self.width = np.zeros(0, np.int64)  # record width (k or top_k)
-        self.filtered = np.zeros(0, bool)  # alpha_source "filtered_probs"
-        self.filter_top_k = np.zeros(0, np.int64)  # the request's top-k (<= 0: off)
-        self.filter_top_p = np.zeros(0, np.float32)
-        # device columns
-        self.stopped = torch.zeros(0, dtype=torch.bool, device=device)
-        self.temp = torch.ones(0, dtype=torch.float32, device=device)
-        self.tau = torch.ones(0, dtype=torch.float32, device=device)
-        self.k = torch.ones(0, dtype=torch.int64, device=device)
-        self.ban_set = torch.zeros(0, dtype=torch.int64, device=device)
-        self.stop_set = torch.zeros(0, dtype=torch.int64, device=device)
-        self.width_t = torch.ones(0, dtype=torch.int64, device=device)
-        self.code_t = torch.zeros(0, dtype=torch.int64, device=device)  # strategy code
-        self.gumbel_tau = torch.ones(0, dtype=torch.float32, device=device)
-        self.clamp_lo = torch.zeros(0, dtype=torch.float32, device=device)
-        self.clamp_hi = torch.zeros(0, dtype=torch.float32, device=device)
-        self.one_sided = torch.zeros(0, dtype=torch.bool, device=device)
-        self.noise_scale = torch.ones(0, dtype=torch.float32, device=device)
-        self.emit_sampled = torch.zeros(0, dtype=torch.bool, device=device)
-        self.filtered_t = torch.zeros(0, dtype=torch.bool, device=device)
-        self.top_k_t = torch.zeros(0, dtype=torch.int64, device=device)
-        self.top_p_t = torch.ones(0, dtype=torch.float32, device=device)
+        for name, dtype in HOST_COLUMNS:
+            setattr(self, name, np.zeros(0, dtype))
+        for name, dtype, _ in DEVICE_COLUMNS:
+            setattr(self, name, torch.zeros(0, dtype=dtype, device=device))
         self.id_sets = torch.zeros(1, vocab_size + 1, dtype=torch.bool, device=device)  # set 0: empty
         self._set_index: dict[tuple[int, ...], int] = {(): 0}
         self._grow(capacity)
@@ -83,16 +77,12 @@ class RequestTable:
     def _grow(self, capacity: int) -> None:
         old = self.capacity
         pad = capacity - old
-        for name in ("key", "step", "rho", "strategy", "metric", "noise_std", "has_stop", "width", "filtered",
-                     "filter_top_k", "filter_top_p"):
+        for name, _ in HOST_COLUMNS:
             a = getattr(self, name)
             setattr(self, name, np.concatenate([a, np.zeros(pad, a.dtype)]))
-        for name, fill in (("stopped", False), ("temp", 1.0), ("tau", 1.0), ("k", 1), ("ban_set", 0),
-                           ("stop_set", 0), ("width_t", 1), ("code_t", 0), ("gumbel_tau", 1.0), ("clamp_lo", 0.0),
-                           ("clamp_hi", 0.0), ("one_sided", False), ("noise_scale", 1.0), ("emit_sampled", False),
-                           ("filtered_t", False), ("top_k_t", 0), ("top_p_t", 1.0)):
+        for name, dtype, fill in DEVICE_COLUMNS:
             t = getattr(self, name)
-            setattr(self, name, torch.cat([t, torch.full((pad,), fill, dtype=t.dtype, device=self.device)]))
+            setattr(self, name, torch.cat([t, torch.full((pad,), fill, dtype=dtype, device=self.device)]))
         self._free.extend(range(capacity - 1, old - 1, -1))
         self.capacity = capacity
 
