@@ -27,3 +27,14 @@ def teacher_forced_logits(model, batch, use_mixtures: bool = True) -> list[torch
         P, T = int(batch.prompt_ids[b].numel()), int(batch.response_ids[b].numel())
         out.append(logits[b, P - 1 : P + T - 1])
     return out
+
+
+def control_max_gap(model, batch, temperature: float) -> float:
+    """Largest logprob gap to the rollout's when the mixtures are replaced by plain anchor embeddings (the control:
+    without the recorded inputs the trainer could not reproduce the engine)."""
+    forced = teacher_forced_logits(model, batch, use_mixtures=False)
+    gap = 0.0
+    for b, logits in enumerate(forced):
+        lp = torch.log_softmax(logits / temperature, -1).gather(1, batch.response_ids[b].unsqueeze(1)).squeeze(1)
+        gap = max(gap, float((lp - batch.logprobs[b]).abs().max()))
+    return gap

@@ -11,7 +11,7 @@ from ngrpo_ray.core.neighbors import build_neighbor_table, valid_row_mask
 from ngrpo_ray.engine.rollout import generate_rollout
 
 from conftest import engine_for
-from hf_oracle import load_hf, teacher_forced_logits
+from hf_oracle import control_max_gap, load_hf, teacher_forced_logits
 from tiny_models import EOS_ID
 
 TEMPERATURE = 0.8
@@ -40,16 +40,6 @@ def check_batch_against_hf(model, batch, k: int, tau: float) -> dict:
     return {"mixed": n_mixed}
 
 
-def control_max_gap(model, batch) -> float:
-    """Largest logprob gap when the mixtures are replaced by plain anchor embeddings."""
-    forced = teacher_forced_logits(model, batch, use_mixtures=False)
-    gap = 0.0
-    for b, logits in enumerate(forced):
-        lp = torch.log_softmax(logits / TEMPERATURE, -1).gather(1, batch.response_ids[b].unsqueeze(1)).squeeze(1)
-        gap = max(gap, float((lp - batch.logprobs[b]).abs().max()))
-    return gap
-
-
 @pytest.mark.engine
 @pytest.mark.parametrize("family", ["qwen2", "llama"])
 def test_rollout_matches_hf_teacher_forcing(request, tiny_models, family, eos_id):
@@ -61,4 +51,4 @@ def test_rollout_matches_hf_teacher_forcing(request, tiny_models, family, eos_id
     model = load_hf(tiny_models[family])
     counts = check_batch_against_hf(model, batch, k=3, tau=TEMPERATURE)
     assert counts["mixed"] >= 20, counts  # about half of ~380 steps: the check above really covered mixtures
-    assert control_max_gap(model, batch) > 1e-2
+    assert control_max_gap(model, batch, TEMPERATURE) > 1e-2

@@ -22,7 +22,7 @@ from ngrpo_ray.engine.records_client import check
 from ngrpo_ray.engine.rollout import generate_rollout
 
 from conftest import _build
-from hf_oracle import load_hf, teacher_forced_logits
+from hf_oracle import control_max_gap, load_hf, teacher_forced_logits
 from tiny_models import EOS_ID
 
 PROMPTS = [[(7 * i + j) % 300 + 2 for j in range(3 + i % 4)] for i in range(8)]
@@ -92,15 +92,6 @@ def _replay(model, batch, name: str) -> dict:
     return counts
 
 
-def _control_gap(model, batch, temperature: float) -> float:
-    forced = teacher_forced_logits(model, batch, use_mixtures=False)
-    gap = 0.0
-    for b, logits in enumerate(forced):
-        lp = torch.log_softmax(logits / temperature, -1).gather(1, batch.response_ids[b].unsqueeze(1)).squeeze(1)
-        gap = max(gap, float((lp - batch.logprobs[b]).abs().max()))
-    return gap
-
-
 @pytest.mark.engine
 @pytest.mark.slow
 @pytest.mark.parametrize("name", list(CASES))
@@ -115,7 +106,7 @@ def test_strategy_rollout_is_the_core_step_replayed(strategy_engine, hf_llama, n
     if name == "released_code":
         assert counts["sampled_not_anchor"] >= 10, counts  # the text token is the sampled one, not the anchor
         assert counts["filtered_out"] >= 5, counts  # top-k / top-p dropped a neighbor: the filtered alpha acted
-    assert _control_gap(hf_llama, batch, sampling["temperature"]) > 1e-2
+    assert control_max_gap(hf_llama, batch, sampling["temperature"]) > 1e-2
 
 
 @pytest.mark.engine
