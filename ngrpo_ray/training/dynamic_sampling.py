@@ -24,6 +24,9 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Callable, Sequence
 
 import numpy as np
+import torch
+
+from ngrpo_ray.core.advantages import dynamic_sampling_filter
 
 if TYPE_CHECKING:
     from ngrpo_ray.core.rollout_batch import RolloutBatch
@@ -35,9 +38,10 @@ REFILL_CALL_STRIDE = 1 << 32
 
 
 def has_signal(rewards: np.ndarray, group_size: int) -> np.ndarray:
-    """[num_groups] bool: the group's rewards are not all equal (non-zero variance)."""
-    r = np.asarray(rewards, dtype=np.float64).reshape(-1, group_size)
-    return r.max(axis=1) > r.min(axis=1)
+    """[num_groups] bool: the group's rewards are not all equal (non-zero variance); the rule is the core's
+    (core.advantages.dynamic_sampling_filter), on the scorer's float32 rewards."""
+    r = torch.as_tensor(np.asarray(rewards, dtype=np.float32))
+    return dynamic_sampling_filter(r, group_size).keep_groups.numpy()
 
 
 def refill_prompts(num_problems: int, first_batch: Sequence[int], seed: int, iteration: int, start: int,
@@ -117,7 +121,6 @@ def fill_batch(target: int, group_size: int, max_rounds: int,
 
 def select_groups(batch: "RolloutBatch", groups: Sequence[int]) -> "RolloutBatch":
     """The responses of `batch` whose group_index (the chunk's own prompt index) is in `groups`, in batch order."""
-    import torch
 
     from ngrpo_ray.core.rollout_batch import RolloutBatch
 
