@@ -6,6 +6,11 @@ machine noise hits both alike; ``slowdown`` is from the summed tokens and second
 the median of the per-round slowdowns. Same prompts, same sampling settings (temperature, max_tokens with ignore_eos so every sequence has the
 same length, detokenize off, logprobs=0 since RL needs them either way). The hooked time includes resolving the
 records and building the RolloutBatch. slowdown = 1 - hooked / vanilla.
+The hooked engine's neighbor table is built whole (``--neighbor-mode full``, the GPU default) during the warm-up, so
+the timed rounds measure the per-step path; its build seconds are reported (``neighbor_build_seconds``). With
+``--neighbor-mode lazy`` (the CPU engines' default) rows are computed for each new anchor, and since sampling makes
+new anchors in every round, that per-row cost stays in the timed rounds (one pass over E per step with a new anchor).
+``--warmup-tokens`` shortens the warm-up round (default: max_tokens); it only needs to compile and build the table.
 Callers that build engines need an ``if __name__ == "__main__":`` guard (vLLM spawns processes). ``--model`` takes
 the demo name (default, offline), a local folder or an HF id, resolved by ``models.offline.resolve_model`` like every
 other entry point.
@@ -27,7 +32,8 @@ def json_only_stdout() -> None:
     os.environ.setdefault("VLLM_LOGGING_STREAM", "ext://sys.stderr")
 
 DEFAULTS = dict(model="smollm2-135m-instruct", rho=0.1, k=3, num_seqs=32, max_tokens=256, prompt_len=32, rounds=5, temperature=1.0,
-                seed=0, kv_cache_gib=2.0, max_model_len=1024, enforce_eager=False, dtype="float32")
+                seed=0, kv_cache_gib=2.0, max_model_len=1024, enforce_eager=False, dtype="float32",
+                neighbor_mode="full", warmup_tokens=None)
 
 
 def _args_dict(args: Any) -> dict:
@@ -69,7 +75,7 @@ def run_hook_overhead_bench(args: Any, engines: tuple[Any, Any] | None = None) -
         progress.note(f"building the vanilla and the hooked vLLM engine of {path}")
         spec = EngineSpec(model=path, seed=a["seed"], max_model_len=a["max_model_len"],
                           max_num_seqs=max(a["num_seqs"], 1), enforce_eager=a["enforce_eager"],
-                          kv_cache_gib=a["kv_cache_gib"], dtype=a["dtype"])
+                          kv_cache_gib=a["kv_cache_gib"], dtype=a["dtype"], neighbor_mode=a["neighbor_mode"])
         vanilla, hooked = build_llm(spec, hooked=False), build_llm(spec, hooked=True)
     else:
         vanilla, hooked = engines
@@ -78,18 +84,20 @@ def run_hook_overhead_bench(args: Any, engines: tuple[Any, Any] | None = None) -
     vanilla_sp = SamplingParams(detokenize=False, logprobs=0, **sampling)
     mixing = MixingParams(strategy="neighbor_mix", rho=a["rho"], k=a["k"])
 
-    def run_vanilla() -> tuple[float, int]:
+    def run_vanilla(sp: Any = vanilla_sp) -> tuple[float, int]:
         t0 = time.perf_counter()
-        outs = vanilla.generate([{"prompt_token_ids": p} for p in prompts], vanilla_sp, use_tqdm=False)
+        outs = vanilla.generate([{"prompt_token_ids": p} for p in prompts], sp, use_tqdm=False)
         return time.perf_counter() - t0, sum(len(o.outputs[0].token_ids) for o in outs)
 
-    def run_hooked() -> tuple[float, int, float]:
+    def run_hooked(s: dict = sampling) -> tuple[float, int, float]:
         t0 = time.perf_counter()
-        batch = generate_rollout(hooked, prompts, sampling, mixing)
+        batch = generate_rollout(hooked, prompts, s, mixing)
         return time.perf_counter() - t0, batch.num_tokens, batch.mixed_fraction
 
-    progress.note("warm-up round (not timed)")
-    run_vanilla(), run_hooked()  # warm-up: first-call costs (lazy neighbor rows, compiles) stay out of the timing
+    warm = {**sampling, "max_tokens": int(a["warmup_tokens"] or a["max_tokens"])}
+    progress.note(f"warm-up round of {warm['max_tokens']} tokens (not timed)")
+    # warm-up: first-call costs (compiles, the neighbor table) stay out of the timing
+    run_vanilla(SamplingParams(detokenize=False, logprobs=0, **warm)), run_hooked(warm)
     progress.begin_units()
     rounds, v_s, v_t, h_s, h_t, mixed = [], 0.0, 0, 0.0, 0, []
     for r in range(a["rounds"]):
@@ -107,6 +115,8 @@ def run_hook_overhead_bench(args: Any, engines: tuple[Any, Any] | None = None) -
     return {
         "model": str(a["model"]), "model_path": path, "rho": a["rho"], "k": a["k"], "num_seqs": a["num_seqs"], "max_tokens": a["max_tokens"],
         "rounds": a["rounds"], "enforce_eager": a["enforce_eager"], "dtype": a["dtype"],
+        "neighbor_mode": a["neighbor_mode"], "warmup_tokens": warm["max_tokens"],
+        "neighbor_build_seconds": _neighbor_build_seconds(hooked),
         "vanilla_tokens_per_s": vanilla_tps, "hooked_tokens_per_s": hooked_tps,
         "slowdown": 1.0 - hooked_tps / vanilla_tps,
         # robust to a noisy round on a shared machine: the median of the per-round (back-to-back) slowdowns
@@ -116,14 +126,27 @@ def run_hook_overhead_bench(args: Any, engines: tuple[Any, Any] | None = None) -
     }
 
 
+def _neighbor_build_seconds(hooked: Any) -> float | None:
+    """The hooked engine's last full table build (0.0 in lazy mode), or None if it cannot say."""
+    from ngrpo_ray.engine.records_client import check
+
+    try:
+        return float(check(hooked.collective_rpc("ngrpo_stats"))["neighbor_build_seconds"])
+    except Exception:  # noqa: BLE001 - a report field, never a reason to lose the measurement
+        return None
+
+
 def add_hook_overhead_arguments(parser: argparse.ArgumentParser) -> None:
     """Flags for the lead's CLI wiring (``ngrpo bench hook-overhead``)."""
     parser.add_argument("--model", default=DEFAULTS["model"],
                         help="the demo model name (default: %(default)s, offline), a local folder or an HF id")
     for name in ("rho", "temperature", "kv_cache_gib"):
         parser.add_argument(f"--{name.replace('_', '-')}", dest=name, type=float, default=DEFAULTS[name])
-    for name in ("k", "num_seqs", "max_tokens", "prompt_len", "rounds", "seed", "max_model_len"):
+    for name in ("k", "num_seqs", "max_tokens", "prompt_len", "rounds", "seed", "max_model_len", "warmup_tokens"):
         parser.add_argument(f"--{name.replace('_', '-')}", dest=name, type=int, default=DEFAULTS[name])
+    parser.add_argument("--neighbor-mode", dest="neighbor_mode", choices=("full", "lazy"),
+                        default=DEFAULTS["neighbor_mode"],
+                        help="hooked engine's neighbor table: built whole in the warm-up (default) or per new anchor")
     parser.add_argument("--enforce-eager", dest="enforce_eager", action="store_true",
                         help="no torch.compile / graph capture (faster start, slower steps)")
     parser.add_argument("--dtype", default=DEFAULTS["dtype"])

@@ -107,7 +107,8 @@ class NgrpoWorkerExtension(WeightReceiverMixin):
 
     @rpc
     def ngrpo_stats(self) -> dict:
-        return self._ngrpo_hook().stats()
+        hook = self._ngrpo_hook()
+        return {**hook.stats(), **hook.tables.stats()}
 
     @rpc
     def ngrpo_neighbor_rows(self, anchors: list[int], metric: str = "cosine") -> dict:
