@@ -6,10 +6,10 @@ machine noise hits both alike; ``slowdown`` is from the summed tokens and second
 the median of the per-round slowdowns. Same prompts, same sampling settings (temperature, max_tokens with ignore_eos so every sequence has the
 same length, detokenize off, logprobs=0 since RL needs them either way). The hooked time includes resolving the
 records and building the RolloutBatch. slowdown = 1 - hooked / vanilla.
-The hooked engine's neighbor table is built whole (``--neighbor-mode full``, the GPU default) during the warm-up, so
-the timed rounds measure the per-step path; its build seconds are reported (``neighbor_build_seconds``). With
-``--neighbor-mode lazy`` (the CPU engines' default) rows are computed for each new anchor, and since sampling makes
-new anchors in every round, that per-row cost stays in the timed rounds (one pass over E per step with a new anchor).
+The hooked engine's neighbor tables follow the engine default (lazy on CPU: rows computed for each new anchor, and
+sampling makes new anchors in every round, so one pass over E per step with a new anchor stays in the timed rounds);
+``--neighbor-mode full`` builds the whole table in the warm-up instead (the GPU default; on this 2-core CPU the
+SmolLM2 build ran 5 minutes under load and then its worker died, cause not found). ``neighbor_build_seconds`` reports the full build's time.
 ``--warmup-tokens`` shortens the warm-up round (default: max_tokens); it only needs to compile and build the table.
 Callers that build engines need an ``if __name__ == "__main__":`` guard (vLLM spawns processes). ``--model`` takes
 the demo name (default, offline), a local folder or an HF id, resolved by ``models.offline.resolve_model`` like every
@@ -33,7 +33,7 @@ def json_only_stdout() -> None:
 
 DEFAULTS = dict(model="smollm2-135m-instruct", rho=0.1, k=3, num_seqs=32, max_tokens=256, prompt_len=32, rounds=5, temperature=1.0,
                 seed=0, kv_cache_gib=2.0, max_model_len=1024, enforce_eager=False, dtype="float32",
-                neighbor_mode="full", warmup_tokens=None)
+                neighbor_mode=None, warmup_tokens=None)
 
 
 def _args_dict(args: Any) -> dict:
@@ -146,7 +146,7 @@ def add_hook_overhead_arguments(parser: argparse.ArgumentParser) -> None:
         parser.add_argument(f"--{name.replace('_', '-')}", dest=name, type=int, default=DEFAULTS[name])
     parser.add_argument("--neighbor-mode", dest="neighbor_mode", choices=("full", "lazy"),
                         default=DEFAULTS["neighbor_mode"],
-                        help="hooked engine's neighbor table: built whole in the warm-up (default) or per new anchor")
+                        help="hooked engine's neighbor tables (default: the engine's, lazy on CPU, full on GPU)")
     parser.add_argument("--enforce-eager", dest="enforce_eager", action="store_true",
                         help="no torch.compile / graph capture (faster start, slower steps)")
     parser.add_argument("--dtype", default=DEFAULTS["dtype"])
