@@ -44,6 +44,9 @@ class SyncedRolloutEngineImpl(RolloutEngineImpl):
 
     # -- vLLM's weight-sync control plane (driven by trainer rank 0 through weight_client.FleetWeightClient) -------
     def init_weight_transfer_engine(self, init_info: dict) -> None:
+        from ngrpo_ray.engine.records_client import check
+
+        check(self.llm.collective_rpc("ngrpo_abandon_weight_update"))  # a trainer that died mid-sync left one open
         self.llm.collective_rpc("init_weight_transfer_engine", args=(init_info,))
 
     def start_weight_update(self) -> None:

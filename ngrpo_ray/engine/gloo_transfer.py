@@ -171,7 +171,8 @@ class GlooWeightTransferEngine(WeightTransferEngine[GlooWeightTransferInitInfo, 
 
         start = time.monotonic()
         feed = stream()
-        self.model.load_weights(feed)
+        with torch.inference_mode():  # vLLM created the model's tensors in inference mode: in-place copies need it
+            self.model.load_weights(feed)
         for name, _ in feed:  # a loader that stopped early leaves messages on the wire: the next sync would misread
             raise WeightSyncError(f"the model's load_weights stopped before {name!r}; the update was not fully read")
         seconds = time.monotonic() - start

@@ -153,6 +153,16 @@ class NgrpoWorkerExtension:
         return {**stats, "version": int(policy_version)}
 
     @rpc
+    def ngrpo_abandon_weight_update(self) -> dict:
+        """Before (re)joining a transfer: an update a dead trainer left half done (started, never finished) would make
+        vLLM refuse the next start_weight_update. The next sync sends every weight again."""
+        abandoned = bool(getattr(self, "_weight_update_active", False))
+        if abandoned:
+            self.weight_transfer_engine.reset_weight_update_target()
+            self._weight_update_active = False
+        return {"abandoned": abandoned}
+
+    @rpc
     def ngrpo_policy_version(self) -> dict:
         return {"version": int(getattr(self, "_ngrpo_policy_version", 0))}
 
