@@ -133,13 +133,16 @@ def test_sync_to_absent_peer_raises_within_timeout():
 
 
 class _SilentClient:
-    """An engine that joined, then stopped answering (it never receives)."""
+    """An engine that joined, then stopped answering (its update_weights never returns, it never receives)."""
+
+    def __init__(self):
+        self.released = threading.Event()
 
     def start_weight_update(self):
         pass
 
     def update_weights(self, update_info):
-        pass
+        self.released.wait(60)
 
     def finish_weight_update(self, weight_version=None):
         pass
@@ -149,13 +152,36 @@ def test_sync_to_dead_peer_raises_within_timeout():
     endpoint = SyncEndpoint("127.0.0.1", free_port(), world_size=2, timeout_s=4)
     joined = threading.Thread(target=lambda: WeightGroup(endpoint, rank=1))  # joins, then never receives
     joined.start()
-    engine = GlooTrainerWeightTransferEngine(client=_SilentClient(), source=TrainerWeightSource(_model(0)))
+    client = _SilentClient()
+    engine = GlooTrainerWeightTransferEngine(client=client, source=TrainerWeightSource(_model(0)))
     engine.group = WeightGroup(endpoint, rank=0)
     joined.join(timeout=30)
     start = time.monotonic()
     with pytest.raises(WeightSyncTimeout):
         engine.send_weights()
     assert time.monotonic() - start < 4 + 5
+    client.released.set()
+    engine.shutdown()
+
+
+class _FailingClient(_SilentClient):
+    """An engine whose update_weights fails at once (say, it refused the update): no waiting for the timeout."""
+
+    def update_weights(self, update_info):
+        raise RuntimeError("engine refused the update")
+
+
+def test_an_engine_error_stops_the_send_at_once():
+    endpoint = SyncEndpoint("127.0.0.1", free_port(), world_size=2, timeout_s=30)
+    joined = threading.Thread(target=lambda: WeightGroup(endpoint, rank=1))
+    joined.start()
+    engine = GlooTrainerWeightTransferEngine(client=_FailingClient(), source=TrainerWeightSource(_model(0)))
+    engine.group = WeightGroup(endpoint, rank=0)
+    joined.join(timeout=30)
+    start = time.monotonic()
+    with pytest.raises(RuntimeError, match="engine refused the update"):
+        engine.send_weights()
+    assert time.monotonic() - start < 10  # not the 30 s timeout
     engine.shutdown()
 
 
