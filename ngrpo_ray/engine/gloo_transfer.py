@@ -97,6 +97,7 @@ class GlooWeightTransferUpdateInfo(WeightTransferUpdateInfo):
     names: list[str]
     dtype_names: list[str]
     shapes: list[list[int]]
+    small_first: bool = True  # the message order (weight_sync.plan_messages); False for a gathering (ZeRO-3) source
 
     def __post_init__(self):
         if not len(self.names) == len(self.dtype_names) == len(self.shapes):
@@ -153,7 +154,7 @@ class GlooWeightTransferEngine(WeightTransferEngine[GlooWeightTransferInitInfo, 
         group = self.group
         metas = update_info.metas()
         sizes = [_nbytes(d, s) for _, d, s in metas]
-        messages = plan_messages(sizes, self.bucket_bytes)
+        messages = plan_messages(sizes, self.bucket_bytes, small_first=update_info.small_first)
         waited = repacked = 0.0
         pending: list[Any] = [None]
         layers = _LayerRepacker(self.model, [name for name, _, _ in metas])
@@ -294,14 +295,20 @@ class GlooTrainerWeightTransferEngine(TrainerWeightTransferEngine[GlooTrainerIni
             for _ in source:  # the gathers are collectives: replay them in step with rank 0
                 pass
             return
+        small_first = not getattr(source, "transient", False)
         info = GlooWeightTransferUpdateInfo([m.name for m in meta], [str(m.dtype).split(".")[-1] for m in meta],
-                                            [list(m.shape) for m in meta])
+                                            [list(m.shape) for m in meta], small_first)
         self.client.start_weight_update()
         exe = ThreadPoolExecutor(max_workers=1)
         try:
             received = exe.submit(self.client.update_weights, asdict(info))
             t0 = time.monotonic()
-            nbytes, n_messages = self._broadcast(source, meta, received)
+            try:
+                nbytes, n_messages = self._broadcast(source, meta, small_first, received)
+            except WeightSyncError:
+                if received.done():
+                    received.result()  # the engines' own error is the cause: raise it rather than the transport's
+                raise
             broadcast_s = time.monotonic() - t0
             received.result()
         finally:
@@ -309,44 +316,63 @@ class GlooTrainerWeightTransferEngine(TrainerWeightTransferEngine[GlooTrainerIni
         self.client.finish_weight_update()
         self.last_stats = {"bytes": nbytes, "messages": n_messages, "broadcast_seconds": broadcast_s}
 
-    def _broadcast(self, source: WeightSource, meta: list[ParamMeta], received=None) -> tuple[int, int]:
-        """``received``: the engines' update_weights call; if it fails (an engine refused or broke), its error is
-        raised at the next tensor instead of after the broadcast's timeout."""
+    def _broadcast(self, source: WeightSource, meta: list[ParamMeta], small_first: bool,
+                   received=None) -> tuple[int, int]:
+        """One pass over the source (its gathers, under ZeRO-3, are collectives every rank runs alike). ``received``:
+        the engines' update_weights call; if it fails (an engine refused or broke), its error is raised at the next
+        tensor instead of after the broadcast's timeout."""
         group = self.group
         if group is None:
             raise WeightSyncError("ngrpo_gloo send_weights before trainer_init")
         sizes = [_nbytes(m.dtype, m.shape) for m in meta]
-        messages = plan_messages(sizes, self.bucket_bytes)
+        messages = plan_messages(sizes, self.bucket_bytes, small_first=small_first)
         direct = {msg.items[0] for msg in messages if msg.direct}
         packs = [msg for msg in messages if not msg.direct]
         where = {i: (p, off) for p, msg in enumerate(packs) for i, off in zip(msg.items, msg.offsets)}
         pack_bufs = [torch.empty(msg.nbytes, dtype=torch.uint8) for msg in packs]
-        i = -1
+        held: list[tuple[str, torch.Tensor]] = []  # small_first: the big tensors, sent after the packs (no copy)
         in_flight = None  # one direct broadcast outstanding at a time: the next tensor is fetched meanwhile
-        for i, (name, tensor) in enumerate(source):
+
+        def send(name: str, tensor: torch.Tensor, transient: bool) -> None:
+            nonlocal in_flight
             if received is not None and received.done():
                 received.result()  # raises the engines' error; a clean early return would be a protocol error
                 raise WeightSyncError("the engines finished update_weights before the trainer sent every tensor")
+            data = tensor.detach().contiguous()
+            work = group.start_broadcast(data.view(-1).view(torch.uint8))
+            if in_flight is not None:
+                group.wait(in_flight[0], f"broadcasting {in_flight[1]}")
+            in_flight = (work, name, data)
+            if transient:  # the tensor's memory goes when the source resumes
+                group.wait(work, f"broadcasting {name}")
+                in_flight = None
+
+        def send_packs() -> None:
+            for k, buf in enumerate(pack_bufs):
+                group.broadcast(buf, f"broadcasting packed small tensors {k + 1}/{len(pack_bufs)}")
+
+        i = -1
+        for i, (name, tensor) in enumerate(source):
             _check(meta, i, name, tensor)
             if i in direct:
-                send = tensor.detach().contiguous()
-                work = group.start_broadcast(send.view(-1).view(torch.uint8))
-                if in_flight is not None:
-                    group.wait(in_flight[0], f"broadcasting {in_flight[1]}")
-                in_flight = (work, name, send)
-                if getattr(source, "transient", False):  # the tensor's memory goes when the iterator resumes
-                    group.wait(work, f"broadcasting {name}")
-                    in_flight = None
+                if small_first:
+                    held.append((name, tensor))
+                else:
+                    send(name, tensor, transient=True)
             else:
                 p, off = where[i]
                 flat = tensor.detach().contiguous().view(-1).view(torch.uint8)
                 pack_bufs[p][off: off + flat.numel()].copy_(flat)
-        if in_flight is not None:
-            group.wait(in_flight[0], f"broadcasting {in_flight[1]}")
         if len(where) + len(direct) != len(meta) or i + 1 != len(meta):
             raise WeightSyncError(f"the weight source yielded {i + 1} parameters, its metadata declared {len(meta)}")
-        for k, buf in enumerate(pack_bufs):
-            group.broadcast(buf, f"broadcasting packed small tensors {k + 1}/{len(pack_bufs)}")
+        if small_first:
+            send_packs()
+            for name, tensor in held:
+                send(name, tensor, transient=False)
+        if in_flight is not None:
+            group.wait(in_flight[0], f"broadcasting {in_flight[1]}")
+        if not small_first:
+            send_packs()
         return sum(sizes), len(messages)  # the parameters' bytes (the packing's alignment padding aside)
 
     def shutdown(self) -> None:
