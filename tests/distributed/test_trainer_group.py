@@ -75,6 +75,9 @@ class ReceiverActor:
         self.xfer = GlooWeightTransferEngine(None, vllm_config, torch.device("cpu"), self.loader)
         self.refreshed, self.version = 0, 0
 
+    def ready(self):
+        return True
+
     def init_weight_transfer_engine(self, init_info):
         self.xfer.init_transfer_engine(self.xfer.parse_init_info(init_info))
 
@@ -162,6 +165,7 @@ def test_train_reports_loss_kl_and_versions_then_sync_matches(env):
 
     # weight sync through vLLM's weight-transfer API (ngrpo_gloo): trainer rank 0 -> 2 receivers, versioned, exact
     receivers = [ReceiverActor.remote(path) for _ in range(2)]
+    ray.get([r.ready.remote() for r in receivers])  # built (vLLM imported): the join's 60 s are for joining only
     assert group.open_weight_sync(receivers, timeout_s=60, bucket_mb=0.05) == "ngrpo_gloo"
     start = time.monotonic()
     sent = group.wait(group.start_sync(version=2))[0]
@@ -215,6 +219,7 @@ def test_zero3_trains_like_zero2_and_its_sync_reproduces_the_weights(env):
             states[stage] = group.state_dict()
             if stage == 3:
                 receiver = ReceiverActor.remote(path)
+                ray.get(receiver.ready.remote())
                 group.open_weight_sync([receiver], timeout_s=60, bucket_mb=0.05)
                 got = group.wait(group.start_sync(version=1))[0]["engines"][0]
                 assert got["version"] == 1, got
