@@ -40,7 +40,6 @@ from vllm.distributed.weight_transfer.base import (
 
 from ngrpo_ray.distributed.weight_sync import (
     GLOO_BACKEND,
-    Message,
     SyncEndpoint,
     WeightGroup,
     WeightSyncError,
