@@ -1,13 +1,17 @@
 """``ngrpo bench sync``: the versioned weight sync against a raw broadcast of the same bytes, in one run.
 
-One trainer worker (Ray Train + DeepSpeed) and one rollout engine (vLLM) share the dedicated weight-sync group the
-training driver uses. Rounds interleave (a) a real sync (plan + buckets from the trainer, receive + load + neighbor
-refresh + prefix-cache reset on the engine) and (b) a raw broadcast of exactly as many bytes, in chunks of the same
-bucket size, on the same group, so machine noise hits both alike. Reported:
-- ``sync_send_s``: the trainer's wall time inside ``send_weights`` (plan, concatenation, broadcasts);
-- ``sync_total_s``: the driver's wall time from starting the sync to the engine having loaded the weights;
+One trainer worker (Ray Train + DeepSpeed) and one rollout engine (vLLM) joined through vLLM's weight-transfer API
+with this project's CPU backend (``ngrpo_gloo``), as the training driver does. Rounds interleave (a) a real sync
+(trainer rank 0 drives the engine's start / update / finish; the engine receives, loads, re-packs its CPU GEMM
+weights, rebuilds its neighbor table and resets its prefix cache) and (b) a raw broadcast of exactly as many bytes,
+in chunks of the bucket size, on the same gloo group, so machine noise hits both alike. Reported:
+- ``sync_send_s``: the trainer's wall time moving the bytes (reading the parameters, packing the small ones, every
+  broadcast), the transport part of a sync;
+- ``sync_total_s``: the driver's wall time for the whole sync, control plane and the engine's load included;
+- ``engine_load_s``: the engine's own work beyond waiting for bytes (``load_weights`` into the vLLM model, the CPU
+  GEMM re-pack, the neighbor refresh), with its parts (``engine_*_s``) per round;
 - ``raw_s``: the trainer's wall time for the raw broadcast (buffers allocated before the clock starts);
-- ``ratio_send`` = sync_send_s / raw_s (what the protocol and packing add over the transport) and
+- ``ratio_send`` = sync_send_s / raw_s (what the API path adds over the transport) and
   ``ratio_total`` = sync_total_s / raw_s (what a training iteration pays over the transport floor).
 Sums over rounds give the ratios; per-round numbers are kept.
 """
@@ -23,6 +27,8 @@ from typing import Any
 
 import ray
 
+from ngrpo_ray.distributed.weight_sync import GLOO_BACKEND
+
 DEFAULTS = dict(model="smollm2-135m-instruct", rounds=3, bucket_mb=64.0, num_cpus=4, timeout_s=600.0,
                 cache_dir="~/.cache/ngrpo_ray/models")
 
@@ -30,7 +36,7 @@ DEFAULTS = dict(model="smollm2-135m-instruct", rounds=3, bucket_mb=64.0, num_cpu
 def _engine_spec(model_path: str) -> dict[str, Any]:
     # Small KV cache and context: the engine only receives weights here, it never generates.
     return {"model": model_path, "seed": 0, "max_model_len": 256, "max_num_seqs": 4, "enforce_eager": True,
-            "kv_cache_gib": 0.25, "dtype": "float32"}
+            "kv_cache_gib": 0.25, "dtype": "float32", "weight_transfer_backend": GLOO_BACKEND}
 
 
 def _trainer_config(model_path: str):
@@ -44,11 +50,9 @@ def _trainer_config(model_path: str):
 def _one_round(trainer, fleet, version: int, bucket_mb: float, timeout_s: float) -> dict[str, float]:
     engine = fleet.engines[0]
     t0 = time.perf_counter()
-    handle = trainer.start_sync(version, bucket_mb=bucket_mb)
-    received = fleet.receive_weights(version)
-    sent = trainer.wait(handle, timeout_s=timeout_s)[0]
-    got = ray.get(received, timeout=timeout_s)[0]
+    sent = trainer.wait(trainer.start_sync(version), timeout_s=timeout_s)[0]
     sync_total = time.perf_counter() - t0
+    got = sent["engines"][0]
     nbytes = int(sent["bytes"])
     if int(got["bytes"]) != nbytes or int(got["version"]) != version:
         raise RuntimeError(f"engine received v{got['version']} / {got['bytes']} bytes, trainer sent "
@@ -60,10 +64,12 @@ def _one_round(trainer, fleet, version: int, bucket_mb: float, timeout_s: float)
     raw = trainer.wait(handle, timeout_s=timeout_s)[0]
     raw_recv = ray.get(raw_engine, timeout=timeout_s)
     raw_wall = time.perf_counter() - t0
-    return {"version": version, "bytes": nbytes, "buckets": int(sent["buckets"]),
-            "sync_send_s": float(sent["seconds"]), "sync_broadcast_s": float(sent["broadcast_seconds"]),
-            "sync_total_s": sync_total, "engine_receive_s": float(got["broadcast_seconds"]),
-            "engine_load_s": float(got["load_seconds"]), "raw_s": float(raw["seconds"]),
+    return {"version": version, "bytes": nbytes, "messages": int(sent["messages"]),
+            "sync_send_s": float(sent["broadcast_seconds"]), "sync_trainer_s": float(sent["seconds"]),
+            "sync_total_s": sync_total, "engine_load_s": float(got["engine_load_seconds"]),
+            "engine_wait_s": float(got["receive_wait_seconds"]), "engine_load_weights_s": float(got["load_seconds"]),
+            "engine_repack_s": float(got["repack_seconds"]), "engine_refresh_s": float(got["refresh_seconds"]),
+            "engine_finish_s": float(got["finish_seconds"]), "raw_s": float(raw["seconds"]),
             "raw_engine_s": float(raw_recv["seconds"]), "raw_wall_s": raw_wall}
 
 
@@ -97,10 +103,7 @@ def run_sync_bench(model: Any = None, rounds: int = 3, bucket_mb: float = 64.0, 
     try:
         fleet = RolloutFleet(_engine_spec(path), 1, num_cpus=1.0)
         trainer = TrainerGroup(_trainer_config(path)).start()
-        endpoint = trainer.open_weight_sync(len(fleet), timeout_s=timeout_s)
-        joins = fleet.join_weight_sync(endpoint.__dict__)
-        trainer.finish_open_weight_sync()
-        ray.get(joins, timeout=timeout_s)
+        backend = trainer.open_weight_sync(fleet.engines, timeout_s=timeout_s, bucket_mb=bucket_mb)
         startup_s = time.perf_counter() - started
         progress.note("sync group open; timed rounds start")
         progress.begin_units()
@@ -123,13 +126,14 @@ def run_sync_bench(model: Any = None, rounds: int = 3, bucket_mb: float = 64.0, 
     nbytes = per_round[0]["bytes"]
     return {
         "model": str(model), "model_path": path, "rounds": rounds, "bucket_mb": bucket_mb,
-        "backend": endpoint.backend, "bytes": nbytes, "buckets": per_round[0]["buckets"],
+        "backend": backend, "bytes": nbytes, "messages": per_round[0]["messages"],
         "sync_send_s": total("sync_send_s") / rounds, "sync_total_s": total("sync_total_s") / rounds,
         "engine_load_s": total("engine_load_s") / rounds, "raw_s": total("raw_s") / rounds,
         "sync_send_gb_per_s": nbytes * rounds / total("sync_send_s") / 1e9,
         "raw_gb_per_s": nbytes * rounds / total("raw_s") / 1e9,
         "ratio_send": total("sync_send_s") / total("raw_s"),
         "ratio_total": total("sync_total_s") / total("raw_s"),
+        "ratio_engine_load": total("engine_load_s") / total("raw_s"),
         "startup_s": startup_s, "per_round": per_round,
     }
 

@@ -11,6 +11,7 @@ from ngrpo_ray.core.losses import PolicyLossConfig
 from ngrpo_ray.core.mixing_params import MixingParams
 from ngrpo_ray.core.rollout_correction import RolloutCorrection
 from ngrpo_ray.distributed.trainer_config import TrainerGroupConfig
+from ngrpo_ray.distributed.weight_sync import choose_sync_backend
 from ngrpo_ray.models.vocabulary import token_ids_of
 from ngrpo_ray.training.deepspeed_config import DeepSpeedSettings
 from ngrpo_ray.training.train_step import StepSettings
@@ -55,6 +56,8 @@ def engine_spec(cfg: Config, model_path: str, max_prompt_tokens: int) -> dict:
         "noise_table": m.strategy == "gaussian_noise",
         "never_mix": tuple(m.never_mix),  # never neighbors either (resolved with the model's tokenizer)
         "dtype": "float32" if cfg.model.dtype == "float32" else cfg.model.dtype,
+        # the trainer sends its weights through vLLM's weight-transfer API with this backend
+        "weight_transfer_backend": choose_sync_backend(cfg.cluster.sync_backend, cfg.trainer.use_gpu),
     }
     if cfg.trainer.use_gpu:
         # colocated: the engine shares a trainer rank's GPU and sleeps (frees it) during the update

@@ -19,8 +19,8 @@ are seated next to the trainer ranks after the group starts. `plan.bundles` is t
 is asked for, in total); `reserve_layout` reserves it in one group, which the layout tests use to check every seat.
 
 The weight-sync group is trainer rank 0 + every engine rank. One NCCL group may never hold two members on one device:
-an engine on rank 0's own GPU must get weights by CUDA IPC (`transport == "ipc"`), which is not built yet, so such a
-plan is refused on GPU. On CPU (gloo, no devices) the rule holds trivially and the plan says so.
+an engine on rank 0's own GPU must get weights by CUDA IPC (`transport == "ipc"`, vLLM's ipc weight transfer), and a
+fleet whose engines need ipc and nccl at once is not wired yet, so such a plan is refused on GPU. On CPU (gloo, no devices) the rule holds trivially and the plan says so.
 
 A layout the cluster can never hold fails at once (`check_capacity`): GPUs and CPUs asked against what the cluster can
 have, which is the autoscaler's maximum (node types' max_workers x resources) when Ray knows it, else the current
@@ -166,7 +166,7 @@ def _transport(uses_gpu: bool, seats: list[Slot], rank0: Slot, sync_backend: str
 
 def check_sync_devices(plan: PlacementPlan) -> None:
     """The NCCL weight-sync group (trainer rank 0 + engine ranks on nccl) never holds two members on one GPU; an
-    engine on rank 0's GPU needs the CUDA IPC transport, which is not built yet."""
+    engine on rank 0's GPU needs vLLM's CUDA IPC transport, and a fleet mixing ipc and nccl is not wired yet."""
     if not plan.uses_gpu:
         return
     members = [("trainer 0", plan.trainer_slots[0].bundle_index)]
@@ -174,7 +174,8 @@ def check_sync_devices(plan: PlacementPlan) -> None:
         if transport == "ipc":
             raise PlacementInfeasibleError(
                 f"engine {e} shares trainer rank 0's GPU (bundle {seats[0].bundle_index}): it must receive weights "
-                "by CUDA IPC, which this build does not have yet. Use fewer engine ranks than trainer GPUs "
+                "by CUDA IPC (vLLM's ipc weight transfer), while the fleet's other engines use nccl, and one fleet "
+                "with two transports is not wired yet. Use fewer engine ranks than trainer GPUs "
                 "(rollout.num_engines x rollout.tensor_parallel_size < trainer.num_workers) or "
                 "cluster.placement=disaggregated")
         if transport == "nccl":

@@ -6,8 +6,6 @@ from __future__ import annotations
 import time
 from typing import Any, Callable
 
-import ray
-
 from ngrpo_ray.config import Config
 from ngrpo_ray.distributed.placement import PlacementPlan
 from ngrpo_ray.distributed.rollout_fleet import RolloutFleet
@@ -20,11 +18,10 @@ class PolicySync:
         self.cfg, self.plan, self.trainer, self.fleet, self.log = cfg, plan, trainer, fleet, log
 
     def open_weight_sync(self) -> None:
-        """(Re)build the sync group: trainer rank 0 plus every engine. Joining closes a member's previous group."""
-        endpoint = self.trainer.open_weight_sync(len(self.fleet), timeout_s=self.cfg.cluster.sync_timeout_s)
-        joins = self.fleet.join_weight_sync(endpoint.__dict__)
-        self.trainer.finish_open_weight_sync()
-        ray.get(joins)
+        """(Re)build the weight transfer (vLLM's API): trainer rank 0 plus every engine. Joining closes a member's
+        previous one."""
+        self.trainer.open_weight_sync(self.fleet.engines, timeout_s=self.cfg.cluster.sync_timeout_s,
+                                      bucket_mb=self.cfg.cluster.sync_bucket_mb)
 
     def sync_weights(self, version: int) -> tuple[Any, list]:
         """Send the trainer's weights to every engine as `version`; returns (trainer stats, engine stats).
@@ -40,10 +37,8 @@ class PolicySync:
         timeout = self.cfg.cluster.sync_timeout_s
         if self.plan.sleep_engines:
             self.fleet.wake_up()  # colocated on GPU: weights and KV cache back before the load and the rollout
-        handle = self.trainer.start_sync(version, bucket_mb=self.cfg.cluster.sync_bucket_mb)
-        received = self.fleet.receive_weights(version)
-        sent = self.trainer.wait(handle, timeout_s=timeout)[0]
-        return sent, ray.get(received, timeout=timeout)
+        sent = self.trainer.wait(self.trainer.start_sync(version), timeout_s=timeout)[0]
+        return sent, sent["engines"]
 
     def resync_engines(self, engines: list[int], version: int) -> None:
         """The fleet's hook after engines restarted (they hold the initial model and are outside the sync group,

@@ -3,6 +3,7 @@ reference model, the weight-sync group on rank 0) and the command loop Ray Train
 
 from __future__ import annotations
 
+import math
 import os
 import time
 import traceback
@@ -14,7 +15,6 @@ import torch
 from ngrpo_ray.core.losses import PolicyLossConfig
 from ngrpo_ray.core.records import ResponseRecord
 from ngrpo_ray.distributed.trainer_config import TrainerGroupConfig, TrainerGroupError
-from ngrpo_ray.distributed.weight_sync import SyncEndpoint
 from ngrpo_ray.training.train_sequence import TrainSequence
 from ngrpo_ray.training.train_step import StepSettings
 
@@ -94,7 +94,8 @@ class _PolicyWorker:
         if want_ref:
             self.ref = AutoModelForCausalLM.from_pretrained(cfg.model_path, dtype=dtype).to(self.device).eval()
             self.ref.requires_grad_(False)
-        self.weight_group = None
+        self.weight_group = None  # rank 0 sends: vLLM's TrainerWeightTransferEngine (open_weight_transfer)
+        self.weight_client = None
         self.version = 0
 
     # -- commands ---------------------------------------------------------------------------------------------
@@ -150,10 +151,10 @@ class _PolicyWorker:
 
     def state_dict(self, dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor] | None:
         """Full (gathered under ZeRO-3) parameters in `dtype` on rank 0; None elsewhere. Every rank must run it."""
-        from ngrpo_ray.distributed.weight_sync import _gathered
+        from ngrpo_ray.distributed.weight_sync import gathered
 
         params = list(self.engine.module.named_parameters())
-        with _gathered([p for _, p in params], self.cfg.deepspeed.zero_stage == 3):
+        with gathered([p for _, p in params], self.cfg.deepspeed.zero_stage == 3):
             if self.rank != 0:
                 return None
             return {n: p.detach().to(dtype).cpu().clone() for n, p in params}
@@ -171,43 +172,46 @@ class _PolicyWorker:
         if self.cfg.deepspeed.zero_stage in (1, 2):
             self.engine.optimizer.refresh_fp32_params()  # copy model params into the fp32 master partitions
 
-    def sync_address(self) -> dict:
-        from ngrpo_ray.distributed.weight_sync import listening_store, node_ip
+    def open_weight_transfer(self, engines: list, backend: str, timeout_s: float, bucket_mb: float) -> dict:
+        """Every rank: build the trainer side of vLLM's weight-transfer API for ``backend``; on rank 0 that also makes
+        every engine join (its first ranks after the sender). Replaces a previous transfer (engine or trainer
+        restarts rebuild it with every engine)."""
+        from ngrpo_ray.distributed.weight_client import FleetWeightClient
+        from ngrpo_ray.distributed.weight_sync import node_ip
+        from ngrpo_ray.engine.trainer_weights import TrainerWeightSource, open_trainer_engine
 
+        self.close_weight_transfer()
+        source = TrainerWeightSource(self.engine.module, zero3=self.cfg.deepspeed.zero_stage == 3)
+        self.weight_client = FleetWeightClient(engines, timeout_s)
+        self.weight_group = open_trainer_engine(backend, rank=self.rank, host=node_ip(), world_size=1 + len(engines),
+                                                timeout_s=timeout_s, bucket_bytes=int(bucket_mb * 2**20),
+                                                client=self.weight_client, source=source)
+        return {"ok": True, "backend": backend}
+
+    def close_weight_transfer(self) -> None:
         if self.weight_group is not None:
-            self.weight_group.close()  # a re-sync group gets a new store; the old one frees its port first
+            self.weight_group.shutdown()
             self.weight_group = None
-        host = node_ip()
-        self._sync_store = listening_store(host, timeout_s=600.0)
-        return {"host": host, "port": int(self._sync_store.port)}
 
-    def sync_join(self, endpoint: dict) -> dict:
-        from ngrpo_ray.distributed.weight_sync import WeightGroup
-
-        if self.rank == 0:
-            if self.weight_group is not None:
-                self.weight_group.close()
-            store, self._sync_store = getattr(self, "_sync_store", None), None
-            self.weight_group = WeightGroup(SyncEndpoint(**endpoint), rank=0, store=store)
-        return {"ok": True}
-
-    def sync_weights(self, version: int, bucket_mb: float, send_dtype: str | None) -> dict:
-        from ngrpo_ray.distributed.weight_sync import send_weights
-
-        if self.rank == 0 and self.weight_group is None:
-            raise TrainerGroupError("sync_weights before open_weight_sync")
-        dtype = getattr(torch, send_dtype) if send_dtype else None
-        stats = send_weights(self.weight_group if self.rank == 0 else None, self.engine.module, version,
-                             bucket_mb=bucket_mb, send_dtype=dtype, zero3=self.cfg.deepspeed.zero_stage == 3)
+    def sync_weights(self, version: int) -> dict:
+        """Every rank (ZeRO-3 gathers are collectives); rank 0 sends and drives the engines' update as ``version``."""
+        if self.weight_group is None:
+            raise TrainerGroupError("sync_weights before open_weight_transfer")
+        start = time.monotonic()
+        self.weight_client.version = int(version)
+        self.weight_group.send_weights()
         self.version = version
-        return stats.__dict__
+        stats = {"bytes": sum(math.prod(m.shape) * m.dtype.itemsize for m in self.weight_group.source.metadata()),
+                 **(getattr(self.weight_group, "last_stats", None) or {})}
+        return {**stats, "version": int(version), "seconds": time.monotonic() - start,
+                "engines": list(self.weight_client.engine_stats) if self.rank == 0 else []}
 
     def raw_broadcast(self, nbytes: int, chunk_mb: float | None) -> dict:
         from ngrpo_ray.distributed.weight_sync import raw_broadcast_seconds
 
         if self.rank != 0:
             return {}
-        return {"seconds": raw_broadcast_seconds(self.weight_group, nbytes, chunk_mb)}
+        return {"seconds": raw_broadcast_seconds(self.weight_group.group, nbytes, chunk_mb)}
 
     def save_checkpoint(self, path: str, tag: str, hf_dir: str | None = None, hf_dtype: str = "float32") -> dict:
         """DeepSpeed checkpoint (model, optimizer, scheduler; every rank) and, when asked, HF weights from rank 0 in

@@ -184,14 +184,6 @@ class RolloutFleet:
     def policy_versions(self) -> list[int]:
         return [int(h["policy_version"]) for h in ray.get([e.health.remote() for e in self.engines])]
 
-    # -- weight sync ---------------------------------------------------------------------------------------------
-    def join_weight_sync(self, endpoint: dict) -> list[ray.ObjectRef]:
-        tp = 1  # tensor parallel ranks per engine (CPU: 1); rank 0 of the sync group is the trainer
-        return [e.join_weight_sync.remote(endpoint, 1 + i * tp) for i, e in enumerate(self.engines)]
-
-    def receive_weights(self, policy_version: int) -> list[ray.ObjectRef]:
-        return [e.receive_weights.remote(policy_version) for e in self.engines]
-
     def sleep(self) -> list[dict]:
         """Colocated: every engine frees its GPU memory before the trainer's update (a no-op without sleep mode)."""
         return ray.get([e.sleep.remote() for e in self.engines])

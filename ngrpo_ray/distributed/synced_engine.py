@@ -1,7 +1,8 @@
-"""A RolloutEngine that also receives weights from the trainer over the dedicated sync group.
+"""A RolloutEngine that also receives weights from the trainer through vLLM's weight-transfer API.
 
-The receiving side runs in the vLLM worker (WeightReceiverMixin, through collective_rpc); this actor only relays the
-join and receive calls and resets the prefix cache afterwards (cached KV blocks were computed with old weights).
+The receiving side runs in the vLLM worker (its weight-transfer engine: ngrpo_gloo on CPU, vLLM's nccl / ipc on GPU);
+this actor relays the four control-plane calls to it and refreshes the neighbor tables and the prefix cache after a
+load.
 """
 
 from __future__ import annotations
@@ -41,21 +42,39 @@ class SyncedRolloutEngineImpl(RolloutEngineImpl):
         stats = mixed_anchor_cosine(rows, local, alpha, noise=noise)
         return {f"mix_cosine_{k}": float(v) for k, v in stats.items()}
 
-    def join_weight_sync(self, endpoint: dict, rank_offset: int) -> dict:
+    # -- vLLM's weight-sync control plane (driven by trainer rank 0 through weight_client.FleetWeightClient) -------
+    def init_weight_transfer_engine(self, init_info: dict) -> None:
         from ngrpo_ray.engine.records_client import check
 
-        return check(self.llm.collective_rpc("ngrpo_init_weight_group", args=(endpoint, rank_offset)))
+        check(self.llm.collective_rpc("ngrpo_abandon_weight_update"))  # a trainer that died mid-sync left one open
+        self.llm.collective_rpc("init_weight_transfer_engine", args=(init_info,))
 
-    def receive_weights(self, policy_version: int) -> dict:
+    def start_weight_update(self) -> None:
+        self.llm.collective_rpc("start_weight_update")
+
+    def update_weights(self, update_info: dict) -> None:
+        self.llm.collective_rpc("update_weights", args=(update_info,))
+
+    def finish_weight_update(self, policy_version: int) -> dict:
+        """Finish the load, then refresh what depends on the weights: the neighbor tables (in the worker) and the
+        prefix cache (cached KV blocks were computed with the old weights). Returns the engine's load timings."""
+        import time
+
         from ngrpo_ray.engine.records_client import check
 
-        stats = check(self.llm.collective_rpc("ngrpo_receive_weights"))
+        t0 = time.monotonic()
+        self.llm.collective_rpc("finish_weight_update")
+        stats = check(self.llm.collective_rpc("ngrpo_weights_loaded", args=(int(policy_version),)))
         self.llm.reset_prefix_cache()
         self.policy_version = int(policy_version)
+        stats["finish_seconds"] = time.monotonic() - t0
         return stats
 
+    def shutdown_weight_transfer_engine(self) -> None:
+        self.llm.collective_rpc("shutdown_weight_transfer_engine")
+
     def raw_broadcast(self, nbytes: int, chunk_mb: float | None = None) -> dict:
-        """Receiving end of the trainer's raw broadcast of `nbytes` on the sync group (the benchmark's floor)."""
+        """Receiving end of the trainer's raw broadcast of `nbytes` on the ngrpo_gloo group (the benchmark's floor)."""
         from ngrpo_ray.engine.records_client import check
 
         return check(self.llm.collective_rpc("ngrpo_raw_broadcast", args=(int(nbytes), chunk_mb)))

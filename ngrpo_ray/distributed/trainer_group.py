@@ -25,7 +25,6 @@ import tempfile
 import threading
 import time
 import uuid
-from dataclasses import asdict
 from typing import Any, Sequence
 
 import ray
@@ -35,7 +34,7 @@ from ngrpo_ray.core.losses import PolicyLossConfig
 from ngrpo_ray.distributed.command_channel import _CommandChannel
 from ngrpo_ray.distributed.policy_worker import _worker_loop
 from ngrpo_ray.distributed.trainer_config import TrainerGroupConfig, TrainerGroupError, TrainerRestarted
-from ngrpo_ray.distributed.weight_sync import SyncEndpoint, choose_sync_backend
+from ngrpo_ray.distributed.weight_sync import choose_sync_backend
 from ngrpo_ray.training.train_step import StepSettings
 
 
@@ -48,7 +47,7 @@ class TrainerGroup:
         self._thread: threading.Thread | None = None
         self._fit_error: BaseException | None = None
         self.channel = None
-        self.sync_endpoint: SyncEndpoint | None = None
+        self.sync_backend: str | None = None  # the weight transfer's, once open_weight_sync ran
         self.startup_seconds = 0.0
         self.generation = 0  # the worker group's restarts the driver has seen and recovered from
 
@@ -165,7 +164,7 @@ class TrainerGroup:
         the weight-sync group. Returns the new generation."""
         self.generation = ray.get(self.channel.get_generation.remote())
         self.workers = self._call("ping", timeout_s=self.cfg.command_timeout_s)
-        self.sync_endpoint = None
+        self.sync_backend = None
         return self.generation
 
     # -- the API ------------------------------------------------------------------------------------------------
@@ -193,21 +192,20 @@ class TrainerGroup:
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
         self._call("load_state_dict", state=ray.put(state))
 
-    def open_weight_sync(self, num_receivers: int, timeout_s: float = 120.0) -> SyncEndpoint:
-        """Pick rank 0's address and start it listening; the engines must then join with this endpoint
-        (``ngrpo_init_weight_group(endpoint, rank_offset)``) before ``finish_open_weight_sync()``."""
-        addr = self._call("sync_address", ranks=[0])[0]
-        self.sync_endpoint = SyncEndpoint(addr["host"], addr["port"], 1 + num_receivers,
-                                          choose_sync_backend(self.cfg.sync_backend, self.cfg.use_gpu), timeout_s)
-        self._join_handle = self.submit("sync_join", ranks=[0], endpoint=asdict(self.sync_endpoint))
-        return self.sync_endpoint
+    def open_weight_sync(self, engines: Sequence[Any], timeout_s: float = 120.0, bucket_mb: float = 64.0,
+                         same_gpu: bool = False) -> str:
+        """(Re)build the weight transfer from rank 0 to ``engines`` (RolloutEngine actors) through vLLM's
+        weight-transfer API; returns the backend (weight_sync.choose_sync_backend)."""
+        backend = choose_sync_backend(self.cfg.sync_backend, self.cfg.use_gpu, same_gpu)
+        self.wait(self.submit("open_weight_transfer", engines=list(engines), backend=backend, timeout_s=timeout_s,
+                              bucket_mb=bucket_mb), timeout_s=timeout_s + 60)
+        self.sync_backend = backend
+        return backend
 
-    def finish_open_weight_sync(self) -> None:
-        self.wait(self._join_handle)
-
-    def start_sync(self, version: int, bucket_mb: float = 64.0, send_dtype: str | None = None):
-        """Begin a sync on every rank (all gather under ZeRO-3; rank 0 sends); pair with ``wait``."""
-        return self.submit("sync_weights", version=version, bucket_mb=bucket_mb, send_dtype=send_dtype)
+    def start_sync(self, version: int):
+        """Begin a sync on every rank (all gather under ZeRO-3; rank 0 sends and drives the engines); pair with
+        ``wait``: rank 0's reply holds the engines' stats under "engines"."""
+        return self.submit("sync_weights", version=version)
 
     def start_raw_broadcast(self, nbytes: int, chunk_mb: float | None = None):
         return self.submit("raw_broadcast", ranks=[0], nbytes=nbytes, chunk_mb=chunk_mb)

@@ -41,6 +41,9 @@ class EngineSpec:
     hook_seed: int | None = None  # None -> seed
     enable_sleep_mode: bool = False  # colocated on GPU: free weights and KV cache during the trainer's update
     dtype: str = "float32"  # exactness needs fp32 on CPU ("auto" turns fp32 checkpoints into bf16 there)
+    # vLLM weight-transfer backend the trainer's weights arrive by (weight_sync.choose_sync_backend: ngrpo_gloo on
+    # CPU, nccl / ipc on GPU); None: the engine never receives weights (evaluation, benchmarks of generation)
+    weight_transfer_backend: str | None = None
     extra: tuple[tuple[str, Any], ...] = ()  # more LLM kwargs, still checked by the refusals
 
 
@@ -61,6 +64,8 @@ def engine_kwargs(spec: EngineSpec, hooked: bool) -> dict[str, Any]:
         kw["enable_sleep_mode"] = True
     if spec.max_num_batched_tokens is not None:
         kw["max_num_batched_tokens"] = spec.max_num_batched_tokens
+    if spec.weight_transfer_backend is not None:
+        kw["weight_transfer_config"] = {"backend": spec.weight_transfer_backend}
     kw.update(dict(spec.extra))
     if hooked:
         kw.update(

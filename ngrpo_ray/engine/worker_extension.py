@@ -7,14 +7,18 @@ MixingEmbedding override there (and only in engines that name this extension). E
   as fatal by the engine core); the driver side (records_client.check) raises it,
 - returns plain lists / numbers (numpy arrays do not survive the msgpack transport).
 
-The trainer->engine weight transport is the ``WeightReceiverMixin`` of ``ngrpo_ray.engine.weight_receiver``; it
-calls ``self.ngrpo_after_weights_changed()`` after it loads new weights. It is required: an engine without it could
-not follow the trainer, so a failed import stops the worker with the cause instead of serving stale weights.
+The trainer->engine weight transport is vLLM's weight-transfer API (the Worker's own ``init_weight_transfer_engine``
+/ ``start_weight_update`` / ``update_weights`` / ``finish_weight_update``); importing this module registers the CPU
+backend, ``ngrpo_gloo`` (``ngrpo_ray.engine.gloo_transfer``), in this worker process, before vLLM creates the engine
+named by ``weight_transfer_config``. It is required: an engine without it could not follow the trainer, so a failed
+import stops the worker with the cause instead of serving stale weights. After every load the engine actor calls
+``ngrpo_weights_loaded`` (neighbor tables, policy version, timings).
 """
 
 from __future__ import annotations
 
 import functools
+import time
 import traceback
 from typing import Any, Iterable
 
@@ -27,11 +31,12 @@ from ngrpo_ray.engine.refusals import check_worker_setup
 register_mixing_embedding()
 keep_cpu_linear_weights()
 
-try:  # the trainer->engine broadcast transport: required (no silent stand-in)
-    from ngrpo_ray.engine.weight_receiver import WeightReceiverMixin
+try:  # the trainer->engine transport on CPU: required (no silent stand-in)
+    from ngrpo_ray.engine.gloo_transfer import register_gloo_backend
 except ImportError as exc:
-    raise ImportError(f"the engine's weight receiver (ngrpo_ray.engine.weight_receiver) failed to import: {exc!r}; "
+    raise ImportError(f"the engine's weight transport (ngrpo_ray.engine.gloo_transfer) failed to import: {exc!r}; "
                       "the engine cannot receive the trainer's weights without it") from exc
+register_gloo_backend()
 
 
 def _ok(**payload: Any) -> dict:
@@ -55,7 +60,7 @@ def rpc(method):
     return wrapper
 
 
-class NgrpoWorkerExtension(WeightReceiverMixin):
+class NgrpoWorkerExtension:
     """Mixed into vLLM's Worker class; ``self`` is the worker (self.model_runner, self.reload_weights, ...)."""
 
     # ---- helpers (no RPC) --------------------------------------------------------------------------------------
@@ -133,6 +138,44 @@ class NgrpoWorkerExtension(WeightReceiverMixin):
         """Load {name: tensor} in place (small models / tests; big ones go through a file or the transport)."""
         self.ngrpo_load_weights((k, v) for k, v in state.items())
         return self._ngrpo_hook().stats()
+
+    @rpc
+    def ngrpo_weights_loaded(self, policy_version: int) -> dict:
+        """After vLLM's finish_weight_update: rebuild what depends on the weights (neighbor tables), record the
+        policy version, and report the transfer engine's timings plus this refresh's."""
+        t0 = time.monotonic()
+        self.ngrpo_after_weights_changed()
+        self._ngrpo_policy_version = int(policy_version)
+        stats = dict(getattr(self.weight_transfer_engine, "last_stats", None) or {})
+        stats["refresh_seconds"] = time.monotonic() - t0
+        # the engine's side of a sync beyond the transport: loading (not waiting for bytes), re-packing, refreshing
+        stats["engine_load_seconds"] = sum(stats.get(k, 0.0) for k in ("load_seconds", "repack_seconds",
+                                                                          "refresh_seconds"))
+        return {**stats, "version": int(policy_version)}
+
+    @rpc
+    def ngrpo_abandon_weight_update(self) -> dict:
+        """Before (re)joining a transfer: an update a dead trainer left half done (started, never finished) would make
+        vLLM refuse the next start_weight_update. The next sync sends every weight again."""
+        abandoned = bool(getattr(self, "_weight_update_active", False))
+        if abandoned:
+            self.weight_transfer_engine.reset_weight_update_target()
+            self._weight_update_active = False
+        return {"abandoned": abandoned}
+
+    @rpc
+    def ngrpo_policy_version(self) -> dict:
+        return {"version": int(getattr(self, "_ngrpo_policy_version", 0))}
+
+    @rpc
+    def ngrpo_raw_broadcast(self, nbytes: int, chunk_mb: float | None = None) -> dict:
+        """Receiving end of ``weight_sync.raw_broadcast_seconds`` on the ngrpo_gloo group (the benchmark's floor)."""
+        from ngrpo_ray.distributed.weight_sync import raw_broadcast_seconds
+
+        group = getattr(self.weight_transfer_engine, "group", None)
+        if group is None:
+            raise RuntimeError("ngrpo_raw_broadcast needs an initialized ngrpo_gloo weight transfer")
+        return {"seconds": raw_broadcast_seconds(group, nbytes, chunk_mb)}
 
     @rpc
     def ngrpo_reset_table(self) -> dict:

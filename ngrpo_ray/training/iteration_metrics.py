@@ -36,6 +36,6 @@ def iteration_metrics(scored: Any, adv_info: dict, train_metrics: dict, sent: An
     for key, value in train_metrics.items():
         if isinstance(value, (int, float)):  # "mismatch/...", "rollout_correction/..." keep their own section
             metrics[key if "/" in key else f"train/{key}"] = float(value)
-    if recv_stats and isinstance(recv_stats[0], dict) and "seconds" in recv_stats[0]:
-        metrics["sync/engine_load_s"] = float(recv_stats[0].get("load_seconds", 0.0))
+    if recv_stats and isinstance(recv_stats[0], dict) and "engine_load_seconds" in recv_stats[0]:
+        metrics["sync/engine_load_s"] = float(recv_stats[0]["engine_load_seconds"])
     return metrics

@@ -31,9 +31,11 @@ def test_stop_token_ids_must_be_ids():
 
 
 def test_sync_backend_choice():
-    assert choose_sync_backend("auto", use_gpu=False) == "gloo"
+    # the names are vLLM weight-transfer backends: ours for CPU (ngrpo_gloo), vLLM's nccl / ipc on GPU
+    assert choose_sync_backend("auto", use_gpu=False) == "ngrpo_gloo"
     assert choose_sync_backend("auto", use_gpu=True) == "nccl"
-    assert choose_sync_backend("gloo", use_gpu=True) == "gloo"  # host-memory transport on a GPU run
+    assert choose_sync_backend("auto", use_gpu=True, same_gpu=True) == "ipc"  # an engine on rank 0's own GPU
+    assert choose_sync_backend("gloo", use_gpu=True) == "ngrpo_gloo"  # host-memory transport on a GPU run
     assert choose_sync_backend("nccl", use_gpu=True) == "nccl"
     with pytest.raises(ValueError, match="needs GPUs"):
         choose_sync_backend("nccl", use_gpu=False)
@@ -46,6 +48,9 @@ def test_sync_backend_reaches_the_trainer_group_and_nccl_without_gpus_is_refused
         load_config("cpu_default", ["cluster.sync_backend=nccl"])
     gpu = load_config("r1_distill_1p5b_ngrpo", ["cluster.sync_backend=nccl"])
     assert components.trainer_config(gpu, "model", pad_id=0).sync_backend == "nccl"
+    # and the engines are built with the matching vLLM weight_transfer_config
+    assert components.engine_spec(cfg, "model", 64)["weight_transfer_backend"] == "ngrpo_gloo"
+    assert components.engine_spec(gpu, "model", 64)["weight_transfer_backend"] == "nccl"
 
 
 def test_kl_mode_is_not_a_key():

@@ -15,9 +15,9 @@ from ngrpo_ray.core.mixing_params import MixingParams, SamplingParams
 from ngrpo_ray.core.reference_generator import generate
 from ngrpo_ray.distributed.trainer_config import TrainerGroupConfig, TrainerGroupError
 from ngrpo_ray.distributed.trainer_group import TrainerGroup
-from ngrpo_ray.engine.weight_receiver import WeightReceiverMixin
 from ngrpo_ray.training.deepspeed_config import DeepSpeedSettings
 from ngrpo_ray.training.train_step import StepSettings
+from tests.support.stand_in_engine import StandInEngine
 
 pytestmark = pytest.mark.ray
 VOCAB, TEMP = 64, 0.7
@@ -38,35 +38,8 @@ def _tiny_model():
     return model
 
 
-@ray.remote(num_cpus=0)
-class ReceiverActor(WeightReceiverMixin):
-    """A plain torch model standing in for one vLLM worker."""
+ReceiverActor = ray.remote(num_cpus=0)(StandInEngine)
 
-    def __init__(self, path: str):
-        from transformers import AutoModelForCausalLM
-
-        torch.set_num_threads(1)
-        self.rank = 0
-        self.model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
-        with torch.no_grad():
-            for p in self.model.parameters():
-                p.zero_()  # so that a missing tensor cannot pass for a received one
-        self.refreshed = 0
-
-    def ngrpo_load_weights(self, named):
-        params = dict(self.model.named_parameters())  # tied lm_head is not a separate parameter
-        named = dict(named)
-        assert set(named) == set(params), set(named) ^ set(params)
-        with torch.no_grad():
-            for n, t in named.items():
-                params[n].copy_(t)
-        self.ngrpo_after_weights_changed()
-
-    def ngrpo_after_weights_changed(self):
-        self.refreshed += 1
-
-    def state(self):
-        return {n: p.detach().clone() for n, p in self.model.named_parameters()}, self.refreshed
 
 
 @pytest.fixture(scope="module")
@@ -126,37 +99,32 @@ def test_train_reports_loss_kl_and_versions_then_sync_matches(env):
     with pytest.raises(TrainerGroupError, match="no sequences"):
         group.train([one], torch.tensor([1.0]))
 
-    # weight sync: trainer rank 0 -> 2 receivers, versioned, exact
+    # weight sync through vLLM's weight-transfer API (ngrpo_gloo): trainer rank 0 -> 2 receivers, versioned, exact
     receivers = [ReceiverActor.remote(path) for _ in range(2)]
-    endpoint = group.open_weight_sync(num_receivers=2, timeout_s=60)
-    joins = [r.ngrpo_init_weight_group.remote(endpoint, rank_offset=1 + i) for i, r in enumerate(receivers)]
-    group.finish_open_weight_sync()
-    assert all(j["ok"] for j in ray.get(joins))
+    ray.get([r.ready.remote() for r in receivers])  # built (vLLM imported): the join's 60 s are for joining only
+    assert group.open_weight_sync(receivers, timeout_s=60, bucket_mb=0.05) == "ngrpo_gloo"
     start = time.monotonic()
-    handle = group.start_sync(version=2, bucket_mb=0.05)
-    received = [r.ngrpo_receive_weights.remote() for r in receivers]
-    sent = group.wait(handle)[0]
-    got = ray.get(received)
+    sent = group.wait(group.start_sync(version=2))[0]
+    got = sent["engines"]
     sync_wall = time.monotonic() - start
     raw_handle = group.start_raw_broadcast(sent["bytes"])
-    raw_recv = ray.get([r.ngrpo_raw_broadcast.remote(sent["bytes"]) for r in receivers])
+    raw_recv = ray.get([r.raw_broadcast.remote(sent["bytes"]) for r in receivers])
     raw = group.wait(raw_handle)[0]["seconds"]
     trainer_state = group.state_dict()
     n_bytes = sum(t.numel() * 4 for t in trainer_state.values())
-    assert sent["bytes"] == n_bytes and sent["buckets"] > 1 and sent["version"] == 2
+    assert sent["bytes"] == n_bytes and sent["messages"] > 1 and sent["version"] == 2
     for g, r in zip(got, receivers):
-        assert g["ok"], g
         assert g["version"] == 2 and g["bytes"] == n_bytes
-        state, refreshed = ray.get(r.state.remote())
-        assert refreshed == 1 and ray.get(r.ngrpo_policy_version.remote()) == 2
+        state, refreshed, version, loaded = ray.get(r.state.remote())
+        assert refreshed == 1 and version == 2 and sorted(loaded) == sorted(trainer_state)
         for n, t in trainer_state.items():
             assert torch.equal(state[n], t), n
-    assert all(x["ok"] for x in raw_recv) and raw > 0
+    assert all(x["seconds"] > 0 for x in raw_recv) and raw > 0
     print(f"\nsync {n_bytes} B: sender {sent['seconds']:.4f}s (broadcast {sent['broadcast_seconds']:.4f}s), "
           f"wall {sync_wall:.3f}s, raw gloo broadcast {raw:.4f}s; train steps {m1['train_seconds']:.3f}s, "
           f"{m2['train_seconds']:.3f}s")
     for r in receivers:
-        ray.get(r.ngrpo_close_weight_group.remote())
+        ray.get(r.shutdown_weight_transfer_engine.remote())
         ray.kill(r)
 
 
@@ -187,18 +155,14 @@ def test_zero3_trains_like_zero2_and_its_sync_reproduces_the_weights(env):
             states[stage] = group.state_dict()
             if stage == 3:
                 receiver = ReceiverActor.remote(path)
-                endpoint = group.open_weight_sync(num_receivers=1, timeout_s=60)
-                join = receiver.ngrpo_init_weight_group.remote(endpoint, rank_offset=1)
-                group.finish_open_weight_sync()
-                assert ray.get(join)["ok"]
-                handle = group.start_sync(version=1, bucket_mb=0.05)
-                got = ray.get(receiver.ngrpo_receive_weights.remote())
-                group.wait(handle)
-                assert got["ok"] and got["version"] == 1, got
-                received, _ = ray.get(receiver.state.remote())
+                ray.get(receiver.ready.remote())
+                group.open_weight_sync([receiver], timeout_s=60, bucket_mb=0.05)
+                got = group.wait(group.start_sync(version=1))[0]["engines"][0]
+                assert got["version"] == 1, got
+                received, _, _, _ = ray.get(receiver.state.remote())
                 for n, t in states[3].items():
                     assert torch.equal(received[n], t), n
-                ray.get(receiver.ngrpo_close_weight_group.remote())
+                ray.get(receiver.shutdown_weight_transfer_engine.remote())
                 ray.kill(receiver)
     moved = sum(float((states[2][n] - initial[n]).square().sum()) for n in initial) ** 0.5
     diff = sum(float((states[3][n] - states[2][n]).square().sum()) for n in initial) ** 0.5

@@ -1,178 +1,239 @@
-"""Weight sync over gloo between a sender process and receiver processes, and the timeout on a dead peer."""
+"""The weight sync through vLLM's weight-transfer API with this project's CPU backend (``ngrpo_gloo``): the message
+layout, a sync to two receivers that is exact and versioned, the timeouts, and end to end into a hooked vLLM engine
+(the trainer's log-probs after an update equal the engine's within 1e-4). The same engine test runs vLLM's own
+``nccl`` and ``ipc`` backends where CUDA is present (marked gpu)."""
 
 from __future__ import annotations
 
-import io
-import multiprocessing as mp
+import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
+from types import SimpleNamespace
 
 import pytest
 import torch
 
 from ngrpo_ray.distributed.weight_sync import (
+    GLOO_BACKEND,
     SyncEndpoint,
     WeightGroup,
     WeightSyncTimeout,
     free_port,
-    plan_buckets,
+    plan_messages,
     raw_broadcast_seconds,
-    send_weights,
 )
-from ngrpo_ray.engine.weight_receiver import WeightReceiverMixin
+from ngrpo_ray.engine.gloo_transfer import GlooTrainerWeightTransferEngine, GlooWeightTransferEngine
+from ngrpo_ray.engine.trainer_weights import TrainerWeightSource, open_trainer_engine
 
 
 def _model(seed: int) -> torch.nn.Module:
     torch.manual_seed(seed)
-    m = torch.nn.Sequential(torch.nn.Embedding(50, 16), torch.nn.Linear(16, 32), torch.nn.Linear(32, 7))
-    m.extra = torch.nn.Parameter(torch.randn(3, dtype=torch.float64))  # a second dtype -> a second bucket family
+    m = torch.nn.Sequential(torch.nn.Embedding(600, 512), torch.nn.Linear(16, 32), torch.nn.Linear(32, 7))
+    m.extra = torch.nn.Parameter(torch.randn(3, dtype=torch.float64))  # a second dtype, packed with the small ones
     return m
 
 
-class PlainReceiver(WeightReceiverMixin):
-    """A plain torch model standing in for the vLLM worker."""
+class PlainModel(torch.nn.Module):
+    """A torch model standing in for the vLLM model: ``load_weights`` reads its input lazily, like vLLM's loaders."""
 
-    def __init__(self, rank: int):
-        self.rank = 0  # TP rank inside the "engine"; the offset places it in the group
-        self.model = _model(seed=100 + rank)
-        self.rebuilt = 0
+    def __init__(self, seed: int):
+        super().__init__()
+        self.inner = _model(seed)
+        self.loaded: list[str] = []
 
-    def ngrpo_load_weights(self, named):
-        missing = self.model.load_state_dict(dict(named), strict=True)
-        assert not missing.missing_keys
-        self.ngrpo_after_weights_changed()
-
-    def ngrpo_after_weights_changed(self):
-        self.rebuilt += 1
-
-
-def _receiver_main(endpoint: SyncEndpoint, rank: int, out: mp.Queue) -> None:
-    torch.set_num_threads(1)
-    r = PlainReceiver(rank)
-    res = r.ngrpo_init_weight_group(endpoint.__dict__, rank_offset=rank)
-    assert res["ok"], res
-    res = r.ngrpo_receive_weights()
-    raw = r.ngrpo_raw_broadcast(res.get("bytes", 0)) if res["ok"] else {}
-    # Tensors through an mp.Queue travel as shared-memory handles that die with this process; send bytes instead.
-    buf = io.BytesIO()
-    torch.save(r.model.state_dict(), buf)
-    out.put({"res": res, "raw": raw, "version": r.ngrpo_policy_version(), "rebuilt": r.rebuilt,
-             "state": buf.getvalue()})
-    r.ngrpo_close_weight_group()
+    def load_weights(self, weights):
+        params = dict(self.inner.named_parameters())
+        with torch.no_grad():
+            for name, tensor in weights:
+                params[name].copy_(tensor)
+                self.loaded.append(name)
 
 
-def test_plan_buckets_packs_by_dtype_and_size():
-    specs = [("a", (256,), torch.float32), ("b", (256,), torch.float32), ("c", (10,), torch.bfloat16),
-             ("d", (1024,), torch.float32), ("e", (1,), torch.float32)]
-    plan = plan_buckets(specs, bucket_mb=2048 / 2**20, version=7)  # 2 KiB buckets
-    layout = [(b.dtype, [s.name for s in b.slots], b.numel) for b in plan.buckets]
-    # a+b = 2048 bytes fill one bucket; d (4096 bytes) is too large and gets its own; e opens a new one after d
-    assert layout == [(torch.float32, ["a", "b"], 512), (torch.bfloat16, ["c"], 10),
-                      (torch.float32, ["d"], 1024), (torch.float32, ["e"], 1)]
-    assert plan.nbytes == 4 * (512 + 1024 + 1) + 2 * 10
-    assert [s.offset for s in plan.buckets[0].slots] == [0, 256]
+def _receiver(seed: int) -> GlooWeightTransferEngine:
+    vllm_config = SimpleNamespace(parallel_config=SimpleNamespace(data_parallel_index=0, world_size=1, rank=0),
+                                  model_config=None)
+    return GlooWeightTransferEngine(None, vllm_config, torch.device("cpu"), PlainModel(seed))
+
+
+class ThreadClient:
+    """The control plane to receivers in this process (each call runs on every receiver at once, in threads)."""
+
+    def __init__(self, receivers, timeout_s: float = 60):
+        self.receivers, self.timeout_s, self.versions = receivers, timeout_s, []
+
+    def _all(self, fn):
+        with ThreadPoolExecutor(len(self.receivers)) as exe:
+            return [f.result(timeout=self.timeout_s) for f in [exe.submit(fn, i, r) for i, r in
+                                                                enumerate(self.receivers)]]
+
+    def init_weight_transfer_engine(self, init_info):
+        self._all(lambda i, r: r.init_transfer_engine(r.parse_init_info({**init_info,
+                                                                          "rank_offset": 1 + i})))
+
+    def start_weight_update(self):
+        self._all(lambda i, r: r.start_weight_update())
+
+    def update_weights(self, update_info):
+        self._all(lambda i, r: r.update_weights(update_info))
+
+    def finish_weight_update(self, weight_version=None):
+        self._all(lambda i, r: r.finish_weight_update())
+        self.versions.append(weight_version)
+
+
+def test_plan_messages_sends_big_tensors_alone_and_packs_the_small_ones_aligned():
+    msgs = plan_messages([4096, 100, 2048, 8, 12, 5000], bucket_bytes=200, direct_min_bytes=2048)
+    assert [(m.items, m.direct, m.nbytes) for m in msgs] == [
+        ((0,), True, 4096), ((2,), True, 2048), ((5,), True, 5000),  # big ones first, in order, alone
+        ((1, 3), False, 128 + 64),  # small ones packed at 64-byte aligned offsets, up to the bucket size
+        ((4,), False, 64),
+    ]
+    assert msgs[3].offsets == (0, 128)
 
 
 def test_gloo_sync_to_two_receivers_is_exact_and_versioned():
-    ctx = mp.get_context("spawn")
-    endpoint = SyncEndpoint("127.0.0.1", free_port(), world_size=3, backend="gloo", timeout_s=60)
-    out = ctx.Queue()
-    procs = [ctx.Process(target=_receiver_main, args=(endpoint, rank, out)) for rank in (1, 2)]
-    for p in procs:
-        p.start()
+    sender_model = _model(seed=0)
+    receivers = [_receiver(100 + i) for i in range(2)]
+    client = ThreadClient(receivers)
+    source = TrainerWeightSource(sender_model)
+    engine = open_trainer_engine(GLOO_BACKEND, rank=0, host="127.0.0.1", world_size=3, timeout_s=60,
+                                 bucket_bytes=2048, client=client, source=source)
     try:
-        sender_model = _model(seed=0)
-        group = WeightGroup(endpoint, rank=0)
-        stats = send_weights(group, sender_model, version=5, bucket_mb=0.002)  # ~2 KiB: several buckets
-        raw_s = raw_broadcast_seconds(group, stats.bytes)
-        results = [out.get(timeout=60) for _ in procs]
-        group.close()
+        assert isinstance(engine, GlooTrainerWeightTransferEngine)
+        for version in (1, 2):
+            with torch.no_grad():
+                sender_model[1].weight.add_(1.0)  # a new policy each round
+            engine.send_weights()
+            n_bytes = sum(p.numel() * p.element_size() for p in sender_model.parameters())
+            assert engine.last_stats["bytes"] == n_bytes
+            for r in receivers:
+                assert r.last_stats["bytes"] == n_bytes and r.last_stats["messages"] == engine.last_stats["messages"]
+                got = dict(r.model.inner.named_parameters())
+                for k, v in sender_model.named_parameters():
+                    assert torch.equal(got[k], v) and got[k].dtype == v.dtype, k
+        # the embedding (1.2 MB) travels alone; the rest is packed into 2 KiB buffers
+        assert engine.last_stats["messages"] == 1 + len(plan_messages(
+            [p.numel() * p.element_size() for p in sender_model.parameters()][1:], 2048))
+        with ThreadPoolExecutor(2) as exe:
+            raw = [exe.submit(raw_broadcast_seconds, r.group, 1 << 20, 0.25) for r in receivers]
+            assert raw_broadcast_seconds(engine.group, 1 << 20, 0.25) > 0
+            assert all(f.result(timeout=60) > 0 for f in raw)
     finally:
-        for p in procs:
-            p.join(timeout=30)
-    n_bytes = sum(p.numel() * p.element_size() for p in sender_model.parameters())
-    assert stats.bytes == n_bytes and stats.buckets >= 4 and stats.version == 5
-    assert raw_s > 0
-    for r in results:
-        assert r["res"]["ok"], r["res"]
-        assert r["version"] == 5 and r["rebuilt"] == 1 and r["res"]["bytes"] == n_bytes
-        assert r["raw"]["ok"]
-        state = torch.load(io.BytesIO(r["state"]))
-        for k, v in sender_model.state_dict().items():
-            assert torch.equal(state[k], v), k
-            assert state[k].dtype == v.dtype
-
-
-def _nccl_receiver_main(endpoint: SyncEndpoint, out: mp.Queue) -> None:
-    torch.cuda.set_device(1)  # the receiver's own GPU: one NCCL group never holds two ranks on one device
-    _receiver_main(endpoint, 1, out)
-
-
-@pytest.mark.gpu
-@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="the NCCL sync group needs two GPUs (one rank per device)")
-def test_nccl_sync_between_two_gpus_is_exact_and_versioned():
-    ctx = mp.get_context("spawn")
-    endpoint = SyncEndpoint("127.0.0.1", free_port(), world_size=2, backend="nccl", timeout_s=120)
-    out = ctx.Queue()
-    proc = ctx.Process(target=_nccl_receiver_main, args=(endpoint, out))
-    proc.start()
-    try:
-        torch.cuda.set_device(0)
-        sender_model = _model(seed=0).cuda(0)
-        group = WeightGroup(endpoint, rank=0, device=torch.device("cuda", 0))
-        stats = send_weights(group, sender_model, version=3, bucket_mb=0.002)
-        raw_broadcast_seconds(group, stats.bytes)
-        result = out.get(timeout=120)
-        group.close()
-    finally:
-        proc.join(timeout=60)
-    assert result["res"]["ok"], result["res"]
-    assert result["version"] == 3 and result["rebuilt"] == 1
-    state = torch.load(io.BytesIO(result["state"]))
-    for k, v in sender_model.state_dict().items():
-        assert torch.equal(state[k].cpu(), v.cpu()), k
+        engine.shutdown()
+        for r in receivers:
+            r.shutdown()
 
 
 def test_sync_to_absent_peer_raises_within_timeout():
-    endpoint = SyncEndpoint("127.0.0.1", free_port(), world_size=2, backend="gloo", timeout_s=3)
+    endpoint = SyncEndpoint("127.0.0.1", free_port(), world_size=2, timeout_s=3)
     start = time.monotonic()
     with pytest.raises(WeightSyncTimeout, match="did not join"):
         WeightGroup(endpoint, rank=0)
     assert time.monotonic() - start < 3 + 5
 
 
-def _join_then_die(endpoint: SyncEndpoint) -> None:
-    WeightGroup(endpoint, rank=1)  # joins, then the process exits without receiving anything
+class _SilentClient:
+    """An engine that joined, then stopped answering (its update_weights never returns, it never receives)."""
+
+    def __init__(self):
+        self.released = threading.Event()
+
+    def start_weight_update(self):
+        pass
+
+    def update_weights(self, update_info):
+        self.released.wait(60)
+
+    def finish_weight_update(self, weight_version=None):
+        pass
 
 
 def test_sync_to_dead_peer_raises_within_timeout():
-    ctx = mp.get_context("spawn")
-    endpoint = SyncEndpoint("127.0.0.1", free_port(), world_size=2, backend="gloo", timeout_s=4)
-    p = ctx.Process(target=_join_then_die, args=(endpoint,))
-    p.start()
-    group = WeightGroup(endpoint, rank=0)
-    p.join(timeout=30)
-    assert p.exitcode == 0
+    endpoint = SyncEndpoint("127.0.0.1", free_port(), world_size=2, timeout_s=4)
+    joined = threading.Thread(target=lambda: WeightGroup(endpoint, rank=1))  # joins, then never receives
+    joined.start()
+    client = _SilentClient()
+    engine = GlooTrainerWeightTransferEngine(client=client, source=TrainerWeightSource(_model(0)))
+    engine.group = WeightGroup(endpoint, rank=0)
+    joined.join(timeout=30)
     start = time.monotonic()
     with pytest.raises(WeightSyncTimeout):
-        send_weights(group, _model(0), version=1, bucket_mb=0.002)
+        engine.send_weights()
     assert time.monotonic() - start < 4 + 5
-    group.close()
+    client.released.set()
+    engine.shutdown()
+
+
+class _FailingClient(_SilentClient):
+    """An engine whose update_weights fails at once (say, it refused the update): no waiting for the timeout."""
+
+    def update_weights(self, update_info):
+        raise RuntimeError("engine refused the update")
+
+
+def test_an_engine_error_stops_the_send_at_once():
+    endpoint = SyncEndpoint("127.0.0.1", free_port(), world_size=2, timeout_s=30)
+    joined = threading.Thread(target=lambda: WeightGroup(endpoint, rank=1))
+    joined.start()
+    engine = GlooTrainerWeightTransferEngine(client=_FailingClient(), source=TrainerWeightSource(_model(0)))
+    engine.group = WeightGroup(endpoint, rank=0)
+    joined.join(timeout=30)
+    start = time.monotonic()
+    with pytest.raises(RuntimeError, match="engine refused the update"):
+        engine.send_weights()
+    assert time.monotonic() - start < 10  # not the 30 s timeout
+    engine.shutdown()
 
 
 # --------------------------------------------------------------------------------- end to end with a vLLM engine
 
 
+class LLMClient:
+    """vLLM's control plane on an in-process ``LLM`` (what the RolloutEngine actor relays in a run)."""
+
+    def __init__(self, llm):
+        self.llm, self.loaded = llm, []
+
+    def init_weight_transfer_engine(self, init_info):
+        self.llm.collective_rpc("init_weight_transfer_engine", args=(init_info,))
+
+    def start_weight_update(self):
+        self.llm.collective_rpc("start_weight_update")
+
+    def update_weights(self, update_info):
+        self.llm.collective_rpc("update_weights", args=(update_info,))
+
+    def finish_weight_update(self, weight_version=None):
+        from ngrpo_ray.engine.records_client import check
+
+        self.llm.collective_rpc("finish_weight_update")
+        self.loaded.append(check(self.llm.collective_rpc("ngrpo_weights_loaded", args=(1,))))
+
+
+def _cuda_backend_skip(backend: str):
+    if backend == GLOO_BACKEND:
+        return []
+    need = {"ipc": 1, "nccl": 2}[backend]  # nccl: one rank per device, so the engine takes the second GPU
+    reason = f"vLLM's {backend} weight transfer needs {need} CUDA device(s)"
+    return [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.device_count() < need,
+                                                 reason=reason)]
+
+
 @pytest.mark.engine
-def test_update_then_sync_to_a_vllm_engine_matches_trainer_logprobs(tmp_path):
-    """One GRPO update on an engine rollout (the trainer's own loss code, plain torch), a sync over gloo into the
-    hooked vLLM engine, then a mixed probe rollout: the engine's log-probs equal the trainer's recomputed ones on
-    the NEW weights within 1e-4 (not the old), the policy version advanced, and the neighbor table was rebuilt."""
+@pytest.mark.parametrize("backend", [pytest.param(b, marks=_cuda_backend_skip(b)) for b in (GLOO_BACKEND, "ipc",
+                                                                                            "nccl")])
+def test_update_then_sync_to_a_vllm_engine_matches_trainer_logprobs(tmp_path, backend, monkeypatch):
+    """One GRPO update on an engine rollout (the trainer's own loss code, plain torch), a sync through vLLM's
+    weight-transfer API into the hooked vLLM engine, then a mixed probe rollout: the engine's log-probs equal the
+    trainer's recomputed ones on the NEW weights within 1e-4 (not the old), the policy version advanced, and the
+    neighbor table was rebuilt."""
     import os
     import sys
-    import threading
     from pathlib import Path
 
     os.environ.setdefault("VLLM_USE_V2_MODEL_RUNNER", "0")
+    if backend == "nccl":
+        monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "1")  # the engine's process sees (and takes) the second GPU
     sys.path.insert(0, str(Path(__file__).parents[1] / "engine"))
     from tiny_models import EOS_ID, write_tiny_model  # the engine tests' tiny checkpoint writer
     from transformers import AutoModelForCausalLM
@@ -180,14 +241,21 @@ def test_update_then_sync_to_a_vllm_engine_matches_trainer_logprobs(tmp_path):
     from ngrpo_ray.core.losses import GlobalNormalizers, PolicyLossConfig, policy_loss
     from ngrpo_ray.core.mixing_params import MixingParams
     from ngrpo_ray.distributed.policy_worker import sequences_from_batches
-    from ngrpo_ray.training.logprobs import response_logprobs
     from ngrpo_ray.engine.llm_factory import EngineSpec, build_llm
     from ngrpo_ray.engine.records_client import check
     from ngrpo_ray.engine.rollout import generate_rollout
+    from ngrpo_ray.training.logprobs import response_logprobs
 
     temp, mixing = 0.8, MixingParams(rho=0.5, k=3)
     path = str(write_tiny_model(tmp_path / "qwen2", "qwen2", seed=1))
-    llm = build_llm(EngineSpec(model=path, seed=0, max_model_len=256, max_num_seqs=16, kv_cache_gib=0.125))
+    spec = EngineSpec(model=path, seed=0, max_model_len=256, max_num_seqs=16, kv_cache_gib=0.125,
+                      weight_transfer_backend=backend,
+                      gpu_memory_utilization=0.2 if backend != GLOO_BACKEND else None)
+    llm = build_llm(spec)
+    if backend == "nccl":
+        monkeypatch.delenv("CUDA_VISIBLE_DEVICES")
+    device = torch.device("cuda", 0) if backend != GLOO_BACKEND else torch.device("cpu")
+    engine = None
     try:
         sampling = {"temperature": temp, "max_tokens": 16}
         prompts = [[(13 * i + j) % 300 + 2 for j in range(4)] for i in range(8)]
@@ -208,23 +276,17 @@ def test_update_then_sync_to_a_vllm_engine_matches_trainer_logprobs(tmp_path):
         torch.optim.SGD(model.parameters(), lr=20.0).step()
 
         version_before = check(llm.collective_rpc("ngrpo_stats"))["neighbor_version"]
-        endpoint = SyncEndpoint("127.0.0.1", free_port(), world_size=2, backend="gloo", timeout_s=60)
-        replies: dict[str, list] = {}
-
-        def engine_side() -> None:
-            replies["join"] = llm.collective_rpc("ngrpo_init_weight_group", args=(endpoint.__dict__, 1))
-            replies["recv"] = llm.collective_rpc("ngrpo_receive_weights")
-
-        t = threading.Thread(target=engine_side)
-        t.start()
-        group = WeightGroup(endpoint, rank=0)
-        stats = send_weights(group, model, version=1, bucket_mb=1.0)
-        t.join(timeout=120)
-        group.close()
-        assert all(r["ok"] for r in replies["join"]), replies["join"]
-        assert all(r["ok"] for r in replies["recv"]), replies["recv"]
-        assert replies["recv"][0]["version"] == 1 and replies["recv"][0]["bytes"] == stats.bytes
-        assert llm.collective_rpc("ngrpo_policy_version") == [1]
+        client = LLMClient(llm)
+        engine = open_trainer_engine(backend, rank=0, host="127.0.0.1", world_size=2, timeout_s=60,
+                                     bucket_bytes=1 << 20, client=client,
+                                     source=TrainerWeightSource(model.to(device)))
+        engine.send_weights()
+        model.cpu()
+        n_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+        assert client.loaded[0]["version"] == 1
+        if backend == GLOO_BACKEND:
+            assert client.loaded[0]["bytes"] == n_bytes == engine.last_stats["bytes"]
+        assert check(llm.collective_rpc("ngrpo_policy_version"))["version"] == 1
         # the engine now holds the trainer's embedding rows (not the old ones)
         got_rows = torch.tensor(check(llm.collective_rpc("ngrpo_embedding_rows", args=([2, 3, 50],)))["rows"])
         emb = model.get_input_embeddings().weight.detach()[[2, 3, 50]]
@@ -242,4 +304,6 @@ def test_update_then_sync_to_a_vllm_engine_matches_trainer_logprobs(tmp_path):
                            for i, s in enumerate(probe_seqs))
                 assert (diff < 1e-4) == should_match, (should_match, diff)
     finally:
+        if engine is not None:
+            engine.shutdown()
         llm.llm_engine.engine_core.shutdown()
