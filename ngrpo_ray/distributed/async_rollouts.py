@@ -49,6 +49,7 @@ class AsyncRollouts:
             return self._iteration(it)
         except TrainerRestarted:  # recovery rolls the policy back and syncs: the engines must be idle first
             self.drop_in_flight()
+            session.fleet.iteration = it + 1  # the restart record names the iteration that failed, not the next
             raise
 
     def _iteration(self, it: int) -> dict[str, float]:
