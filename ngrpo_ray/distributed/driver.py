@@ -4,6 +4,8 @@ rollout (with DAPO refills) -> score -> advantages -> train -> weight sync -> (v
 Read `train` top to bottom for one run and `iteration` for one iteration; each step is a component that does one
 thing: `session` (builds and holds the actors, data and MLflow run), `sample_and_score` (rollout and grading),
 `training.advantage_step`, the trainer group's `train`, `policy_sync`, `validation`, `checkpointing`, `recovery`.
+With trainer.async_rollouts, `async_rollouts.AsyncRollouts` replaces `iteration`: it issues the next rollout before
+this one's `learn` (the same advantages -> train -> sync -> validate) and waits for it before the weight sync.
 The driver holds ObjectRefs of rollout batches and small NumPy arrays (rewards, lengths), never the batches' tensors.
 """
 
