@@ -6,6 +6,7 @@ import argparse
 import json
 import sys
 
+from ngrpo_ray.compare import DEFAULT_SEEDS
 from ngrpo_ray.config import ConfigError, load_config, to_yaml
 
 EPILOG_OVERRIDES = (
@@ -60,7 +61,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("eval", help="evaluate a model: Mean@n, unbiased Pass@k, bootstrap best@k",
                        description="Sample n answers per problem, grade with math-verify in killable workers, and report "
-                                   "Mean@n and unbiased Pass@k with 95%% intervals.",
+                                   "Mean@n and unbiased Pass@k with 95% intervals.",
                        epilog=EPILOG_OVERRIDES)
     _add_config_args(p)
 
@@ -110,19 +111,20 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("demo", help="the embedded default: train SmolLM2-135M with N-GRPO on this CPU and show it learning",
                        description="Prepare the offline demo model, evaluate, train with N-GRPO on a local Ray cluster, "
-                                   "evaluate again, and print a before/after table with 95%% intervals.",
+                                   "evaluate again, and print a before/after table with 95% intervals.",
                        epilog=EPILOG_OVERRIDES)
     _add_config_args(p, default="cpu_default")
     p.add_argument("--resume", action="store_true", help="finish an interrupted demo from its last checkpoint")
 
     p = sub.add_parser("compare", help="GRPO vs N-GRPO vs STHT on the demo task over several seeds, one table",
                        description="Train each method with each seed (same preset, schedule and gate rate), then "
-                                   "report held-out Mean@n and Pass@k per method (seeds pooled) with 95%% intervals "
-                                   "and paired differences to GRPO. Finished runs are reused on a second call.",
+                                   "report held-out Mean@n and Pass@k per method (seeds pooled) with 95% intervals "
+                                   "that resample seeds and problems, "
+                                   "and paired differences to GRPO and the base. Finished runs are reused on a second call.",
                        epilog=EPILOG_OVERRIDES)
     _add_config_args(p, default="compare_cpu")
     p.add_argument("--methods", nargs="+", default=["grpo", "n-grpo", "stht"], help="default: %(default)s")
-    p.add_argument("--seeds", nargs="+", type=int, default=[0, 1], help="default: %(default)s")
+    p.add_argument("--seeds", nargs="+", type=int, default=list(DEFAULT_SEEDS), help="default: %(default)s")
     p.add_argument("--out", default="runs/compare", help="output folder (default: %(default)s)")
     return parser
 

@@ -4,8 +4,9 @@ Each (method, seed) is a full training run of the preset (default `compare_cpu`:
 and the seed in `trainer.seed` / `rollout.seed` / `mixing.seed` (so each seed's responses also gate on their own
 streams, core.gate_stream), all in one MLflow store. The initial policy is validated once, by
 the first run (the shared "base" row). Each run's final validation (its per-sample grades, validation/step_<N>.npy)
-is pooled over seeds per method: Mean@n and unbiased Pass@k with 95% bootstrap intervals over problems, and the paired
-difference of each method's Mean@n to GRPO's on the same problems. A finished run is reused when the workflow runs
+is pooled over seeds per method: Mean@n and unbiased Pass@k with 95% bootstrap intervals that resample seeds as well
+as problems (a run is the unit that varies most), and the paired difference of each method's Mean@n to GRPO's and to
+the base model's on the same problems. A finished run is reused when the workflow runs
 again (so an interrupted comparison continues where it stopped).
 
 Methods differ only in what the rollout feeds at the gated steps (same gate rate, same optimizer and schedule):
@@ -25,15 +26,16 @@ from typing import Callable, Sequence
 import numpy as np
 
 from ngrpo_ray.config import Config, load_config
-from ngrpo_ray.core.metrics import paired_bootstrap_ci
-from ngrpo_ray.evaluation.report import summarize
+from ngrpo_ray.core.metrics import mean_at_n, pass_at_k
+from ngrpo_ray.core.seed_bootstrap import draw_resamples, interval, resampled_mean_at_n, resampled_pass_at_k
+from ngrpo_ray.evaluation.report import PASS_KS
 
 METHODS: dict[str, tuple[str, ...]] = {
     "grpo": ("mixing.strategy=sample", "mixing.rho=0.0"),
     "n-grpo": ("mixing.strategy=neighbor_mix",),
     "stht": ("mixing.strategy=gaussian_noise",),
 }
-DEFAULT_SEEDS = (0, 1)
+DEFAULT_SEEDS = (0, 1, 2, 3)
 BASELINE = "grpo"
 
 
@@ -119,39 +121,40 @@ def _final_grades(folder: Path) -> np.ndarray:
     return np.load(steps[-1][1])
 
 
-def comparison_table(plan: Sequence[PlannedRun], out: Path) -> dict:
-    """Per method: seeds' final grades pooled along the sample axis ([problems, n * seeds]), summarized; per seed:
-    Mean@n; the paired Mean@n difference to the baseline method over the same problems."""
+def comparison_table(plan: Sequence[PlannedRun], out: Path, n_resamples: int = 2000) -> dict:
+    """Per method: its runs' final grades pooled along the sample axis ([problems, n * seeds]) for the point values,
+    with 95% intervals that resample seeds as well as problems (core.seed_bootstrap); per seed: Mean@n; the paired
+    Mean@n difference to the baseline method and to the base model over the same drawn problems."""
     base = np.load(plan[0].output_dir / "validation" / "step_0.npy")
-    pooled: dict[str, np.ndarray] = {}
-    per_seed: dict[str, dict[int, float]] = {}
-    n_per_run = None
+    runs: dict[str, list[np.ndarray]] = {"base": [base]}
+    per_seed: dict[str, dict[int, float]] = {"base": {}}
     for run in plan:
         grades = _final_grades(run.output_dir)
-        n_per_run = n_per_run or int(grades.shape[1])
-        pooled[run.method] = grades if run.method not in pooled else np.concatenate([pooled[run.method], grades], 1)
+        runs.setdefault(run.method, []).append(grades)
         per_seed.setdefault(run.method, {})[run.seed] = float(grades.mean())
-    n = {m: int(g.shape[1]) for m, g in pooled.items()}
-    k_max = min(min(n.values()), base.shape[1])  # Pass@k up to the smallest n of any row, so rows compare
-    rows = {"base": _summary(base, k_max)}
-    rows["base"]["seeds"] = {}
-    for method, grades in pooled.items():
-        rows[method] = _summary(grades, k_max)
-        rows[method]["seeds"] = per_seed[method]
-        ref = pooled.get(BASELINE)
-        if ref is not None and method != BASELINE:
-            d = paired_bootstrap_ci(grades.mean(axis=1), ref.mean(axis=1))
-            rows[method][f"mean@n - {BASELINE}"] = {"value": d.estimate, "ci_low": d.low, "ci_high": d.high}
-        d = paired_bootstrap_ci(grades.mean(axis=1), base.mean(axis=1))
-        rows[method]["mean@n - base"] = {"value": d.estimate, "ci_low": d.low, "ci_high": d.high}
-    return {"problems": int(base.shape[0]), "n_per_run": n_per_run,
-            "base_n": int(base.shape[1]), "pass_k_max": k_max, "rows": rows}
+    stacked = {m: np.stack(g).astype(bool) for m, g in runs.items()}  # [seeds, problems, n]
+    pooled_n = {m: x.shape[0] * x.shape[2] for m, x in stacked.items()}
+    k_max = min(pooled_n.values())  # Pass@k up to the smallest pool of any row, so rows compare
+    res = draw_resamples({m: x.shape[0] for m, x in stacked.items()}, base.shape[0], n_resamples)
+    means = {m: resampled_mean_at_n(x, m, res) for m, x in stacked.items()}
+    rows = {}
+    for method, x in stacked.items():
+        pooled = np.concatenate(list(x), axis=1)
+        row = {"mean@n": _ci(interval(mean_at_n(pooled), means[method]))}
+        for k in (k for k in PASS_KS if k <= k_max):
+            row[f"pass@{k}"] = _ci(interval(pass_at_k(pooled, k), resampled_pass_at_k(x, method, res, k)))
+        row["seeds"] = per_seed[method]
+        for ref, key in ((BASELINE, f"mean@n - {BASELINE}"), ("base", "mean@n - base")):
+            if method not in ("base", ref) and ref in stacked:
+                estimate = mean_at_n(pooled) - mean_at_n(np.concatenate(list(stacked[ref]), axis=1))
+                row[key] = _ci(interval(estimate, means[method] - means[ref]))
+        rows[method] = row
+    return {"problems": int(base.shape[0]), "n_per_run": int(stacked[plan[0].method].shape[2]),
+            "base_n": int(base.shape[1]), "pass_k_max": k_max, "n_resamples": n_resamples, "rows": rows}
 
 
-def _summary(grades: np.ndarray, k_max: int) -> dict:
-    s = summarize(grades, n_resamples=2000)
-    return {key: value for key, value in s.items()
-            if key == "mean@n" or (key.startswith("pass@") and int(key.split("@")[1]) <= k_max)}
+def _ci(c) -> dict:
+    return {"value": c.estimate, "ci_low": c.low, "ci_high": c.high}
 
 
 def _cell(c: dict | None, signed: bool = False) -> str:
@@ -167,7 +170,7 @@ def format_comparison(t: dict) -> str:
     header = (["method", "Mean@n"] + [k.replace("pass", "Pass") for k in pass_keys]
               + ["Mean@n per seed", f"vs {BASELINE} (paired)", "vs base (paired)"])
     lines = [f"Held-out problems: {t['problems']}; base n = {t['base_n']}, each run n = {t['n_per_run']} "
-             "(seeds pooled per method); values in %, 95% bootstrap intervals over problems", "",
+             "(seeds pooled per method); values in %, 95% bootstrap intervals that resample seeds and problems", "",
              "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for name, r in rows.items():
         seeds = ", ".join(f"{100 * v:.1f}" for _, v in sorted(r.get("seeds", {}).items())) or "-"
