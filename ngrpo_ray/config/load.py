@@ -189,6 +189,7 @@ def validate(cfg: Config) -> None:
     _check(a.rollout_correction == "none" or t.old_logprobs == "recompute", "algorithm.rollout_correction",
            f"'{a.rollout_correction}' needs trainer.old_logprobs: recompute (got '{t.old_logprobs}': the trainer then "
            "takes the engine's log-probs as pi_old, so pi_old / pi_behaviour = 1 and the correction would do nothing)")
+    _validate_async(cfg)
     _check(t.num_workers >= 1, "trainer.num_workers", f"must be >= 1, got {t.num_workers}")
     _check(t.lr > 0, "trainer.lr", f"must be > 0, got {t.lr}")
     _check(t.mini_batches >= 1, "trainer.mini_batches", f"must be >= 1, got {t.mini_batches}")
@@ -212,6 +213,25 @@ def validate(cfg: Config) -> None:
     _check(c.engine_restart_timeout_s > 0, "cluster.engine_restart_timeout_s",
            f"must be > 0, got {c.engine_restart_timeout_s}")
     _check(cfg.eval.n >= 1, "eval.n", f"must be >= 1, got {cfg.eval.n}")
+
+
+def _validate_async(cfg: Config) -> None:
+    """What one-step-off rollouts (trainer.async_rollouts) cannot be combined with, refused here."""
+    t, a = cfg.trainer, cfg.algorithm
+    _check(t.max_staleness >= 1, "trainer.max_staleness", f"must be >= 1, got {t.max_staleness}")
+    if not t.async_rollouts:
+        return
+    _check(t.old_logprobs == "rollout" or a.rollout_correction != "none", "trainer.async_rollouts",
+           "needs trainer.old_logprobs: rollout (the ratio's pi_old is the engine's behaviour log-prob) or "
+           "algorithm.rollout_correction: tis/mis (decoupled: the recomputed pi_old, weighted by pi_old / "
+           "pi_behaviour); with recompute and no correction a sample drawn one version ago would be treated as "
+           "drawn by the trainer's current policy")
+    _check(not a.dynamic_sampling, "trainer.async_rollouts",
+           "cannot be combined with algorithm.dynamic_sampling: its refill rounds need the rewards of the batch "
+           "before the next rollout may start")
+    _check(not (t.use_gpu and cfg.cluster.placement == "colocated"), "trainer.async_rollouts",
+           "cannot be combined with cluster.placement: colocated on GPU: the engines sleep during the update, so "
+           "nothing would overlap (use the disaggregated layout)")
 
 
 def _validate_mixing(m: Any) -> None:

@@ -132,6 +132,13 @@ class TrainerConfig:
     # old log-probs of the PPO ratio: recomputed by the trainer before the update (one extra forward), or the
     # engine's rollout log-probs (exact up to ~1e-4 here, since the trainer rebuilds the mixed inputs)
     old_logprobs: Literal["recompute", "rollout"] = "recompute"
+    # One-step-off asynchronous rollouts (distributed/async_rollouts.py): the engines generate iteration i+1 with
+    # policy version v while the trainer turns iteration i into v+1; the weight sync waits for that rollout to end.
+    # Needs a ratio that knows the behaviour policy: old_logprobs: rollout, or recompute with a rollout_correction.
+    async_rollouts: bool = False
+    # samples drawn more than this many policy versions before the trainer's are dropped, never trained on
+    # (one-step-off keeps every sample at staleness 0 or 1; training.staleness holds the rule)
+    max_staleness: int = 1
     iterations: int = 100
     epochs: Optional[int] = None  # if set, overrides iterations to cover the train set this many times
     validate_every: int = 0

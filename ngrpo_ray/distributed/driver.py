@@ -4,6 +4,8 @@ rollout (with DAPO refills) -> score -> advantages -> train -> weight sync -> (v
 Read `train` top to bottom for one run and `iteration` for one iteration; each step is a component that does one
 thing: `session` (builds and holds the actors, data and MLflow run), `sample_and_score` (rollout and grading),
 `training.advantage_step`, the trainer group's `train`, `policy_sync`, `validation`, `checkpointing`, `recovery`.
+With trainer.async_rollouts, `async_rollouts.AsyncRollouts` replaces `iteration`: it issues the next rollout before
+this one's `learn` (the same advantages -> train -> sync -> validate) and waits for it before the weight sync.
 The driver holds ObjectRefs of rollout batches and small NumPy arrays (rewards, lengths), never the batches' tensors.
 """
 
@@ -41,10 +43,15 @@ def train(cfg: Config, resume: bool = False, log=print, stop_after: int | None =
         if start == 0 and session.val_set and cfg.trainer.validate_before:
             validate_initial_policy(session)
         bar = tqdm(initial=start, total=end, desc="iterations", unit="it", dynamic_ncols=True)
+        run_iteration = iteration
+        if cfg.trainer.async_rollouts:  # one-step-off: the next rollout runs during this iteration's update
+            from ngrpo_ray.distributed.async_rollouts import AsyncRollouts
+
+            run_iteration = AsyncRollouts(session, end)
         it = start
         while it < end:
             try:
-                metrics = iteration(session, it)
+                metrics = run_iteration(session, it)
                 best = record_iteration(session, it, metrics, bar.write)
                 checkpoint_if_due(session, it, end, best)
             except TrainerRestarted as exc:  # a trainer worker died: back to the last checkpoint
@@ -73,12 +80,19 @@ def train(cfg: Config, resume: bool = False, log=print, stop_after: int | None =
 
 def iteration(session: Session, it: int) -> dict[str, float]:
     """One iteration (0-based `it`); returns the metrics logged at step it + 1."""
-    cfg, version = session.cfg, session.state.policy_version
     t_start = time.perf_counter()
     problems = batch_problems(session, it)
     t0 = time.perf_counter()
-    scored, rollout_info = rollout(session, it, problems, version)
-    t_rollout = time.perf_counter() - t0
+    scored, rollout_info = rollout(session, it, problems, session.state.policy_version)
+    return learn(session, it, scored, rollout_info, time.perf_counter() - t0, t_start)
+
+
+def learn(session: Session, it: int, scored: Scored, rollout_info: dict[str, float], t_rollout: float,
+          t_start: float, before_sync: Callable[[], dict[str, float]] | None = None) -> dict[str, float]:
+    """The rest of iteration `it` once its rollout is scored: advantages -> train -> weight sync -> (validate).
+    `before_sync` (asynchronous rollouts: wait for the rollout in flight) runs between the update and the sync;
+    the metrics it returns are logged with the iteration's."""
+    cfg, version = session.cfg, session.state.policy_version
     advantages, adv_info = compute_advantages(cfg, scored)
     adv_info.update(rollout_info)
     if cfg.algorithm.first_token_selection:  # Latent-GRPO: per-token advantages, computed next to the batches
@@ -90,6 +104,8 @@ def iteration(session: Session, it: int) -> dict[str, float]:
         session.fleet.sleep()  # colocated on GPU: the update gets the engines' GPU memory
     train_metrics = session.trainer.train([c.ref for c in scored.chunks], advantages, version=version + 1)
     t_train = time.perf_counter() - t0
+    if before_sync is not None:
+        adv_info.update(before_sync())
     t0 = time.perf_counter()
     sent, recv_stats = session.sync.sync_weights(version + 1)
     t_sync = time.perf_counter() - t0

@@ -38,6 +38,7 @@ class PolicySync:
         if self.plan.sleep_engines:
             self.fleet.wake_up()  # colocated on GPU: weights and KV cache back before the load and the rollout
         sent = self.trainer.wait(self.trainer.start_sync(version), timeout_s=timeout)[0]
+        self.fleet.serving_version = int(version)  # an asynchronous chunk re-issued from now on draws with it
         return sent, sent["engines"]
 
     def resync_engines(self, engines: list[int], version: int) -> None:

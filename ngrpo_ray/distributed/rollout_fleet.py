@@ -42,6 +42,11 @@ class Chunk:
     incarnation: int = 0  # the engine's restart count when the chunk was issued
     attempt: int = 0
 
+    @property
+    def policy_version(self) -> int:
+        """The policy version its responses were drawn with (generate's argument)."""
+        return int(self.request[3])
+
 
 class RolloutFleet:
     def __init__(self, spec: dict, num_engines: int, num_cpus: float = 1.0, num_gpus: float = 0.0,
@@ -68,6 +73,10 @@ class RolloutFleet:
         # policy before they serve again. None (evaluation): a restarted engine's initial model is the one asked for.
         self.resync: Callable[[list[int], int], None] | None = None
         self.iteration: int | None = None  # set by the driver; recorded with each restart
+        self.serving_version = int(policy_version)  # the version the engines were last sent (PolicySync.sync_weights)
+        # Asynchronous rollouts: a chunk issued at version v may be re-issued after the fleet moved to v+1 (the sync
+        # between two rollouts); it is then generated, and tagged, with the version the fleet serves now.
+        self.reissue_at_serving_version = False
 
     def __len__(self) -> int:
         return len(self.engines)
@@ -101,15 +110,17 @@ class RolloutFleet:
         return min(range(len(self.engines)), key=lambda i: (outstanding[i], i))
 
     def collect(self, chunks: Sequence[Chunk], consume: Callable[[Chunk], ray.ObjectRef] | None = None,
-                ) -> tuple[list[Chunk], list[Any]]:
+                submitted: Sequence[ray.ObjectRef] | None = None) -> tuple[list[Chunk], list[Any]]:
         """Wait for every chunk; re-issue those whose engine died. Returns (chunks, results), both in prompt order.
 
         `consume(chunk)` submits the task that uses the chunk (e.g. the scorer) and returns its ref: it runs as soon
         as its chunk is done, and a dead engine shows up as its error, so the driver never fetches a batch.
-        Without `consume` the results are the batches themselves. The returned chunks hold only valid refs."""
+        Without `consume` the results are the batches themselves. The returned chunks hold only valid refs.
+        `submitted`: the consumers' refs, already submitted when the chunks were issued (asynchronous rollouts)."""
         consume = consume or (lambda c: c.ref)
         chunks = list(chunks)
-        pending = {consume(c): i for i, c in enumerate(chunks)}
+        first = list(submitted) if submitted is not None else [consume(c) for c in chunks]
+        pending = {ref: i for i, ref in enumerate(first)}
         results: list[Any] = [None] * len(chunks)
         while pending:
             [ready], _ = ray.wait(list(pending), num_returns=1)
@@ -125,10 +136,13 @@ class RolloutFleet:
     def _reissue(self, chunk: Chunk, in_flight: list[Chunk]) -> Chunk:
         if chunk.attempt >= len(self.engines) + 2:
             raise RuntimeError(f"rollout chunk at prompt {chunk.first_prompt} failed {chunk.attempt + 1} times")
+        request = chunk.request
+        if self.reissue_at_serving_version and chunk.policy_version != self.serving_version:
+            request = request[:3] + (self.serving_version,) + request[4:]
         if chunk.incarnation == self.incarnations[chunk.engine]:  # not recovered yet (its other chunks may have)
-            self._recover(chunk.engine, policy_version=chunk.request[3], in_flight=in_flight)
+            self._recover(chunk.engine, policy_version=request[3], in_flight=in_flight)
         engine = self._least_loaded(in_flight)
-        return self._issue(chunk.request, chunk.first_prompt, engine, chunk.attempt + 1)
+        return self._issue(request, chunk.first_prompt, engine, chunk.attempt + 1)
 
     def _recover(self, engine: int, policy_version: int, in_flight: list[Chunk]) -> None:
         t0 = time.perf_counter()

@@ -31,14 +31,40 @@ class Scored:
         return out
 
 
+@dataclass
+class InFlight:
+    """A rollout that was issued and not yet collected: its chunks and the scorer's refs, one per chunk."""
+    chunks: list[Chunk]
+    scores: list[Any]  # ObjectRefs of the scorer's results
+    golds: Sequence[str]
+    kind: str
+
+
 def sample_and_score(fleet: RolloutFleet, scorer: Any, prompts: Sequence[Sequence[int]], golds: Sequence[str],
                      group_size: int, sampling: dict, mixing: Any, policy_version: int, kind: str = "math",
                      purpose: str = "train", call: int | None = None) -> Scored:
+    return finish_scoring(fleet, scorer, start_scoring(fleet, scorer, prompts, golds, group_size, sampling, mixing,
+                                                       policy_version, kind, purpose, call))
+
+
+def start_scoring(fleet: RolloutFleet, scorer: Any, prompts: Sequence[Sequence[int]], golds: Sequence[str],
+                  group_size: int, sampling: dict, mixing: Any, policy_version: int, kind: str = "math",
+                  purpose: str = "train", call: int | None = None) -> InFlight:
+    """Issue the rollout and its grading; returns at once (each chunk is scored as soon as it is done)."""
     chunks = fleet.generate(prompts, sampling, mixing, policy_version, group_size, purpose=purpose, call=call)
-    # Each chunk is scored as soon as it is done; `collect` re-issues the chunks of an engine that died and returns
-    # the chunks whose refs are valid (the trainer gets those).
-    chunks, parts = fleet.collect(chunks, lambda c: scorer.score.remote(
-        c.ref, list(golds[c.first_prompt: c.first_prompt + c.num_prompts]), kind))
+    return InFlight(chunks, [_score(scorer, c, golds, kind) for c in chunks], golds, kind)
+
+
+def _score(scorer: Any, chunk: Chunk, golds: Sequence[str], kind: str) -> Any:
+    return scorer.score.remote(chunk.ref, list(golds[chunk.first_prompt: chunk.first_prompt + chunk.num_prompts]),
+                               kind)
+
+
+def finish_scoring(fleet: RolloutFleet, scorer: Any, flight: InFlight) -> Scored:
+    """Wait for an issued rollout's grades. `collect` re-issues the chunks of an engine that died and returns the
+    chunks whose refs are valid (the trainer gets those)."""
+    chunks, parts = fleet.collect(flight.chunks, lambda c: _score(scorer, c, flight.golds, flight.kind),
+                                  submitted=flight.scores)
     grading: dict[str, int] = {}
     for p in parts:
         for key, value in p["grading"].items():

@@ -52,6 +52,9 @@ class IterationLog:
             parts.append(f"groups {m['dynamic_sampling/groups_kept']:.0f}/{m['dynamic_sampling/groups_drawn']:.0f} "
                          f"kept, {m['dynamic_sampling/groups_padded']:.0f} padded, "
                          f"{m['dynamic_sampling/refill_rounds']:.0f} refills")
+        if "staleness/mean" in m:  # asynchronous rollouts: versions behind the trainer, share dropped
+            parts.append(f"stale {m['staleness/mean']:.1f}" + (f" ({m['staleness/dropped_fraction']:.0%} dropped)"
+                                                               if m.get("staleness/dropped_fraction") else ""))
         if "val/mean_at_n" in m:
             parts.append(f"val mean@n {m['val/mean_at_n']:.3f}")
         parts.append(f"{m.get('time/total_s', float('nan')):.0f}s (gen {m.get('time/generation_s', 0):.0f} / "

@@ -30,7 +30,8 @@ from ngrpo_ray.config import Config, flatten
 
 # Keys that may change between a run and its resume (how long, where, how it is observed); everything else must match.
 RESUMABLE_CHANGES = ("trainer.iterations", "trainer.epochs", "trainer.validate_every", "trainer.checkpoint_every",
-                     "trainer.hf_export_every", "trainer.keep_checkpoints", "trainer.output_dir", "tracking.", "cluster.", "eval.", "rollout.num_engines",
+                     "trainer.hf_export_every", "trainer.keep_checkpoints",
+                     "trainer.async_rollouts", "trainer.max_staleness", "trainer.output_dir", "tracking.", "cluster.", "eval.", "rollout.num_engines",
                      "rollout.gpu_memory_utilization", "rollout.kv_cache_space_gib", "rollout.engine_cpus",
                      "rollout.engine_gpus", "model.cache_dir", "model.gpus_expected")
 

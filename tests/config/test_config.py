@@ -89,6 +89,28 @@ def test_rollout_correction_refused_on_the_cpu_default_with_engine_log_probs():
     assert cfg.algorithm.rollout_correction == "tis"
 
 
+@pytest.mark.parametrize("overrides, message", [
+    (["trainer.max_staleness=0"], "'trainer.max_staleness' must be >= 1, got 0"),
+    (["trainer.async_rollouts=true", "trainer.old_logprobs=recompute"],
+     "'trainer.async_rollouts' needs trainer.old_logprobs: rollout"),
+    (["trainer.async_rollouts=true", "algorithm.dynamic_sampling=true"],
+     "'trainer.async_rollouts' cannot be combined with algorithm.dynamic_sampling"),
+    (["trainer.async_rollouts=true", "trainer.use_gpu=true", "cluster.placement=colocated"],
+     "'trainer.async_rollouts' cannot be combined with cluster.placement: colocated on GPU"),
+])
+def test_async_rollout_refusals_name_the_keys(overrides, message):
+    with pytest.raises(ConfigError) as err:
+        load_config("cpu_default", overrides)
+    assert message in str(err.value)
+
+
+def test_async_rollouts_accept_engine_log_probs_or_a_correction():
+    assert load_config("cpu_default", ["trainer.async_rollouts=true"]).trainer.async_rollouts
+    cfg = load_config("cpu_default", ["trainer.async_rollouts=true", "trainer.old_logprobs=recompute",
+                                      "algorithm.rollout_correction=tis", "trainer.max_staleness=2"])
+    assert (cfg.trainer.max_staleness, cfg.algorithm.rollout_correction) == (2, "tis")
+
+
 def test_batch_divisibility_is_checked():
     with pytest.raises(ConfigError, match="trainer.mini_batches"):
         load_config(None, ["trainer.prompts_per_iteration=3", "rollout.group_size=3", "trainer.mini_batches=2"])

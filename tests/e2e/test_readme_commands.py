@@ -159,6 +159,9 @@ RULES: dict[str, Rule] = {
                                   "(tests/e2e/test_demo_short.py), its table tests/evaluation/test_compare_table.py"),
     "ngrpo demo --resume": Rule("skip", "needs an interrupted `ngrpo demo` (minutes); resume is covered by "
                                         "tests/e2e/test_train_driver.py::test_resume_continues_the_same_run_with_the_same_prompts"),
+    "ngrpo demo trainer.async_rollouts=true": Rule("skip", "15 minutes, like `make demo`; the asynchronous driver "
+                                                           "is covered by tests/e2e/test_train_driver.py::"
+                                                           "test_resume_continues_the_same_run_with_the_same_prompts"),
     "ngrpo train --config r1_distill_1p5b_ngrpo": Rule("skip", HUB_GPU),
     "ngrpo train --config r1_distill_1p5b_ngrpo data.train=/data/deepscaler.parquet trainer.num_workers=8": Rule(
         "skip", HUB_GPU + " and the user's DeepScaleR parquet file"),

@@ -11,6 +11,7 @@ import pytest
 from ngrpo_ray.config import load_config
 from ngrpo_ray.distributed.driver import train
 from ngrpo_ray.training.prompt_order import PromptOrder
+from tests.support.faults import inject_faults
 from tests.support.runs import train_and_read
 from tests.support.tiny_chat_model import write_tiny_chat_model
 
@@ -90,24 +91,47 @@ def test_three_iterations_two_workers_log_everything(tiny_model, tmp_path, capsy
     assert (out / "checkpoints" / "iter_000003" / "trainer" / "hf" / "config.json").exists()
 
 
-def test_resume_continues_the_same_run_with_the_same_prompts(tiny_model, tmp_path):
-    out = tmp_path / "resume"
-    cfg = _cfg(tiny_model, out, "trainer.iterations=4", "trainer.validate_every=0")
-    first = train_and_read(cfg, stop_after=2)
-    assert first.summary["iterations"] == 2
-    assert first.run.info.status == "KILLED"
-    second = train_and_read(cfg, resume=True)
-    assert second.run_id == first.run_id and second.run.info.status == "FINISHED"
-    assert second.steps("reward/mean") == [1, 2, 3, 4]
-    assert second.history("policy_version") == [(1, 1.0), (2, 2.0), (3, 3.0), (4, 4.0)]
+def _prompts_seen(out: Path, cfg) -> list[dict]:
+    """prompt_order.jsonl, each line checked against the prompts an uninterrupted run sees in that iteration."""
     seen = [json.loads(line) for line in (out / "prompt_order.jsonl").read_text().splitlines()]
-    assert [s["iteration"] for s in seen] == [1, 2, 3, 4]
-    order = PromptOrder(6, 2, seed=cfg.trainer.seed)  # an uninterrupted run sees exactly these
-    ids = [f"{i}" for i in range(6)]
+    order = PromptOrder(6, 2, seed=cfg.trainer.seed)
     for s in seen:
-        assert [p.split("/")[-1] for p in s["problems"]] == [ids[i] for i in order.batch_at(s["iteration"] - 1)]
+        assert [p.split("/")[-1] for p in s["problems"]] == [f"{i}" for i in order.batch_at(s["iteration"] - 1)]
+    return seen
+
+
+def test_resume_continues_the_same_run_with_the_same_prompts(tiny_model, tmp_path, monkeypatch):
+    """An asynchronous run (trainer.async_rollouts: iteration i+1's rollout is issued before iteration i's update),
+    interrupted during an overlapped rollout and resumed: same MLflow run, same prompts, the in-flight rollout redone.
+    Engine 0 is killed right after rollout 3 was issued (during update 2): the driver finds it before the weight
+    sync, and rollout 3's chunk is re-issued with the version the fleet then serves (2: staleness 0). During update 4
+    the driver gets SIGTERM (`ray job stop`) with rollout 5 in flight; the resumed run redoes iterations 4 and 5 on
+    the same prompts (a checkpoint holds no rollout). The resume code (run folder, checkpoint, MLflow run) is the
+    synchronous driver's too."""
+    out = tmp_path / "resume"
+    cfg = _cfg(tiny_model, out, "trainer.iterations=5", "trainer.validate_every=0", "trainer.async_rollouts=true",
+               "tracking.plots=false")
+    inject_faults(monkeypatch, engine_kills=[(3, 0, "rollout")], interrupts=[4])
+    with pytest.raises(KeyboardInterrupt):
+        train_and_read(cfg)
+    assert [s["iteration"] for s in _prompts_seen(out, cfg)] == [1, 2, 3, 4, 5]  # 5 was issued before update 4
+    run_id = json.loads((out / "checkpoints" / "iter_000003" / "driver_state.json").read_text())["mlflow_run_id"]
+    second = train_and_read(cfg, resume=True)
+    assert second.run_id == run_id and second.run.info.status == "FINISHED"
+    assert second.steps("reward/mean") == [1, 2, 3, 4, 5]
+    assert second.history("policy_version") == [(1, 1.0), (2, 2.0), (3, 3.0), (4, 4.0), (5, 5.0)]
+    # 1: issued and trained at 0; 2: drawn with 0 during update 1; 3: re-issued at 2 after the engine restart;
+    # 4: resumed, issued at 3; 5: drawn with 3 during update 4
+    assert second.history("staleness/mean") == [(1, 0.0), (2, 1.0), (3, 0.0), (4, 0.0), (5, 1.0)]
+    assert [v for _, v in second.history("staleness/dropped_fraction")] == [0.0] * 5
+    assert second.history("fault/engine_restarts")[:3] == [(1, 0.0), (2, 1.0), (3, 1.0)]
+    restart, = second.json_artifact("restarts.json", tmp_path)  # the first session's: the second had none
+    assert (restart["engine"], restart["phase"], restart["iteration"], restart["policy_version"]) == (
+        0, "between_rollouts", 3, 2)
+    assert [s["iteration"] for s in _prompts_seen(out, cfg)] == [1, 2, 3, 4, 5, 4, 5]  # 4 and 5 again, same prompts
     with pytest.raises(Exception, match="mixing.rho: checkpoint 0.5 != config 0.2"):
-        train(_cfg(tiny_model, out, "trainer.iterations=4", "trainer.validate_every=0", "mixing.rho=0.2"), resume=True)
+        train(_cfg(tiny_model, out, "trainer.iterations=5", "trainer.validate_every=0", "trainer.async_rollouts=true",
+                   "tracking.plots=false", "mixing.rho=0.2"), resume=True)
 
 
 def test_best_checkpoint_is_the_best_validation_and_survives_pruning(tiny_model, tmp_path):

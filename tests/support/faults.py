@@ -21,11 +21,13 @@ BUILDER_MODULE = "ngrpo_ray.distributed.session"
 
 
 def inject_faults(monkeypatch, engine_kills: Sequence[tuple[int, int, str]] = (),
-                  trainer_kills: Sequence[tuple[int, int]] = ()) -> None:
+                  trainer_kills: Sequence[tuple[int, int]] = (), interrupts: Sequence[int] = ()) -> None:
     """engine_kills: (iteration, engine, phase), iteration 1-based as the fleet's `iteration`; phase "rollout": right
     after that iteration's chunks were issued (the engine dies mid-rollout), "train": once the rollout was collected,
     while the trainer updates. trainer_kills: (policy_version, rank): that rank's process is SIGKILLed (as the kernel's
-    OOM killer would) right after the update to that policy version was sent. Each fault fires once."""
+    OOM killer would) right after the update to that policy version was sent. interrupts: policy versions at whose
+update the driver process gets SIGTERM (as from `ray job stop`), right after the update was sent. Each fault fires
+once."""
     fired: set = set()
 
     class EngineKillingFleet(RolloutFleet):
@@ -54,6 +56,10 @@ def inject_faults(monkeypatch, engine_kills: Sequence[tuple[int, int, str]] = ()
                 if op == "train" and fault not in fired and kwargs.get("version") == version:
                     fired.add(fault)
                     os.kill(self.workers[rank]["pid"], signal.SIGKILL)
+            for version in interrupts:
+                if op == "train" and ("interrupt", version) not in fired and kwargs.get("version") == version:
+                    fired.add(("interrupt", version))
+                    os.kill(os.getpid(), signal.SIGTERM)  # the driver turns it into KeyboardInterrupt
             return handle
 
     monkeypatch.setattr(f"{BUILDER_MODULE}.RolloutFleet", EngineKillingFleet)

@@ -6,7 +6,7 @@ import sys
 
 MODULES = ["ngrpo_ray.training." + m for m in (
     "advantage_step", "deepspeed_config", "iteration_log", "iteration_metrics", "logprobs", "micro_batches",
-    "off_policy", "prompt_order", "run_state", "train_sequence", "train_step", "validation_keys")] + [
+    "off_policy", "prompt_order", "run_state", "staleness", "train_sequence", "train_step", "validation_keys")] + [
     "ngrpo_ray.distributed.placement", "ngrpo_ray.data.prompt_set"]
 
 
