@@ -137,16 +137,16 @@ def comparison_table(plan: Sequence[PlannedRun], out: Path, n_resamples: int = 2
     k_max = min(pooled_n.values())  # Pass@k up to the smallest pool of any row, so rows compare
     res = draw_resamples({m: x.shape[0] for m, x in stacked.items()}, base.shape[0], n_resamples)
     means = {m: resampled_mean_at_n(x, m, res) for m, x in stacked.items()}
+    pooled = {m: np.concatenate(list(x), axis=1) for m, x in stacked.items()}  # [problems, n * seeds]
     rows = {}
     for method, x in stacked.items():
-        pooled = np.concatenate(list(x), axis=1)
-        row = {"mean@n": _ci(interval(mean_at_n(pooled), means[method]))}
+        row = {"mean@n": _ci(interval(mean_at_n(pooled[method]), means[method]))}
         for k in (k for k in PASS_KS if k <= k_max):
-            row[f"pass@{k}"] = _ci(interval(pass_at_k(pooled, k), resampled_pass_at_k(x, method, res, k)))
+            row[f"pass@{k}"] = _ci(interval(pass_at_k(pooled[method], k), resampled_pass_at_k(x, method, res, k)))
         row["seeds"] = per_seed[method]
         for ref, key in ((BASELINE, f"mean@n - {BASELINE}"), ("base", "mean@n - base")):
             if method not in ("base", ref) and ref in stacked:
-                estimate = mean_at_n(pooled) - mean_at_n(np.concatenate(list(stacked[ref]), axis=1))
+                estimate = mean_at_n(pooled[method]) - mean_at_n(pooled[ref])
                 row[key] = _ci(interval(estimate, means[method] - means[ref]))
         rows[method] = row
     return {"problems": int(base.shape[0]), "n_per_run": int(stacked[plan[0].method].shape[2]),
