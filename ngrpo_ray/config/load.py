@@ -219,6 +219,11 @@ def _validate_async(cfg: Config) -> None:
     """What one-step-off rollouts (trainer.async_rollouts) cannot be combined with, refused here."""
     t, a = cfg.trainer, cfg.algorithm
     _check(t.max_staleness >= 1, "trainer.max_staleness", f"must be >= 1, got {t.max_staleness}")
+    # A deeper bound would be accepted and never reached: one rollout is in flight and the weight sync waits for it,
+    # so no sample is ever more than one version old. Deeper pipelines need syncs that interrupt rollouts.
+    _check(t.max_staleness == 1, "trainer.max_staleness",
+           f"only 1 is built (got {t.max_staleness}): the asynchronous pipeline is one step deep, so no sample "
+           "can be more than one version old and a larger bound would never be used")
     if not t.async_rollouts:
         return
     _check(t.old_logprobs == "rollout" or a.rollout_correction != "none", "trainer.async_rollouts",

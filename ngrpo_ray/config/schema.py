@@ -137,7 +137,7 @@ class TrainerConfig:
     # Needs a ratio that knows the behaviour policy: old_logprobs: rollout, or recompute with a rollout_correction.
     async_rollouts: bool = False
     # samples drawn more than this many policy versions before the trainer's are dropped, never trained on
-    # (one-step-off keeps every sample at staleness 0 or 1; training.staleness holds the rule)
+    # (one-step-off keeps every sample at staleness 0 or 1, so only 1 is accepted; training.staleness holds the rule)
     max_staleness: int = 1
     iterations: int = 100
     epochs: Optional[int] = None  # if set, overrides iterations to cover the train set this many times

@@ -91,6 +91,7 @@ def test_rollout_correction_refused_on_the_cpu_default_with_engine_log_probs():
 
 @pytest.mark.parametrize("overrides, message", [
     (["trainer.max_staleness=0"], "'trainer.max_staleness' must be >= 1, got 0"),
+    (["trainer.async_rollouts=true", "trainer.max_staleness=2"], "'trainer.max_staleness' only 1 is built (got 2)"),
     (["trainer.async_rollouts=true", "trainer.old_logprobs=recompute"],
      "'trainer.async_rollouts' needs trainer.old_logprobs: rollout"),
     (["trainer.async_rollouts=true", "algorithm.dynamic_sampling=true"],
@@ -107,8 +108,8 @@ def test_async_rollout_refusals_name_the_keys(overrides, message):
 def test_async_rollouts_accept_engine_log_probs_or_a_correction():
     assert load_config("cpu_default", ["trainer.async_rollouts=true"]).trainer.async_rollouts
     cfg = load_config("cpu_default", ["trainer.async_rollouts=true", "trainer.old_logprobs=recompute",
-                                      "algorithm.rollout_correction=tis", "trainer.max_staleness=2"])
-    assert (cfg.trainer.max_staleness, cfg.algorithm.rollout_correction) == (2, "tis")
+                                      "algorithm.rollout_correction=tis", "trainer.max_staleness=1"])
+    assert (cfg.trainer.max_staleness, cfg.algorithm.rollout_correction) == (1, "tis")
 
 
 def test_batch_divisibility_is_checked():
