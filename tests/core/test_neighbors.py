@@ -3,6 +3,7 @@
 import pytest
 import torch
 
+from ngrpo_ray.core import neighbors
 from ngrpo_ray.core.neighbors import METRICS, LazyNeighborTable, build_neighbor_table, valid_row_mask
 
 
@@ -175,3 +176,58 @@ def test_bf16_input_gives_the_fp32_table_over_valid_rows_only():
     bf16_rows = torch.sort(s, dim=1, descending=True, stable=True).indices[:, :2]
     differ = (bf16_rows != expected[:, 1:]).any(dim=1).float().mean().item()
     assert differ > 0.02, differ  # 4.5% of these rows
+
+
+def _clustered(V: int, d: int, clusters: int, spread: float, seed: int) -> torch.Tensor:
+    """Rows in tight clusters: members' cosines to an anchor differ by ~1e-3, below the bf16 prefilter's error bound
+    (~0.012) and far above fp32 rounding, so the prefilter must hand the cluster to the fp32 rescoring."""
+    g = torch.Generator().manual_seed(seed)
+    centers = torch.randn(clusters, d, generator=g)
+    return centers[torch.arange(V) % clusters] + spread * torch.randn(V, d, generator=g)
+
+
+@pytest.mark.parametrize("metric", ["cosine", "dot", "l2"])
+def test_cpu_bf16_prefilter_is_exact_on_near_ties(metric):
+    E = _clustered(1500, 48, clusters=40, spread=0.1, seed=11)
+    valid = valid_row_mask(1500, 1400, exclude=[3])
+    prep = neighbors._Prepared(E, metric, valid)
+    assert prep.lp_keys is not None  # the CPU path under test
+    anchors = torch.arange(0, 1400, 7)
+    expected, decided = brute_force_rows(E, 4, metric, valid, anchors)
+    assert decided.float().mean() > 0.9  # rows whose order fp32 can tell at all (a few are closer than its rounding)
+    full = build_neighbor_table(E, 4, metric=metric, valid=valid, chunk_rows=300)[anchors]
+    lazy = LazyNeighborTable(E, 4, metric=metric, valid=valid).lookup(anchors)
+    assert torch.equal(full[decided], expected[decided]) and torch.equal(lazy[decided], expected[decided])
+    # Control: bf16 scores alone order the cluster members differently in most rows.
+    s = (E[anchors].bfloat16() @ E.bfloat16().T).float()
+    if metric == "cosine":
+        s = s / E.norm(dim=1)
+    s[torch.arange(len(anchors)), anchors] = float("-inf")
+    assert (torch.topk(s, 3, dim=1).indices != expected[:, 1:]).any(dim=1).float().mean() > 0.3
+
+
+def test_cpu_prefilter_falls_back_to_fp32_when_candidates_are_too_many(monkeypatch):
+    monkeypatch.setattr(neighbors, "_MAX_CANDIDATES", 2)
+    E = _clustered(300, 16, clusters=10, spread=0.1, seed=12)
+    expected, decided = brute_force_rows(E, 3, "cosine", None, torch.arange(300))
+    assert decided.float().mean() > 0.9
+    assert torch.equal(build_neighbor_table(E, 3, chunk_rows=64)[decided], expected[decided])
+
+
+def brute_force_rows(E: torch.Tensor, k: int, metric: str, valid: torch.Tensor | None,
+                     anchors: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Vectorised float64 reference: rows sorted by (score desc, id asc), and which rows fp32 can decide: the first k
+    scores at least 2e-6 (relative to the largest |score|) apart, far above fp32 rounding."""
+    E = E.double()
+    if metric == "cosine":
+        E = E / E.norm(dim=1, keepdim=True)
+    s = E[anchors] @ E.T
+    if metric == "l2":  # the fp32 path's own score: 2 q.k - ||k||^2
+        s = 2 * s - (E * E).sum(dim=1)
+    if valid is not None:
+        s[:, ~valid] = float("-inf")
+    s[torch.arange(len(anchors)), anchors] = float("-inf")
+    vals, order = torch.sort(s, dim=1, descending=True, stable=True)
+    gaps = (vals[:, : k - 1] - vals[:, 1:k]).min(dim=1).values
+    decided = gaps > 2e-6 * s[s.isfinite()].abs().max()
+    return torch.cat([anchors.unsqueeze(1), order[:, : k - 1]], dim=1), decided

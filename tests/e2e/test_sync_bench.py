@@ -1,4 +1,4 @@
-"""`ngrpo bench sync` on a tiny model: one trainer worker, one vLLM engine, a real sync through vLLM's weight-transfer
+"""`ngrpo bench sync` (the command, as the README shows it, with --model) on a tiny model: one trainer worker, one vLLM engine, a real sync through vLLM's weight-transfer
 API (ngrpo_gloo) and a raw broadcast per round.
 
 The byte count must equal the model's parameter bytes and the message count must equal the layout's; the timings
@@ -6,11 +6,13 @@ are only checked for sanity (positive, the total at least the send side), since 
 
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
+
 import pytest
-import ray
 import torch
 
-from ngrpo_ray.bench.sync_bench import run_sync_bench
 from ngrpo_ray.distributed.weight_sync import plan_messages
 from tests.support.tiny_chat_model import write_tiny_chat_model
 
@@ -28,10 +30,14 @@ def test_sync_bench_reports_the_models_bytes_and_a_ratio(tmp_path):
     expected_messages = len(plan_messages([p.numel() * p.element_size() for _, p in named], int(bucket_mb * 2**20)))
     assert expected_messages > 1
 
-    try:
-        out = run_sync_bench(str(path), rounds=2, bucket_mb=bucket_mb, num_cpus=4, timeout_s=300)
-    finally:
-        ray.shutdown()
+    # The README's command itself (`ngrpo bench sync`), on the tiny model: JSON on stdout, progress on stderr.
+    proc = subprocess.run([sys.executable, "-m", "ngrpo_ray.cli", "bench", "sync", "--model", str(path), "--rounds", "2",
+                           "--bucket-mb", str(bucket_mb), "--num-cpus", "4", "--timeout-s", "300"],
+                          capture_output=True, text=True, timeout=400)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert "bench sync rounds: 2/2, elapsed " in proc.stderr
+    out = json.loads(proc.stdout[proc.stdout.index("{"):])
+    assert out["model_path"] == str(path)
 
     assert out["bytes"] == param_bytes
     assert out["messages"] == expected_messages
