@@ -27,8 +27,8 @@ demo: $(STAMP)
 compare: $(STAMP)
 	$(VENV)/bin/ngrpo compare
 
-test: $(STAMP)
-	$(PY) -m pytest -q
+test: $(STAMP)  # the 25 slowest tests are listed at the end, so a slow CI run shows where its time went
+	$(PY) -m pytest -q --durations=25
 
 test-fast: $(STAMP)
 	$(PY) -m pytest -q -m "not slow and not engine and not ray"
