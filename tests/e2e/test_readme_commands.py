@@ -139,7 +139,6 @@ RULES: dict[str, Rule] = {
     "ngrpo train [--config PRESET] [key=value ...] [--resume]": Rule("synopsis"),
     "ngrpo eval [--config PRESET] [key=value ...]": Rule("synopsis"),
     "ngrpo demo [--resume]": Rule("synopsis"),
-    "ngrpo demo": Rule("synopsis"),
     "ngrpo compare [--methods grpo n-grpo stht] [--seeds 0 1] [key=value ...]": Rule("synopsis"),
     "ngrpo bench hook-overhead | hook-step | neighbor-table | sync | train-step": Rule("synopsis"),
     "ngrpo plan [--config PRESET] [key=value ...] [--gpu-memory-gib 80] [--gpus 8]": Rule("synopsis"),
