@@ -77,7 +77,7 @@ class _Prepared:
         if valid is not None:
             self.col_bias = torch.zeros(self.V, dtype=E.dtype, device=E.device)
             self.col_bias[~valid.to(E.device)] = float("-inf")
-        # CPU: a bf16 copy of the keys for the prefilter (half the bytes per pass over E, AMX/AVX512-BF16 matmuls);
+        # CPU: a bf16 copy of the keys for the prefilter (half the bytes per pass over E, and faster matmuls);
         # the fp32 rescoring of its candidates keeps the table exact (see _top_rows_prefiltered).
         self.lp_keys = None
         if prefilter_applies(self.keys, metric):

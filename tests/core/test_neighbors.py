@@ -144,16 +144,6 @@ def test_valid_row_mask_from_a_count_a_list_and_never_mix_ids():
     assert valid_row_mask(3, 10).tolist() == [True] * 3  # a tokenizer larger than E: every row
 
 
-def brute_force_cosine(E: torch.Tensor, k: int, valid: torch.Tensor, anchors: torch.Tensor) -> torch.Tensor:
-    """Vectorised float64 reference for some anchors: (score desc, id asc) over valid rows, anchor excluded."""
-    En = E.double() / E.double().norm(dim=1, keepdim=True)
-    s = En[anchors] @ En.T
-    s[:, ~valid] = float("-inf")
-    s[torch.arange(len(anchors)), anchors] = float("-inf")
-    order = torch.sort(s, dim=1, descending=True, stable=True).indices  # equal scores keep ascending ids
-    return torch.cat([anchors.unsqueeze(1), order[:, : k - 1]], dim=1)
-
-
 def test_bf16_input_gives_the_fp32_table_over_valid_rows_only():
     # 1,800 tokenizer ids, 248 padding rows (never neighbors), never-mix id 7; a bf16 matrix (the engine's dtype)
     # must give the table of its exact values computed in fp32, not a bf16-rounded one.
@@ -161,7 +151,7 @@ def test_bf16_input_gives_the_fp32_table_over_valid_rows_only():
     E = torch.randn(2048, 64, generator=g).bfloat16()
     valid = valid_row_mask(2048, 1800, exclude=[7])
     anchors = torch.arange(0, 1800, 3)
-    expected = brute_force_cosine(E, 3, valid, anchors)
+    expected, _ = brute_force_rows(E, 3, "cosine", valid, anchors)
     full = build_neighbor_table(E, 3, valid=valid, chunk_rows=500)
     lazy = LazyNeighborTable(E, 3, valid=valid)
     assert torch.equal(full[anchors], expected)

@@ -1,5 +1,5 @@
-"""`ngrpo bench sync` (the command, as the README shows it, with --model) on a tiny model: one trainer worker, one vLLM engine, a real sync through vLLM's weight-transfer
-API (ngrpo_gloo) and a raw broadcast per round.
+"""`ngrpo bench sync` (the README's command, with --model) on a tiny model: one trainer worker, one vLLM engine, a
+real sync through vLLM's weight-transfer API (ngrpo_gloo) and a raw broadcast per round.
 
 The byte count must equal the model's parameter bytes and the message count must equal the layout's; the timings
 are only checked for sanity (positive, the total at least the send side), since they are machine-dependent."""
