@@ -53,7 +53,7 @@ class RolloutConfig:
     gpu_memory_utilization: float = 0.3
     kv_cache_space_gib: Optional[float] = None  # CPU only: VLLM_CPU_KVCACHE_SPACE
     enforce_eager: bool = True
-    tensor_parallel_size: int = 1
+    tensor_parallel_size: int = 1  # ranks one engine is split over (vocab-parallel mixing); > 1 on CPU runs only for now
     engine_cpus: float = 1.0
     engine_gpus: float = 1.0
     seed: int = 0

@@ -213,7 +213,8 @@ class LazyNeighborTable:
     """Table rows computed only for the anchors asked for, cached until E changes.
 
     A change of E is noticed by its data pointer, shape or autograd version counter (in-place updates such as
-    ``E.copy_(...)`` bump it). Writes through ``E.data`` do not bump the counter: call ``invalidate()`` after them.
+    ``E.copy_(...)`` bump it). Writes through ``E.data``, or into an inference tensor (which has no counter), are not
+    seen: call ``invalidate()`` after them.
     """
 
     def __init__(self, E: torch.Tensor, k: int, metric: str = "cosine", valid: torch.Tensor | None = None):
@@ -232,7 +233,9 @@ class LazyNeighborTable:
 
     @staticmethod
     def _fingerprint(E: torch.Tensor) -> tuple:
-        return (E.data_ptr(), tuple(E.shape), E._version)
+        # An inference tensor has no version counter (the matrix a tensor-parallel engine gathers from its shards is
+        # one, a fresh copy at every weight load that is rebound, never updated in place).
+        return (E.data_ptr(), tuple(E.shape), None if E.is_inference() else E._version)
 
     def invalidate(self, E: torch.Tensor | None = None) -> None:
         """Drop every cached row; with ``E`` given, also switch to that matrix."""

@@ -56,6 +56,7 @@ def engine_spec(cfg: Config, model_path: str, max_prompt_tokens: int) -> dict:
         "noise_table": m.strategy == "gaussian_noise",
         "never_mix": tuple(m.never_mix),  # never neighbors either (resolved with the model's tokenizer)
         "dtype": "float32" if cfg.model.dtype == "float32" else cfg.model.dtype,
+        "tensor_parallel_size": r.tensor_parallel_size,  # vocab-parallel mixing embedding (engine.embedding_patch)
         # the trainer sends its weights through vLLM's weight-transfer API with this backend
         "weight_transfer_backend": choose_sync_backend(cfg.cluster.sync_backend, cfg.trainer.use_gpu),
     }

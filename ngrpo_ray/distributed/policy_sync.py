@@ -21,7 +21,8 @@ class PolicySync:
         """(Re)build the weight transfer (vLLM's API): trainer rank 0 plus every engine. Joining closes a member's
         previous one."""
         self.trainer.open_weight_sync(self.fleet.engines, timeout_s=self.cfg.cluster.sync_timeout_s,
-                                      bucket_mb=self.cfg.cluster.sync_bucket_mb)
+                                      bucket_mb=self.cfg.cluster.sync_bucket_mb,
+                                      engine_tp=self.cfg.rollout.tensor_parallel_size)
 
     def sync_weights(self, version: int) -> tuple[Any, list]:
         """Send the trainer's weights to every engine as `version`; returns (trainer stats, engine stats).

@@ -172,18 +172,20 @@ class _PolicyWorker:
         if self.cfg.deepspeed.zero_stage in (1, 2):
             self.engine.optimizer.refresh_fp32_params()  # copy model params into the fp32 master partitions
 
-    def open_weight_transfer(self, engines: list, backend: str, timeout_s: float, bucket_mb: float) -> dict:
+    def open_weight_transfer(self, engines: list, backend: str, timeout_s: float, bucket_mb: float,
+                             engine_tp: int = 1) -> dict:
         """Every rank: build the trainer side of vLLM's weight-transfer API for ``backend``; on rank 0 that also makes
-        every engine join (its first ranks after the sender). Replaces a previous transfer (engine or trainer
-        restarts rebuild it with every engine)."""
+        every engine join (its ``engine_tp`` workers take the ranks after the previous engine's). Replaces a previous
+        transfer (engine or trainer restarts rebuild it with every engine)."""
         from ngrpo_ray.distributed.weight_client import FleetWeightClient
         from ngrpo_ray.distributed.weight_sync import node_ip
         from ngrpo_ray.engine.trainer_weights import TrainerWeightSource, open_trainer_engine
 
         self.close_weight_transfer()
         source = TrainerWeightSource(self.engine.module, zero3=self.cfg.deepspeed.zero_stage == 3)
-        self.weight_client = FleetWeightClient(engines, timeout_s)
-        self.weight_group = open_trainer_engine(backend, rank=self.rank, host=node_ip(), world_size=1 + len(engines),
+        self.weight_client = FleetWeightClient(engines, timeout_s, tp=engine_tp)
+        self.weight_group = open_trainer_engine(backend, rank=self.rank, host=node_ip(),
+                                                world_size=1 + len(engines) * engine_tp,
                                                 timeout_s=timeout_s, bucket_bytes=int(bucket_mb * 2**20),
                                                 client=self.weight_client, source=source)
         return {"ok": True, "backend": backend}

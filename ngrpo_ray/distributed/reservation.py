@@ -72,7 +72,7 @@ def engine_actor_options(plan: PlacementPlan, engine_pg: Optional[PlacementGroup
     """Per engine, its `options(...)`: a bundle of the engines' group, or a guest seat on its host trainer rank."""
     out = []
     for seats in plan.engine_slots:
-        head = seats[0]  # the engine actor sits with its tensor-parallel rank 0 (TP > 1 is refused for now)
+        head = seats[0]  # the engine actor sits with its tensor-parallel rank 0 (TP > 1: CPU runs only, for now)
         if head.host_rank is None:
             if engine_pg is None:
                 raise ValueError("disaggregated engines need the engines' placement group (reserve_engines)")

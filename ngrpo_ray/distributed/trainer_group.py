@@ -193,12 +193,13 @@ class TrainerGroup:
         self._call("load_state_dict", state=ray.put(state))
 
     def open_weight_sync(self, engines: Sequence[Any], timeout_s: float = 120.0, bucket_mb: float = 64.0,
-                         same_gpu: bool = False) -> str:
-        """(Re)build the weight transfer from rank 0 to ``engines`` (RolloutEngine actors) through vLLM's
-        weight-transfer API; returns the backend (weight_sync.choose_sync_backend)."""
+                         same_gpu: bool = False, engine_tp: int = 1) -> str:
+        """(Re)build the weight transfer from rank 0 to ``engines`` (RolloutEngine actors, each split over
+        ``engine_tp`` tensor-parallel workers, every one a member) through vLLM's weight-transfer API; returns the
+        backend (weight_sync.choose_sync_backend)."""
         backend = choose_sync_backend(self.cfg.sync_backend, self.cfg.use_gpu, same_gpu)
         self.wait(self.submit("open_weight_transfer", engines=list(engines), backend=backend, timeout_s=timeout_s,
-                              bucket_mb=bucket_mb), timeout_s=timeout_s + 60)
+                              bucket_mb=bucket_mb, engine_tp=engine_tp), timeout_s=timeout_s + 60)
         self.sync_backend = backend
         return backend
 

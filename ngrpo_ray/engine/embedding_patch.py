@@ -10,6 +10,10 @@ Only static-shape ops are used (gathers, a k-term sum, ``torch.where``). The rin
 buffers that the sampler post-hook writes in place; their size is fixed at construction from
 ``additional_config["ngrpo"]`` (``table_capacity``, ``k_max``, ``noise``).
 
+Tensor parallelism: each rank holds a vocabulary shard, looks up the plain and candidate rows it owns and one
+all-reduce makes them whole (``_vocab_parallel_rows``); the hook runs on every rank over identical all-gathered logits,
+the same host-side gate streams and the full matrix (``full_weight``), so every rank writes the same ring.
+
 Gaussian noise (the STHT baseline) uses the same slots: cand = the sampled token with alpha (1, 0, ...) plus a noise
 row, so its input is E[token] + noise. The [capacity + 1, d] noise table exists only in engines built with
 ``noise: true`` (else one unused row, and the forward adds nothing): it costs capacity * d floats.
@@ -69,25 +73,63 @@ class MixingEmbedding(VocabParallelEmbedding):
 
     def forward(self, input_):
         ids = input_.long()
-        if self.tp_size != 1:  # refused at install; kept here so a wrong setup fails loudly, not silently
-            raise RuntimeError("ngrpo MixingEmbedding supports tensor_parallel_size == 1 only")
         is_virtual = ids >= VIRTUAL_BASE
         slot = torch.remainder((ids - VIRTUAL_BASE).clamp_min(0), self.ngrpo_slots)
         cand = self.ngrpo_cand[slot]  # [N, k_max]
         alpha = self.ngrpo_alpha[slot]  # [N, k_max]
         plain_ids = torch.where(is_virtual, cand[:, 0], ids)
-        plain = self.quant_method.embedding(self, plain_ids)
+        if self.tp_size == 1:
+            plain = self.quant_method.embedding(self, plain_ids)
+            rows = self.weight[cand]  # [N, k_max, d]
+        else:
+            plain, rows = self._vocab_parallel_rows(plain_ids, cand)
         # Same left-to-right sum as core.records.mix_embeddings, so rollout and trainer agree bit for bit
         # (padding columns carry alpha 0 and add exact zeros).
         a = alpha.to(self.weight.dtype)
-        mixed = a[:, 0:1] * self.weight[cand[:, 0]]
+        mixed = a[:, 0:1] * rows[:, 0]
         for j in range(1, cand.shape[1]):
-            mixed = mixed + a[:, j : j + 1] * self.weight[cand[:, j]]
+            mixed = mixed + a[:, j : j + 1] * rows[:, j]
         if self.ngrpo_has_noise:  # zero rows for neighbor mixtures: x + 0 leaves them bit for bit
             mixed = mixed + self.ngrpo_noise[slot]
         if not torch.compiler.is_compiling():  # eager: count virtual ids whose slot was overwritten
             self.ngrpo_stale += (is_virtual & (self.ngrpo_ids[slot] != ids)).sum()
         return torch.where(is_virtual.unsqueeze(-1), mixed.to(plain.dtype), plain)
+
+    def _vocab_parallel_rows(self, plain_ids: torch.Tensor, cand: torch.Tensor):
+        """Tensor parallelism: the plain rows and the candidate rows, each whole on every rank.
+
+        Each rank looks up the ids its vocabulary shard owns and zeroes the others (vLLM's own masking); one
+        all-reduce then sums [N, 1 + k_max, d]. Every id has exactly one owner, so the sum is that owner's row plus
+        exact zeros: bit for bit the unsharded rows, and the k-term mixture is then summed in the single-rank order.
+        Reducing the mixture itself would add the partial sums in rank order instead (off by an ulp from the
+        trainer's rebuild); the price is k_max more rows in the embedding's all-reduce, small beside a layer's two."""
+        from vllm.distributed import tensor_model_parallel_all_reduce
+        from vllm.model_executor.layers.vocab_parallel_embedding import get_masked_input_and_mask
+
+        si = self.shard_indices
+        every = torch.cat([plain_ids.unsqueeze(1), cand], dim=1)  # [N, 1 + k_max]
+        local, foreign = get_masked_input_and_mask(every, si.org_vocab_start_index, si.org_vocab_end_index,
+                                                   si.num_org_vocab_padding, si.added_vocab_start_index,
+                                                   si.added_vocab_end_index)
+        rows = self.quant_method.embedding(self, local.long())  # [N, 1 + k_max, d]
+        rows = tensor_model_parallel_all_reduce(rows.masked_fill(foreign.unsqueeze(-1), 0))
+        return rows[:, 0], rows[:, 1:]
+
+
+def full_weight(embedding: torch.nn.Module, vocab_size: int) -> torch.Tensor:
+    """The whole [vocab_size, d] embedding matrix on this rank (what the neighbor tables are built over).
+
+    One rank (or any module with a plain ``weight``): the weight itself. Tensor parallelism: every rank's shard
+    gathered and put back in token-id order (vLLM's own sharded-to-full mapping); a collective, so every rank must call
+    it (the install and weight-load RPCs run on all workers)."""
+    if getattr(embedding, "tp_size", 1) == 1:
+        return embedding.weight[:vocab_size]
+    from vllm.distributed import tensor_model_parallel_all_gather
+
+    gathered = tensor_model_parallel_all_gather(embedding.weight.contiguous(), dim=0)
+    order = torch.tensor(embedding.get_sharded_to_full_mapping()[:vocab_size], dtype=torch.long,
+                         device=gathered.device)
+    return gathered.index_select(0, order)
 
 
 _REGISTERED = False

@@ -5,6 +5,8 @@ Scripts that call ``build_llm`` need an ``if __name__ == "__main__":`` guard (vL
 
 from __future__ import annotations
 
+import contextlib
+import os
 from dataclasses import dataclass
 from typing import Any
 
@@ -41,6 +43,8 @@ class EngineSpec:
     hook_seed: int | None = None  # None -> seed
     enable_sleep_mode: bool = False  # colocated on GPU: free weights and KV cache during the trainer's update
     dtype: str = "float32"  # exactness needs fp32 on CPU ("auto" turns fp32 checkpoints into bf16 there)
+    tensor_parallel_size: int = 1  # ranks one engine is split over (vocab-parallel mixing embedding); > 1 runs vLLM's
+    # multiprocess executor, and on CPU each rank gets its own cores (cpu_thread_binding)
     # vLLM weight-transfer backend the trainer's weights arrive by (weight_sync.choose_sync_backend: ngrpo_gloo on
     # CPU, nccl / ipc on GPU); None: the engine never receives weights (evaluation, benchmarks of generation)
     weight_transfer_backend: str | None = None
@@ -52,6 +56,9 @@ def engine_kwargs(spec: EngineSpec, hooked: bool) -> dict[str, Any]:
         model=spec.model, seed=spec.seed, max_model_len=spec.max_model_len, max_num_seqs=spec.max_num_seqs,
         enforce_eager=spec.enforce_eager, dtype=spec.dtype, generation_config="vllm",
     )
+    if spec.tensor_parallel_size > 1:
+        kw["tensor_parallel_size"] = spec.tensor_parallel_size
+        kw["distributed_executor_backend"] = "mp"
     if _on_cpu():
         kw["block_size"] = CPU_BLOCK_SIZE
         if spec.kv_cache_gib is not None:
@@ -79,6 +86,36 @@ def engine_kwargs(spec: EngineSpec, hooked: bool) -> dict[str, Any]:
         )
         check_engine_kwargs(kw)
     return kw
+
+
+def cpu_thread_binding(ranks: int, cores: list[int] | None = None) -> str:
+    """``VLLM_CPU_OMP_THREADS_BIND`` for ``ranks`` CPU workers: this process's cores split into contiguous groups,
+    one per rank ("0|1" for two ranks on two cores). vLLM's automatic binding wants one NUMA node per rank and refuses
+    TP 2 on a single-node machine."""
+    cores = sorted(os.sched_getaffinity(0)) if cores is None else sorted(cores)
+    if len(cores) < ranks:
+        raise ValueError(f"tensor_parallel_size {ranks} needs at least {ranks} CPU cores, this process has "
+                         f"{len(cores)}")
+    per = len(cores) // ranks
+    groups = [cores[r * per:(r + 1) * per] for r in range(ranks)]
+    return "|".join(",".join(str(c) for c in g) for g in groups)
+
+
+@contextlib.contextmanager
+def _env(name: str, value: str | None):
+    """``name=value`` in the environment inside the block (nothing when value is None), restored after."""
+    if value is None:
+        yield
+        return
+    before = os.environ.get(name)
+    os.environ[name] = value
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = before
 
 
 def _on_cpu() -> bool:
@@ -115,14 +152,17 @@ def neighbor_rows(spec: EngineSpec, tokenizer: Any | None) -> dict[str, Any]:
 def build_llm(spec: EngineSpec, hooked: bool = True, tokenizer: Any | None = None):
     """An ``LLM``; when hooked, the mixing hook is installed and checked before it is returned. ``tokenizer``: the
     model's, if the caller has it loaded already (else it is read from the model folder)."""
-    import os
-
     os.environ.setdefault("VLLM_USE_V2_MODEL_RUNNER", "0")
     from vllm import LLM
 
     if hooked:  # before the engine starts: a missing tokenizer fails fast
         rows = neighbor_rows(spec, tokenizer if tokenizer is not None else load_tokenizer(spec.model))
-    llm = LLM(**engine_kwargs(spec, hooked))
+    kwargs = engine_kwargs(spec, hooked)
+    binding = None
+    if spec.tensor_parallel_size > 1 and _on_cpu() and "VLLM_CPU_OMP_THREADS_BIND" not in os.environ:
+        binding = cpu_thread_binding(spec.tensor_parallel_size)  # a user's own binding wins
+    with _env("VLLM_CPU_OMP_THREADS_BIND", binding):  # read by the workers at start; not left for later engines
+        llm = LLM(**kwargs)
     if hooked:
         seed = spec.seed if spec.hook_seed is None else spec.hook_seed
         check(llm.collective_rpc("ngrpo_install", kwargs={"seed": seed, "neighbor_mode": spec.neighbor_mode,

@@ -30,7 +30,7 @@ import numpy as np
 import torch
 
 from ngrpo_ray.core import gate_stream
-from ngrpo_ray.engine.embedding_patch import VIRTUAL_BASE, MixingEmbedding
+from ngrpo_ray.engine.embedding_patch import VIRTUAL_BASE, MixingEmbedding, full_weight
 from ngrpo_ray.engine.hook_batch import NEIGHBOR, NOISE, SOFT, Composition, Pending, log_norm, to_device
 from ngrpo_ray.engine.neighbor_kernel import neighbor_group
 from ngrpo_ray.engine.neighbor_tables import NeighborTables
@@ -81,7 +81,7 @@ class MixingHook:
         self._handles = []
 
     def embedding_matrix(self) -> torch.Tensor:
-        return self.embedding.weight[: self.vocab_size]
+        return full_weight(self.embedding, self.vocab_size)  # gathered from every rank under tensor parallelism
 
     def rebind_embedding(self, embedding: MixingEmbedding) -> None:
         """After a weight change: new E -> neighbor tables rebuilt from scratch."""

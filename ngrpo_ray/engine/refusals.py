@@ -21,9 +21,6 @@ def check_engine_kwargs(kwargs: dict[str, Any]) -> None:
     if int(kwargs.get("pipeline_parallel_size", 1) or 1) > 1:
         raise MixingRefusal("pipeline_parallel_size > 1 is refused: sampling and embedding would run on different "
                             "ranks, so the mixture table written at sampling is not where the embedding reads it")
-    if int(kwargs.get("tensor_parallel_size", 1) or 1) > 1:
-        raise MixingRefusal("tensor_parallel_size > 1 is not implemented by the mixing embedding yet "
-                            "(use several data-parallel engines)")
     if os.environ.get("VLLM_USE_V2_MODEL_RUNNER", "0") not in ("", "0"):
         raise MixingRefusal("the V2 model runner is refused (VLLM_USE_V2_MODEL_RUNNER=1): its post-update kernel "
                             "writes bin_counts[req, token_id] for virtual ids out of bounds; set it to 0")
@@ -91,8 +88,6 @@ def check_worker_setup(model_runner: Any, vllm_config: Any) -> None:
     pc = vllm_config.parallel_config
     if pc.pipeline_parallel_size > 1:
         raise MixingRefusal("pipeline_parallel_size > 1 is refused (sampling and embedding on different ranks)")
-    if pc.tensor_parallel_size > 1:
-        raise MixingRefusal("tensor_parallel_size > 1 is not implemented by the mixing embedding yet")
     if vllm_config.speculative_config is not None:
         raise MixingRefusal("speculative decoding is refused (it drops or misreads virtual ids)")
     # Async scheduling is allowed: the hook's per-step path reads no tensor value (gates come from the host-side

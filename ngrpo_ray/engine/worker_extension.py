@@ -25,7 +25,7 @@ from typing import Any, Iterable
 import torch
 
 from ngrpo_ray.engine.cpu_weights import keep_cpu_linear_weights, rebuild_cpu_gemm_handlers
-from ngrpo_ray.engine.embedding_patch import MixingEmbedding, register_mixing_embedding
+from ngrpo_ray.engine.embedding_patch import MixingEmbedding, full_weight, register_mixing_embedding
 from ngrpo_ray.engine.refusals import check_worker_setup
 
 register_mixing_embedding()
@@ -124,7 +124,7 @@ class NgrpoWorkerExtension:
 
     @rpc
     def ngrpo_embedding_rows(self, ids: list[int]) -> dict:
-        w = self._ngrpo_embedding().weight
+        w = full_weight(self._ngrpo_embedding(), int(self.model_runner.model_config.get_vocab_size()))
         return {"rows": w[torch.tensor(ids, dtype=torch.long, device=w.device)].float().tolist()}
 
     @rpc

@@ -36,7 +36,8 @@ def test_disaggregated_bundles_gpu():
 
 
 def test_tensor_parallel_shapes_are_planned_per_rank():
-    # The config refuses TP > 1 today (see test_config_refuses_*); the plan already seats one bundle per TP rank.
+    # The config refuses TP > 1 on GPU runs today (see test_config_refuses_*): the plan seats one bundle per TP rank,
+    # but the engine actor sits on its rank 0's only.
     cfg = _cfg("cluster.placement=disaggregated", "trainer.use_gpu=true", "trainer.num_workers=1",
                "rollout.num_engines=2", "rollout.engine_cpus=0.5")
     cfg.rollout.tensor_parallel_size = 2
@@ -79,8 +80,12 @@ def test_colocated_engine_on_rank0_gpu_needs_ipc_and_is_refused_on_gpu_only():
 def test_config_refuses_what_the_plan_cannot_serve():
     from ngrpo_ray.config.load import ConfigError
 
-    with pytest.raises(ConfigError, match="rollout.tensor_parallel_size"):
-        _cfg("rollout.tensor_parallel_size=2")
+    # A split engine runs on CPU (tests/engine/test_tensor_parallel.py); on GPU its actor's seat is one GPU.
+    assert _cfg("rollout.tensor_parallel_size=2").rollout.tensor_parallel_size == 2
+    with pytest.raises(ConfigError, match="'rollout.tensor_parallel_size' must be 1 on GPU runs, got 2"):
+        _cfg("trainer.use_gpu=true", "rollout.tensor_parallel_size=2")
+    with pytest.raises(ConfigError, match="'rollout.tensor_parallel_size' must be >= 1, got 0"):
+        _cfg("rollout.tensor_parallel_size=0")
     with pytest.raises(ConfigError, match="rollout.engine_gpus"):
         _cfg("trainer.use_gpu=true", "rollout.engine_gpus=0.5")
     with pytest.raises(ConfigError, match="rollout.num_engines"):

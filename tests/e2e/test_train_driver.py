@@ -43,10 +43,12 @@ def _cfg(model: Path, out: Path, *extra: str):
 
 
 # grpo: the CPU default's old_logprobs: rollout (gap measured on the first mini-batch's pre-update forward),
-# disaggregated; gspo: the old-log-prob pass with sequence-level TIS (the weights travel through both trainer ranks),
-# colocated on CPU
+# disaggregated, and the engine split over two tensor-parallel workers (both receive every sync; the gap below is the
+# split engine's records against the trainer); gspo: the old-log-prob pass with sequence-level TIS (the weights travel
+# through both trainer ranks), colocated on CPU, one engine rank
 @pytest.mark.parametrize("loss_type, layout, extra", [
-    ("grpo", "disaggregated", ()),
+    # 5 logical CPUs: 2 engine bundles (one per TP rank) + 2 trainer bundles, and the reward scorer's 0.1
+    ("grpo", "disaggregated", ("rollout.tensor_parallel_size=2", "cluster.num_cpus=5")),
     ("gspo", "colocated", ("trainer.old_logprobs=recompute", "algorithm.rollout_correction=tis",
                            "algorithm.rollout_correction_level=sequence")),
 ])
@@ -85,7 +87,8 @@ def test_three_iterations_two_workers_log_everything(tiny_model, tmp_path, capsy
     assert plan["gpus"] == 0 and plan["transports"] == ["gloo"]
     # colocated on CPU: the engine is a guest on the last trainer rank (1); disaggregated: its own bundle first
     assert plan["roles"] == ([["trainer 0"], ["trainer 1", "engine 0 tp 0"]] if layout == "colocated"
-                             else [["engine 0 tp 0"], ["trainer 0"], ["trainer 1"]])
+                             else [["engine 0 tp 0"], ["engine 0 tp 1"], ["trainer 0"], ["trainer 1"]])
+    assert rec.run.data.params["rollout.tensor_parallel_size"] == ("2" if layout == "disaggregated" else "1")
     plots = rec.artifacts("plots")
     assert {"plots/reward.png", "plots/timing.png", "plots/mixing.png", "plots/validation.png"} <= plots
     assert (out / "checkpoints" / "iter_000003" / "trainer" / "hf" / "config.json").exists()
