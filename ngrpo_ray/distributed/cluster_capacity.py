@@ -85,15 +85,21 @@ def _max_from_autoscaling_file() -> dict[str, float]:
     return total
 
 
-def check_capacity(plan: PlacementPlan) -> None:
+def check_capacity(plan: PlacementPlan, extra_cpus: dict[str, float] | None = None) -> None:
     """Raise PlacementInfeasibleError at once when the layout can never be placed: GPUs (and CPUs) asked against the
-    most the cluster can have, and bundles no node can hold."""
+    most the cluster can have, and bundles no node can hold. ``extra_cpus``: actors outside the plan that the run
+    also needs ({"the reward scorer": 0.1}); without them counted, a layout that fills every CPU leaves such an actor
+    waiting for ever."""
     capacity, source = cluster_capacity()
     problems = []
-    for key, asked in (("GPU", plan.gpus), ("CPU", plan.cpus)):
+    extra = sum((extra_cpus or {}).values())
+    for key, asked in (("GPU", plan.gpus), ("CPU", plan.cpus + extra)):
         have = capacity.get(key, 0.0)
         if asked > have:
-            problems.append(f"it asks for {asked:g} {key}s, the cluster can have at most {have:g} {key}s ({source})")
+            parts = "" if key == "GPU" or not extra else " (the layout's " + f"{plan.cpus:g}" + "".join(
+                f" + {who}'s {n:g}" for who, n in extra_cpus.items()) + ")"
+            problems.append(f"it asks for {asked:g} {key}s{parts}, the cluster can have at most {have:g} {key}s "
+                            f"({source})")
     shapes = [n.get("Resources", {}) for n in ray.nodes() if n.get("Alive")] + _node_type_shapes()
     homeless = sorted({_fmt(b) for b in plan.bundles if not any(_fits(b, s) for s in shapes)})
     if homeless:

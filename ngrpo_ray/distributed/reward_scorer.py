@@ -58,4 +58,5 @@ class RewardScorerImpl:
         self.pool.close()
 
 
-RewardScorer = ray.remote(num_cpus=0.1)(RewardScorerImpl)
+SCORER_CPUS = 0.1  # outside the placement plan; counted by the driver's capacity check
+RewardScorer = ray.remote(num_cpus=SCORER_CPUS)(RewardScorerImpl)

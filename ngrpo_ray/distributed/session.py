@@ -15,7 +15,7 @@ from ngrpo_ray.distributed import checkpointing, cluster_capacity, components, p
 from ngrpo_ray.distributed.policy_sync import PolicySync
 from ngrpo_ray.distributed.ray_init import init_ray
 from ngrpo_ray.distributed.recovery import RestartLog
-from ngrpo_ray.distributed.reward_scorer import RewardScorer
+from ngrpo_ray.distributed.reward_scorer import SCORER_CPUS, RewardScorer
 from ngrpo_ray.distributed.rollout_fleet import RolloutFleet
 from ngrpo_ray.distributed.trainer_group import TrainerGroup
 from ngrpo_ray.models.offline import resolve_model, resolve_tokenizer
@@ -35,7 +35,7 @@ class Session:
         self.plan = placement.plan_placement(cfg)
         self.log(self.plan.describe())
         init_ray(cfg)
-        cluster_capacity.check_capacity(self.plan)
+        cluster_capacity.check_capacity(self.plan, extra_cpus={"the reward scorer": SCORER_CPUS})
         self.out = Path(cfg.trainer.output_dir).expanduser().resolve()
         self.out.mkdir(parents=True, exist_ok=True)
         self.checkpoint, self.state = checkpointing.resume_point(self.out, cfg, resume)

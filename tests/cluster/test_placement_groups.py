@@ -223,3 +223,20 @@ def test_init_ray_auth_failure_explains_the_token(monkeypatch):
     monkeypatch.setattr(ray, "init", refuse)
     with pytest.raises(RuntimeError, match="RAY_AUTH_MODE=token"):
         ray_init.init_ray(_cfg("cluster.address=10.0.0.1:6379"))
+
+
+@pytest.mark.ray
+def test_driver_counts_the_reward_scorer_before_a_layout_fills_every_cpu(local_ray, tmp_path):
+    """A CPU layout of exactly the cluster's 2 CPUs left the reward scorer (0.1 CPU, outside the plan) unplaceable:
+    the first rollout waited for ever. The driver now refuses it at start, with the numbers."""
+    from ngrpo_ray.distributed.session import Session
+
+    cfg = _cfg("cluster.placement=disaggregated", "trainer.num_workers=1", "rollout.engine_cpus=1",
+               f"trainer.output_dir={tmp_path}")
+    start = time.monotonic()
+    with pytest.raises(placement.PlacementInfeasibleError,
+                       match=r"it asks for 2.1 CPUs \(the layout's 2 \+ the reward scorer's 0.1\), the cluster can "
+                             r"have at most 2 CPUs"):
+        Session(cfg, log=lambda _: None)
+    assert time.monotonic() - start < 10.0
+    assert not list(tmp_path.iterdir())  # nothing was loaded or written
