@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from ngrpo_ray.core.mixing_params import MixingParams
+from ngrpo_ray.engine.embedding_patch import VIRTUAL_BASE
 from ngrpo_ray.engine.llm_factory import cpu_thread_binding
 from ngrpo_ray.engine.rollout import generate_rollout
 
@@ -49,7 +50,7 @@ def test_tensor_parallel_rollout_matches_hf_teacher_forcing(tp2):
     # Both ranks wrote the same ring: same candidates, alphas and logprobs for every virtual id.
     stats = llm.collective_rpc("ngrpo_stats")
     assert len(stats) == 2 and stats[0]["counter"] == stats[1]["counter"] > 0, stats
-    ids = list(range(1 << 24, (1 << 24) + stats[0]["counter"]))
+    ids = list(range(VIRTUAL_BASE, VIRTUAL_BASE + stats[0]["counter"]))  # every virtual id handed out
     records = llm.collective_rpc("ngrpo_records", args=(ids,))
     assert records[0]["ok"] and records[0] == records[1]
 
