@@ -19,11 +19,21 @@ import torch
 from ngrpo_ray.core.neighbors import LazyNeighborTable, build_neighbor_table
 
 MODES = ("lazy", "full")
+# Rows per chunk of a full build: its scores take FULL_BUILD_CHUNK_ROWS x V x 4 B (0.29 GiB for the R1 vocabulary)
+# beside the fp32 keys, both outside vLLM's reservation (planning.engine_memory counts them).
+FULL_BUILD_CHUNK_ROWS = 512
 
 
 def default_mode(device: torch.device) -> str:
     """"full" on CUDA (whole table per weight load), "lazy" elsewhere (CPU)."""
     return "full" if torch.device(device).type == "cuda" else "lazy"
+
+
+def _release_search_memory(E: torch.Tensor) -> None:
+    """Hand the full build's fp32 keys and score chunks back to the driver: vLLM's sleep mode frees only its own pool,
+    so cached blocks would otherwise sit beside the trainer through the update."""
+    if E.is_cuda:
+        torch.cuda.empty_cache()
 
 
 class NeighborTables:
@@ -58,13 +68,14 @@ class NeighborTables:
             for metric in in_use:
                 self._tables[metric] = self._build(metric)
             self.build_seconds = time.perf_counter() - t0
+            _release_search_memory(E)
 
     def _build(self, metric: str):
         assert self.E is not None
         n_valid = self.E.shape[0] if self.valid is None else int(self.valid.sum())
         k = min(self.k_max, n_valid)
         if self.mode == "full":
-            return build_neighbor_table(self.E, k, metric=metric, valid=self.valid)
+            return build_neighbor_table(self.E, k, metric=metric, valid=self.valid, chunk_rows=FULL_BUILD_CHUNK_ROWS)
         return LazyNeighborTable(self.E, k, metric=metric, valid=self.valid)
 
     def rows(self, metric: str, anchors: torch.Tensor) -> torch.Tensor:
@@ -74,6 +85,7 @@ class NeighborTables:
             table = self._tables[metric] = self._build(metric)
             if self.mode == "full":
                 self.build_seconds = time.perf_counter() - t0
+                _release_search_memory(self.E)
         if isinstance(table, LazyNeighborTable):
             return table.lookup(anchors)
         return table[anchors]

@@ -5,14 +5,21 @@ Model (bytes; P parameters, b bytes of the model dtype, TP shards, L layers, g K
   KV cache           the engine's share of the rollout batch held at once: group_size x ceil(prompts / engines)
                      sequences x (data.max_prompt_tokens + rollout.max_new_tokens) tokens x L x 2 x ceil(g / TP) x d x b
   mixing tables      ring table (mixing.table_slots + 1) x (8 + 12 k_max + 12) B (ids, candidates, alphas, log-prob,
-                     noise seed; k_max = the record width, max(k or top_k, 4), as the engine is built); neighbor_mix: the neighbor table V x k_max
-                     int64 and the normalised embedding rows V x h x b it is searched in (cosine); gaussian_noise:
-                     the noise table (slots + 1) x h x b
+                     noise seed; k_max = the record width, max(k or top_k, 4), as the engine is built); gaussian_noise:
+                     the noise table (slots + 1) x h x b. Buffers of the embedding module, so vLLM counts them.
   vLLM runtime       forward activations at 8,192 batched tokens ((2 h + 2 I / TP) x b each), the sampler's fp32
                      logits, probabilities and sorted copy for max_num_seqs x V, CUDA graphs (0.5 GiB unless
                      enforce_eager) and the context (0.5 GiB)
 The engine reserves rollout.gpu_memory_utilization x the card; the terms above must fit inside that reservation.
-Asleep (colocated, vLLM sleep mode level 1: weights offloaded, KV cache dropped) only its context and graphs stay.
+
+Outside the reservation (neighbor_mix; allocated at install, after vLLM sized its KV cache to fill the reservation):
+  neighbor table     V x k_max int64, plus under TP > 1 the embedding gathered from every shard, V x h x b per rank
+                     (engine.embedding_patch.full_weight); kept while the engine sleeps
+  neighbor search    at every weight load (engine.neighbor_tables, "full" mode on GPU): fp32 search keys V x h x 4 and
+                     one chunk of scores 512 x V x 4 (FULL_BUILD_CHUNK_ROWS); handed back to the driver
+                     (torch.cuda.empty_cache) before the engine sleeps
+Asleep (colocated, vLLM sleep mode level 1: weights offloaded, KV cache dropped) its context, graphs and the neighbor
+table stay.
 """
 
 from __future__ import annotations
@@ -20,6 +27,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+from ngrpo_ray.engine.neighbor_tables import FULL_BUILD_CHUNK_ROWS as SEARCH_CHUNK_ROWS
 from ngrpo_ray.planning.model_shape import ModelShape
 from ngrpo_ray.planning.terms import GIB, ROLLOUT, UPDATE, Term
 
@@ -58,9 +66,6 @@ def engine_terms(e: EngineSettings) -> list[Term]:
     slots = e.table_slots + 1
     tables = slots * (8 + 12 * k_max + 12)
     parts = [f"ring {slots:,} x {8 + 12 * k_max + 12} B"]
-    if e.strategy == "neighbor_mix":
-        tables += s.vocab * k_max * 8 + s.vocab * s.hidden * b
-        parts.append(f"neighbors V {s.vocab:,} x {k_max} x 8 B + normalised rows V x {s.hidden} x {b} B")
     if e.strategy == "gaussian_noise":
         tables += slots * s.hidden * b
         parts.append(f"noise {slots:,} x {s.hidden} x {b} B")
@@ -74,6 +79,26 @@ def engine_terms(e: EngineSettings) -> list[Term]:
     return terms
 
 
-def asleep_term(enforce_eager: bool) -> Term:
-    return Term("engine", "asleep (context, CUDA graphs)", (0.5 if enforce_eager else 1.0) * GIB, UPDATE,
-                "vLLM sleep level 1: weights offloaded, KV cache dropped")
+def outside_reservation_terms(e: EngineSettings) -> list[Term]:
+    """What the mixing hook allocates after vLLM filled its reservation: on the card beside it (neighbor_mix only)."""
+    if e.strategy != "neighbor_mix":
+        return []
+    s, b, tp, V = e.shape, e.dtype_bytes, e.tensor_parallel, e.shape.vocab
+    k_max = max(e.k, 4)
+    table = V * k_max * 8
+    how = f"V {V:,} x {k_max} x 8 B"
+    if tp > 1:
+        table += V * s.hidden * b
+        how += f" + the gathered embedding V x {s.hidden} x {b} B (TP {tp}: every rank holds it whole)"
+    search = V * s.hidden * 4 + SEARCH_CHUNK_ROWS * V * 4
+    return [Term("engine", "neighbor table", table, ROLLOUT, how + "; beside the reservation"),
+            Term("engine", "neighbor search (weight load)", search, ROLLOUT,
+                 f"fp32 keys V x {s.hidden} x 4 B + scores {SEARCH_CHUNK_ROWS:,} x V x 4 B; freed before sleep")]
+
+
+def asleep_term(enforce_eager: bool, outside: list[Term] = ()) -> Term:
+    """vLLM sleep level 1 keeps its context and graphs; the hook keeps its neighbor table (not its search keys)."""
+    kept = sum(x.bytes for x in outside if x.name == "neighbor table")
+    how = "vLLM sleep level 1: weights offloaded, KV cache dropped" + ("; the neighbor table stays" if kept else "")
+    name = "asleep (context, graphs, neighbors)" if kept else "asleep (context, CUDA graphs)"
+    return Term("engine", name, (0.5 if enforce_eager else 1.0) * GIB + kept, UPDATE, how)

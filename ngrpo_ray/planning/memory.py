@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 
 from ngrpo_ray.config.schema import Config
 from ngrpo_ray.core.mixing_spec import engine_width
-from ngrpo_ray.planning.engine_memory import EngineSettings, asleep_term, engine_terms
+from ngrpo_ray.planning.engine_memory import EngineSettings, asleep_term, engine_terms, outside_reservation_terms
 from ngrpo_ray.planning.model_shape import ModelShape, read_model_shape
 from ngrpo_ray.planning.terms import GIB, RESIDENT, UPDATE, Term, dtype_bytes
 from ngrpo_ray.planning.trainer_memory import TrainerSettings, trainer_terms, update_peak
@@ -96,10 +96,14 @@ def plan_memory(cfg: Config, gpu_gib: float = DEFAULT_GPU_GIB, gpus: int = DEFAU
         micro_batch_response_tokens=response_tokens, logprob_chunk_tokens=t.logprob_chunk_tokens,
         gradient_checkpointing=t.gradient_checkpointing, ref_model=cfg.algorithm.beta > 0, micro_batch_note=how))
     sequences = math.ceil(t.prompts_per_iteration / engines) * r.group_size
-    engine = engine_terms(EngineSettings(
+    settings = EngineSettings(
         shape=shape, dtype_bytes=b, tensor_parallel=tp, sequences=sequences,
         sequence_tokens=cfg.data.max_prompt_tokens + r.max_new_tokens, strategy=m.strategy, k=engine_width(dataclasses.asdict(m)),
-        table_slots=m.table_slots, max_num_seqs=256 if t.use_gpu else 64, enforce_eager=r.enforce_eager))
+        table_slots=m.table_slots, max_num_seqs=256 if t.use_gpu else 64, enforce_eager=r.enforce_eager)
+    engine = engine_terms(settings)
+    outside = outside_reservation_terms(settings)
+    beside = sum(x.bytes for x in outside)
+
     reservation = r.gpu_memory_utilization * card
     reserve = Term("engine", f"reservation ({r.gpu_memory_utilization:.2f} x card)", reservation, "rollout",
                    "rollout.gpu_memory_utilization x the card (holds the engine terms below)")
@@ -107,15 +111,15 @@ def plan_memory(cfg: Config, gpu_gib: float = DEFAULT_GPU_GIB, gpus: int = DEFAU
     peak = update_peak(trainer)
     kinds: list[GpuKind] = []
     if cfg.cluster.placement == "colocated":
-        asleep = asleep_term(r.enforce_eager)
+        asleep = asleep_term(r.enforce_eager, outside)
         shared = min(gpus_needed, engines * tp)
-        kinds.append(GpuKind("trainer rank + engine", shared, trainer + [reserve, asleep], {
-            "rollout": resident + reservation, "update": resident + peak + asleep.bytes}))
+        kinds.append(GpuKind("trainer rank + engine", shared, trainer + [reserve, *outside, asleep], {
+            "rollout": resident + reservation + beside, "update": resident + peak + asleep.bytes}))
         if gpus_needed > shared:
             kinds.append(GpuKind("trainer rank", gpus_needed - shared, trainer, {"update": resident + peak}))
     else:
         kinds.append(GpuKind("trainer rank", t.num_workers, trainer, {"update": resident + peak}))
-        kinds.append(GpuKind("engine", gpus_needed - t.num_workers, [reserve], {"rollout": reservation}))
+        kinds.append(GpuKind("engine", gpus_needed - t.num_workers, [reserve, *outside], {"rollout": reservation + beside}))
     plan = MemoryPlan(cfg.cluster.placement, card, gpus, gpus_needed, t.use_gpu, shape, kinds, engine, reservation,
                       notes=notes)
     _check(plan)

@@ -1,6 +1,7 @@
 """`ngrpo plan`: the capacity plan of every preset (no Ray, no vLLM, no hub), its refusals, and its numbers checked
 by hand, against a meta-device model, and against the peak measured on an H200 (shared/notes/gpu-facts.md)."""
 
+import dataclasses
 import json
 
 import pytest
@@ -10,6 +11,7 @@ from ngrpo_ray.cli import main
 from ngrpo_ray.config import load_config
 from ngrpo_ray.config.load import PRESET_DIR
 from ngrpo_ray.planning import plan_memory
+from ngrpo_ray.planning.engine_memory import EngineSettings, outside_reservation_terms
 from ngrpo_ray.planning.model_shape import SHAPES_DIR, ModelShape, read_model_shape
 from ngrpo_ray.planning.terms import GIB
 from ngrpo_ray.planning.trainer_memory import activation_bytes_per_token
@@ -100,7 +102,25 @@ def test_terms_by_hand_r1_1p5b():
     assert e["KV cache (rollout batch)"].bytes == 40 * 12_288 * 28 * 2 * 2 * 128 * 2
     assert e["weights"].bytes == P * 2
     slots = (1 << 20) + 1
-    assert e["mixing hook tables"].bytes == slots * (8 + 12 * 4 + 12) + 151_936 * 4 * 8 + 151_936 * 1536 * 2
+    assert e["mixing hook tables"].bytes == slots * (8 + 12 * 4 + 12)  # buffers of the embedding: vLLM counts them
+    # allocated at install, after vLLM sized its KV cache: on the card beside the reservation
+    g = _terms(plan, "engine")
+    assert g["neighbor table"].bytes == 151_936 * 4 * 8
+    assert g["neighbor search (weight load)"].bytes == 151_936 * 1536 * 4 + 512 * 151_936 * 4  # fp32 keys + a chunk
+    assert g["asleep (context, graphs, neighbors)"].bytes == GIB + 151_936 * 4 * 8  # the table stays, the keys go
+    resident = sum(x.bytes for x in plan.kinds[0].terms if x.phase == "resident")
+    assert plan.kinds[0].phases["rollout"] == resident + 0.6 * 80 * GIB + 151_936 * 4 * 8 + 151_936 * 2048 * 4
+
+
+def test_a_tensor_parallel_rank_holds_the_gathered_embedding_beside_its_reservation():
+    """Each TP rank searches neighbors in the whole matrix (engine.embedding_patch.full_weight): V x h x b per rank."""
+    shape = read_model_shape("deepseek-ai/DeepSeek-R1-Distill-Qwen-7B")
+    settings = EngineSettings(shape=shape, dtype_bytes=2, tensor_parallel=2, sequences=40, sequence_tokens=12_288,
+                              strategy="neighbor_mix", k=3, table_slots=1 << 20, max_num_seqs=256, enforce_eager=False)
+    t = {x.name: x.bytes for x in outside_reservation_terms(settings)}
+    assert t["neighbor table"] == 152_064 * 4 * 8 + 152_064 * 3584 * 2  # 1.02 GiB: the gathered copy
+    plain = dataclasses.replace(settings, strategy="none")
+    assert outside_reservation_terms(plain) == []
 
 
 def test_stht_allocates_the_noise_table():
