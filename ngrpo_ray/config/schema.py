@@ -53,8 +53,8 @@ class RolloutConfig:
     gpu_memory_utilization: float = 0.3
     kv_cache_space_gib: Optional[float] = None  # CPU only: VLLM_CPU_KVCACHE_SPACE
     enforce_eager: bool = True
-    tensor_parallel_size: int = 1  # ranks one engine is split over (vocab-parallel mixing); > 1 on CPU runs only for now
-    engine_cpus: float = 1.0
+    tensor_parallel_size: int = 1  # ranks (GPUs) one engine is split over, within one node (vocab-parallel mixing)
+    engine_cpus: float = 1.0  # per engine rank (a split engine's bundle holds engine_cpus x tensor_parallel_size)
     engine_gpus: float = 1.0
     seed: int = 0
 

@@ -6,10 +6,13 @@ The plan (`plan_placement`) decides every seat; the driver prints it at start an
 - "colocated": one bundle per trainer GPU, `{"CPU": trainer_cpus + engine_cpus, "GPU": 1}`. Trainer rank i owns bundle
   i. Engine ranks (num_engines x tensor_parallel_size, at most trainer.num_workers) ride as guests on the LAST trainer
   ranks' GPUs: they claim no Ray resources of their own (their share is inside the host rank's bundle), are pinned to
-  the host's node, and see only the host's GPU (CUDA_VISIBLE_DEVICES). Engines sleep (vLLM sleep mode, level 1)
-  during the update. Filling GPUs from the last one keeps trainer rank 0's GPU engine-free until every GPU hosts one.
-- "disaggregated": engine bundles `{"CPU": engine_cpus, "GPU": 1}` (one per TP rank) in a placement group of their
-  own, and trainer bundles `{"CPU": trainer_cpus, "GPU": 1}`; any split the user sets.
+  the host's node, and see only the host's GPU (CUDA_VISIBLE_DEVICES); a tensor-parallel engine sees its hosts' GPUs,
+  one per rank, which must share a node. Engines sleep (vLLM sleep mode, level 1) during the update. Filling GPUs
+  from the last one keeps trainer rank 0's GPU engine-free until every GPU hosts one.
+- "disaggregated": one bundle per engine, `{"CPU": engine_cpus x TP, "GPU": TP}`, in a placement group of the
+  engines' own, and trainer bundles `{"CPU": trainer_cpus, "GPU": 1}`; any split the user sets. A bundle never spans
+  nodes, so a split engine's ranks share one node (NVLink), and the engine actor claims the whole bundle: vLLM's
+  multiprocess executor starts one worker per GPU it sees.
 
 Why the trainer's bundles are not in our placement group: Ray Train 2.60 (Train V2, the default) always creates its
 worker group's placement group itself, `[resources_per_worker] * num_workers` with `ScalingConfig.placement_strategy`
@@ -54,6 +57,7 @@ class Slot:
     num_cpus: float
     num_gpus: float
     host_rank: Optional[int] = None  # colocated engines: the trainer rank whose GPU (and bundle) they share
+    gpu_index: int = 0  # which of the bundle's GPUs (a split engine's rank r in its engine bundle)
 
 
 @dataclass(frozen=True)
@@ -140,13 +144,16 @@ def plan_placement(cfg: Config, trainer_cpus: float = DEFAULT_TRAINER_CPUS) -> P
             notes.append("CPU: engines do not sleep (vLLM's sleep mode needs CUDA); the memory split is "
                          "rollout.kv_cache_space_gib")
     else:
-        engine_bundle_list = [_bundle(e_cpus, gpu * cfg.rollout.engine_gpus) for _ in range(ranks)]
+        engine_bundle = _bundle(e_cpus * tp, gpu * cfg.rollout.engine_gpus * tp)
+        engine_bundle_list = [dict(engine_bundle) for _ in range(n_eng)]
         trainer_resources = _bundle(trainer_cpus, gpu)
         bundles = engine_bundle_list + [dict(trainer_resources) for _ in range(workers)]
-        roles = [[f"engine {i // tp} tp {i % tp}"] for i in range(ranks)] + [[f"trainer {i}"] for i in range(workers)]
-        engine_slots = [[Slot(e * tp + r, e_cpus, gpu * cfg.rollout.engine_gpus) for r in range(tp)]
-                        for e in range(n_eng)]
-        trainer_slots = [Slot(ranks + i, trainer_resources["CPU"], gpu) for i in range(workers)]
+        roles = [[f"engine {e} tp {r}" for r in range(tp)] for e in range(n_eng)] + [[f"trainer {i}"]
+                                                                                      for i in range(workers)]
+        # the engine actor (rank 0's slot) claims the whole bundle; its other ranks are its executor's processes
+        engine_slots = [[Slot(e, engine_bundle["CPU"], engine_bundle.get("GPU", 0.0)) if r == 0
+                         else Slot(e, 0.0, 0.0, gpu_index=r) for r in range(tp)] for e in range(n_eng)]
+        trainer_slots = [Slot(n_eng + i, trainer_resources["CPU"], gpu) for i in range(workers)]
     transports = [_transport(uses_gpu, seats, trainer_slots[0], cfg.cluster.sync_backend) for seats in engine_slots]
     if not uses_gpu:
         notes.append("CPU: the weight-sync group is gloo between processes; no device is shared")
@@ -169,7 +176,7 @@ def check_sync_devices(plan: PlacementPlan) -> None:
     engine on rank 0's GPU needs vLLM's CUDA IPC transport, and a fleet mixing ipc and nccl is not wired yet."""
     if not plan.uses_gpu:
         return
-    members = [("trainer 0", plan.trainer_slots[0].bundle_index)]
+    members = [("trainer 0", _device(plan.trainer_slots[0]))]
     for e, (seats, transport) in enumerate(zip(plan.engine_slots, plan.transports)):
         if transport == "ipc":
             raise PlacementInfeasibleError(
@@ -179,13 +186,17 @@ def check_sync_devices(plan: PlacementPlan) -> None:
                 "(rollout.num_engines x rollout.tensor_parallel_size < trainer.num_workers) or "
                 "cluster.placement=disaggregated")
         if transport == "nccl":
-            members += [(f"engine {e} tp {r}", s.bundle_index) for r, s in enumerate(seats)]
-    seen: dict[int, str] = {}
+            members += [(f"engine {e} tp {r}", _device(s)) for r, s in enumerate(seats)]
+    seen: dict[tuple[int, int], str] = {}
     for who, device in members:
         if device in seen:
             raise AssertionError(f"placement plan puts {seen[device]} and {who} of the NCCL weight-sync group on "
-                                 f"one GPU (bundle {device})")
+                                 f"one GPU (bundle {device[0]}, GPU {device[1]} of it)")
         seen[device] = who
+
+
+def _device(slot: Slot) -> tuple[int, int]:
+    return slot.bundle_index, slot.gpu_index
 
 
 def write_plan(plan: PlacementPlan, path: str | os.PathLike) -> None:

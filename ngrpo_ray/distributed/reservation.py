@@ -51,35 +51,44 @@ def actor_options(pg: PlacementGroup, slot: Slot) -> dict[str, Any]:
     }
 
 
-def guest_options(host: dict, uses_gpu: bool) -> dict[str, Any]:
-    """Options seating a colocated engine next to its host trainer rank (`host`: the rank's ping: node_id, gpu_ids).
+def guest_options(hosts: Sequence[dict], uses_gpu: bool) -> dict[str, Any]:
+    """Options seating a colocated engine next to its host trainer ranks (`hosts`: one rank's ping per tensor-parallel
+    rank of the engine: node_id, gpu_ids).
 
-    The guest claims nothing (its share is in the host's bundle), is pinned to the host's node, and sees only the
-    host's GPUs. Not in the host's placement group on purpose: Ray Train removes that group when it restarts the
-    worker group, which would kill the engine too."""
+    The guest claims nothing (its share is in the hosts' bundles), is pinned to the hosts' node, and sees only the
+    hosts' GPUs, in TP-rank order (vLLM's multiprocess executor gives worker r the r-th visible GPU). Not in the
+    hosts' placement group on purpose: Ray Train removes that group when it restarts the worker group, which would
+    kill the engine too."""
+    nodes = {h["node_id"] for h in hosts}
+    if len(nodes) > 1:
+        raise PlacementInfeasibleError(
+            f"a tensor-parallel engine's {len(hosts)} ranks ride on trainer ranks of {len(nodes)} nodes; one engine's "
+            "ranks must share a node. Keep rollout.tensor_parallel_size within a node's GPUs, or use "
+            "cluster.placement=disaggregated (one bundle per engine)")
     options: dict[str, Any] = {
         "num_cpus": 0, "num_gpus": 0,
-        "scheduling_strategy": NodeAffinitySchedulingStrategy(node_id=host["node_id"], soft=False),
+        "scheduling_strategy": NodeAffinitySchedulingStrategy(node_id=hosts[0]["node_id"], soft=False),
     }
     if uses_gpu:
         # Ray 2.60 leaves CUDA_VISIBLE_DEVICES alone for actors with num_gpus=0 (RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO)
-        options["runtime_env"] = {"env_vars": {"CUDA_VISIBLE_DEVICES": ",".join(map(str, host["gpu_ids"]))}}
+        visible = [str(g) for h in hosts for g in h["gpu_ids"]]
+        options["runtime_env"] = {"env_vars": {"CUDA_VISIBLE_DEVICES": ",".join(visible)}}
     return options
 
 
 def engine_actor_options(plan: PlacementPlan, engine_pg: Optional[PlacementGroup],
                          trainer_workers: Sequence[dict]) -> list[dict[str, Any]]:
-    """Per engine, its `options(...)`: a bundle of the engines' group, or a guest seat on its host trainer rank."""
+    """Per engine, its `options(...)`: its bundle of the engines' group, or a guest seat on its host trainer ranks."""
     out = []
     for seats in plan.engine_slots:
-        head = seats[0]  # the engine actor sits with its tensor-parallel rank 0 (TP > 1: CPU runs only, for now)
+        head = seats[0]  # the engine actor sits in its tensor-parallel rank 0's seat
         if head.host_rank is None:
             if engine_pg is None:
                 raise ValueError("disaggregated engines need the engines' placement group (reserve_engines)")
             # engine bundles come first in `plan.bundles`: the layout index is also the index in the engines' group
             out.append(actor_options(engine_pg, head))
         else:
-            out.append(guest_options(trainer_workers[head.host_rank], plan.uses_gpu))
+            out.append(guest_options([trainer_workers[s.host_rank] for s in seats], plan.uses_gpu))
     return out
 
 
@@ -91,11 +100,12 @@ def check_guests_after_restart(plan: PlacementPlan, hosts: Sequence[dict], new_w
         return
     rank0 = (new_workers[0]["node_id"], tuple(new_workers[0]["gpu_ids"]))
     for e, seats in enumerate(plan.engine_slots):
-        host = hosts[seats[0].host_rank]
-        if (host["node_id"], tuple(host["gpu_ids"])) == rank0:
-            raise PlacementInfeasibleError(
-                f"after the trainer group restarted, trainer rank 0 sits on GPU {rank0[1]} of node {rank0[0]}, where "
-                f"engine {e} runs: one NCCL weight-sync group cannot hold both (restart the run)")
+        for seat in seats:
+            host = hosts[seat.host_rank]
+            if (host["node_id"], tuple(host["gpu_ids"])) == rank0:
+                raise PlacementInfeasibleError(
+                    f"after the trainer group restarted, trainer rank 0 sits on GPU {rank0[1]} of node {rank0[0]}, "
+                    f"where engine {e} runs: one NCCL weight-sync group cannot hold both (restart the run)")
 
 
 def create_placement_group(

@@ -119,7 +119,8 @@ def plan_memory(cfg: Config, gpu_gib: float = DEFAULT_GPU_GIB, gpus: int = DEFAU
             kinds.append(GpuKind("trainer rank", gpus_needed - shared, trainer, {"update": resident + peak}))
     else:
         kinds.append(GpuKind("trainer rank", t.num_workers, trainer, {"update": resident + peak}))
-        kinds.append(GpuKind("engine", gpus_needed - t.num_workers, [reserve, *outside], {"rollout": reservation + beside}))
+        kinds.append(GpuKind("engine", gpus_needed - t.num_workers, [reserve, *outside],
+                             {"rollout": reservation + beside}))
     plan = MemoryPlan(cfg.cluster.placement, card, gpus, gpus_needed, t.use_gpu, shape, kinds, engine, reservation,
                       notes=notes)
     _check(plan)

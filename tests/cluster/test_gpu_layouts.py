@@ -107,6 +107,36 @@ def test_every_role_gets_its_bundle_in_both_layouts(eight_gpu_node):
 
 
 @pytest.mark.ray
+@pytest.mark.parametrize("overrides", [
+    ("rollout.num_engines=3",),  # colocated: 3 engines x TP 2 on trainer GPUs 2..7
+    ("cluster.placement=disaggregated", "trainer.num_workers=6", "rollout.num_engines=1",
+     "trainer.prompts_per_iteration=48"),  # 6 trainer GPUs + one engine bundle of 2 GPUs
+])
+def test_a_split_engine_sees_one_gpu_per_rank_on_one_node(eight_gpu_node, overrides):
+    cfg = load_config("r1_distill_7b_ngrpo", ["rollout.tensor_parallel_size=2", *overrides])
+    pg, plan = reservation.reserve_layout(cfg, name="tp")
+    try:
+        trainers, engines = _seat(plan, pg)
+        trainer_gpus = [t["gpu_ids"][0] for t in trainers]
+        for e, engine in enumerate(engines):
+            if plan.placement == "colocated":
+                hosts = [s.host_rank for s in plan.engine_slots[e]]
+                assert engine["visible"] == ",".join(trainer_gpus[h] for h in hosts)  # rank r sees host r's GPU
+                assert {trainers[h]["node_id"] for h in hosts} == {engine["node_id"]}
+                assert engine["gpu_ids"] == []
+            else:
+                assert len(engine["gpu_ids"]) == 2 and engine["pg"] == pg.id.hex()
+                assert not set(engine["gpu_ids"]) & set(trainer_gpus)
+        seen = [g for e in engines for g in (e["visible"].split(",") if plan.placement == "colocated"
+                                             else e["gpu_ids"])]
+        assert len(seen) == 6 if plan.placement == "colocated" else 2
+        assert trainer_gpus[0] not in seen  # the sync group's ranks hold distinct devices: no IPC needed
+        assert len(set(seen)) == len(seen)
+    finally:
+        ray.util.remove_placement_group(pg)
+
+
+@pytest.mark.ray
 @pytest.mark.parametrize("overrides,asked", [
     (("trainer.num_workers=16", "trainer.prompts_per_iteration=64"), 16),  # colocated, 16 GPUs
     (("cluster.placement=disaggregated", "rollout.num_engines=1"), 9),  # 8 trainer GPUs + 1 engine GPU

@@ -35,21 +35,33 @@ def test_disaggregated_bundles_gpu():
     assert plan.roles[0] == ["engine 0 tp 0"] and plan.roles[5] == ["trainer 3"]
 
 
-def test_tensor_parallel_shapes_are_planned_per_rank():
-    # The config refuses TP > 1 on GPU runs today (see test_config_refuses_*): the plan seats one bundle per TP rank,
-    # but the engine actor sits on its rank 0's only.
-    cfg = _cfg("cluster.placement=disaggregated", "trainer.use_gpu=true", "trainer.num_workers=1",
-               "rollout.num_engines=2", "rollout.engine_cpus=0.5")
-    cfg.rollout.tensor_parallel_size = 2
-    plan = placement.plan_placement(cfg, trainer_cpus=3.0)
-    assert plan.bundles == [{"CPU": 0.5, "GPU": 1.0}] * 4 + [{"CPU": 3.0, "GPU": 1.0}]
-    assert plan.engine_slots == [[Slot(0, 0.5, 1.0), Slot(1, 0.5, 1.0)], [Slot(2, 0.5, 1.0), Slot(3, 0.5, 1.0)]]
-    assert plan.trainer_slots == [Slot(4, 3.0, 1.0)]
-    cfg = _cfg("cluster.placement=colocated", "trainer.use_gpu=true", "trainer.num_workers=8", "rollout.num_engines=2")
-    cfg.rollout.tensor_parallel_size = 2
-    plan = placement.plan_placement(cfg)
-    # engines fill the last GPUs: engine 0 on trainer ranks 4-5, engine 1 on ranks 6-7
+def test_a_split_engine_gets_one_bundle_of_its_gpus_or_one_host_per_rank():
+    # disaggregated: one bundle per engine with TP GPUs (a bundle never spans nodes); the actor claims all of it and
+    # its executor's other ranks claim nothing of their own
+    plan = placement.plan_placement(_cfg("cluster.placement=disaggregated", "trainer.use_gpu=true",
+                                         "trainer.num_workers=1", "rollout.num_engines=2", "rollout.engine_cpus=0.5",
+                                         "rollout.tensor_parallel_size=2"), trainer_cpus=3.0)
+    assert plan.bundles == [{"CPU": 1.0, "GPU": 2.0}] * 2 + [{"CPU": 3.0, "GPU": 1.0}]
+    assert plan.engine_slots == [[Slot(0, 1.0, 2.0), Slot(0, 0.0, 0.0, gpu_index=1)],
+                                 [Slot(1, 1.0, 2.0), Slot(1, 0.0, 0.0, gpu_index=1)]]
+    assert plan.trainer_slots == [Slot(2, 3.0, 1.0)]
+    assert plan.roles[0] == ["engine 0 tp 0", "engine 0 tp 1"] and plan.gpus == 5.0
+    assert plan.transports == ["nccl", "nccl"]  # 5 members of the sync group on 5 distinct (bundle, GPU) seats
+    # colocated: each rank rides on its own trainer GPU, engines on the last ones
+    plan = placement.plan_placement(_cfg("cluster.placement=colocated", "trainer.use_gpu=true",
+                                         "trainer.num_workers=8", "rollout.num_engines=2",
+                                         "rollout.tensor_parallel_size=2"))
     assert [[s.host_rank for s in seats] for seats in plan.engine_slots] == [[4, 5], [6, 7]]
+    assert plan.gpus == 8.0 and plan.roles[5] == ["trainer 5", "engine 0 tp 1"]
+
+
+def test_a_colocated_split_engine_sees_its_hosts_gpus_on_one_node():
+    hosts = [{"node_id": "a" * 56, "gpu_ids": [6]}, {"node_id": "a" * 56, "gpu_ids": [7]}]
+    options = reservation.guest_options(hosts, uses_gpu=True)
+    assert options["runtime_env"] == {"env_vars": {"CUDA_VISIBLE_DEVICES": "6,7"}}  # worker r gets rank r's GPU
+    assert options["num_gpus"] == 0 and options["num_cpus"] == 0
+    with pytest.raises(placement.PlacementInfeasibleError, match="ranks ride on trainer ranks of 2 nodes"):
+        reservation.guest_options([hosts[0], {"node_id": "b" * 56, "gpu_ids": [0]}], uses_gpu=True)
 
 
 def test_colocated_engines_are_guests_on_the_last_trainer_gpus():
@@ -80,10 +92,8 @@ def test_colocated_engine_on_rank0_gpu_needs_ipc_and_is_refused_on_gpu_only():
 def test_config_refuses_what_the_plan_cannot_serve():
     from ngrpo_ray.config.load import ConfigError
 
-    # A split engine runs on CPU (tests/engine/test_tensor_parallel.py); on GPU its actor's seat is one GPU.
-    assert _cfg("rollout.tensor_parallel_size=2").rollout.tensor_parallel_size == 2
-    with pytest.raises(ConfigError, match="'rollout.tensor_parallel_size' must be 1 on GPU runs, got 2"):
-        _cfg("trainer.use_gpu=true", "rollout.tensor_parallel_size=2")
+    # A split engine is accepted on CPU (tests/engine/test_tensor_parallel.py) and GPU runs alike
+    assert _cfg("trainer.use_gpu=true", "rollout.tensor_parallel_size=2").rollout.tensor_parallel_size == 2
     with pytest.raises(ConfigError, match="'rollout.tensor_parallel_size' must be >= 1, got 0"):
         _cfg("rollout.tensor_parallel_size=0")
     with pytest.raises(ConfigError, match="rollout.engine_gpus"):

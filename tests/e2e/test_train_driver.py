@@ -85,9 +85,10 @@ def test_three_iterations_two_workers_log_everything(tiny_model, tmp_path, capsy
     plan = rec.json_artifact("placement_plan.json", tmp_path)
     assert rec.run.data.params["plan.layout"] == plan["placement"] == layout
     assert plan["gpus"] == 0 and plan["transports"] == ["gloo"]
-    # colocated on CPU: the engine is a guest on the last trainer rank (1); disaggregated: its own bundle first
+    # colocated on CPU: the engine is a guest on the last trainer rank (1); disaggregated: its own bundle first, one
+    # bundle for both of its tensor-parallel ranks
     assert plan["roles"] == ([["trainer 0"], ["trainer 1", "engine 0 tp 0"]] if layout == "colocated"
-                             else [["engine 0 tp 0"], ["engine 0 tp 1"], ["trainer 0"], ["trainer 1"]])
+                             else [["engine 0 tp 0", "engine 0 tp 1"], ["trainer 0"], ["trainer 1"]])
     assert rec.run.data.params["rollout.tensor_parallel_size"] == ("2" if layout == "disaggregated" else "1")
     plots = rec.artifacts("plots")
     assert {"plots/reward.png", "plots/timing.png", "plots/mixing.png", "plots/validation.png"} <= plots
