@@ -30,7 +30,7 @@ def default_mode(device: torch.device) -> str:
 
 
 def _release_search_memory(E: torch.Tensor) -> None:
-    """Hand the full build's fp32 keys and score chunks back to the driver: vLLM's sleep mode frees only its own pool,
+    """Hand the full build's fp32 keys and score chunks back to CUDA: vLLM's sleep mode frees only its own pool,
     so cached blocks would otherwise sit beside the trainer through the update."""
     if E.is_cuda:
         torch.cuda.empty_cache()

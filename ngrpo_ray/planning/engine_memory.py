@@ -16,7 +16,7 @@ Outside the reservation (neighbor_mix; allocated at install, after vLLM sized it
   neighbor table     V x k_max int64, plus under TP > 1 the embedding gathered from every shard, V x h x b per rank
                      (engine.embedding_patch.full_weight); kept while the engine sleeps
   neighbor search    at every weight load (engine.neighbor_tables, "full" mode on GPU): fp32 search keys V x h x 4 and
-                     one chunk of scores 512 x V x 4 (FULL_BUILD_CHUNK_ROWS); handed back to the driver
+                     one chunk of scores 512 x V x 4 (FULL_BUILD_CHUNK_ROWS); handed back to CUDA
                      (torch.cuda.empty_cache) before the engine sleeps
 Asleep (colocated, vLLM sleep mode level 1: weights offloaded, KV cache dropped) its context, graphs and the neighbor
 table stay.
