@@ -64,11 +64,12 @@ class _Prepared:
         self.metric = metric
         self.V = E.shape[0]
         with torch.no_grad():
-            E = E.detach().float()
-            if metric == "cosine":
+            if metric == "cosine":  # one fp32 copy, normalised in place: the build's peak is one V x d x 4 B
+                E = E.detach().to(torch.float32, copy=True)
                 norms = E.norm(dim=1, keepdim=True).clamp_min(torch.finfo(E.dtype).tiny)
-                self.keys = E / norms
+                self.keys = E.div_(norms)
             else:
+                E = E.detach().float()
                 self.keys = E
             # L2: ||a-b||^2 = ||a||^2 + ||b||^2 - 2 a.b; ||a||^2 is constant per row, so score = 2 a.b - ||b||^2.
             self.sq_norms = (E * E).sum(dim=1) if metric == "l2" else None

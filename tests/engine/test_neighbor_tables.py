@@ -57,3 +57,28 @@ def test_install_arguments_from_the_r1_tokenizer():
         neighbor_rows(EngineSpec(model="no-tokenizer-here"), None)
     assert neighbor_rows(EngineSpec(model="m", neighbor_ids=(0, 2, 3), never_mix=()), None) == {
         "neighbor_ids": [0, 2, 3], "never_neighbor_ids": []}
+
+
+@pytest.mark.gpu
+def test_a_full_build_on_cuda_peaks_at_the_planned_bytes_and_hands_them_back():
+    """planning.engine_memory's "neighbor search (weight load)" term, measured: the R1 shape's full build peaks at most
+    at the fp32 keys plus one 512-row score chunk (and small top-k buffers) above E and the table, and afterwards only
+    E and the table stay reserved (the engine must not keep them through the trainer's update)."""
+    from ngrpo_ray.engine.neighbor_tables import FULL_BUILD_CHUNK_ROWS
+
+    V, d, k = 151_936, 1536, 4
+    E = torch.randn(V, d, device="cuda", generator=torch.Generator("cuda").manual_seed(0)).bfloat16()
+    tables = NeighborTables(k_max=k, mode="full")
+    tables.bind(E)
+    torch.cuda.synchronize()
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    tables.rows("cosine", torch.tensor([0, 1], device="cuda"))
+    tables.bind(E)  # a weight load: the metric in use is rebuilt at once
+    torch.cuda.synchronize()
+    table = V * k * 8
+    planned = V * d * 4 + FULL_BUILD_CHUNK_ROWS * V * 4
+    assert torch.cuda.max_memory_allocated() - base <= table + planned * 1.1 + (64 << 20)
+    assert torch.cuda.memory_allocated() - base == table
+    assert torch.cuda.memory_reserved() - torch.cuda.memory_allocated() < (64 << 20)  # the search's blocks went back
