@@ -120,12 +120,15 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Train each method with each seed (same preset, schedule and gate rate), then "
                                    "report held-out Mean@n and Pass@k per method (seeds pooled) with 95% intervals "
                                    "that resample seeds and problems, "
-                                   "and paired differences to GRPO and the base. Finished runs are reused on a second call.",
+                                   "and paired differences to GRPO and the base. Recorded runs are reused on a second call.",
                        epilog=EPILOG_OVERRIDES)
     _add_config_args(p, default="compare_cpu")
     p.add_argument("--methods", nargs="+", default=["grpo", "n-grpo", "stht"], help="default: %(default)s")
     p.add_argument("--seeds", nargs="+", type=int, default=list(DEFAULT_SEEDS), help="default: %(default)s")
     p.add_argument("--out", default="runs/compare", help="output folder (default: %(default)s)")
+    p.add_argument("--records", default=None,
+                   help="folder of run records (grades, wall time, commit); a run recorded there for the same config "
+                        "is not trained again (default: OUT/records)")
     return parser
 
 
@@ -168,7 +171,7 @@ def _dispatch(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     if args.command == "compare":
         from ngrpo_ray.compare import run_comparison
 
-        run_comparison(args.config, args.overrides, args.methods, args.seeds, args.out)
+        run_comparison(args.config, args.overrides, args.methods, args.seeds, args.out, args.records)
         return 0
     cfg = load_config(args.config, args.overrides)
     if args.command == "plan":

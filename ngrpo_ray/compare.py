@@ -6,8 +6,10 @@ streams, core.gate_stream), all in one MLflow store. The initial policy is valid
 the first run (the shared "base" row). Each run's final validation (its per-sample grades, validation/step_<N>.npy)
 is pooled over seeds per method: Mean@n and unbiased Pass@k with 95% bootstrap intervals that resample seeds as well
 as problems (a run is the unit that varies most), and the paired difference of each method's Mean@n to GRPO's and to
-the base model's on the same problems. A finished run is reused when the workflow runs
-again (so an interrupted comparison continues where it stopped).
+the base model's on the same problems. Each finished run leaves a small record (its grades, wall
+time, commit and config; compare_records) and a recorded run is reused when the workflow runs again, in
+this checkout or another (so an interrupted comparison continues where it stopped, and the table can be rebuilt from
+committed records).
 
 Methods differ only in what the rollout feeds at the gated steps (same gate rate, same optimizer and schedule):
 - grpo:   no mixing (plain sampling);
@@ -25,6 +27,7 @@ from typing import Callable, Sequence
 
 import numpy as np
 
+from ngrpo_ray.compare_records import RunRecord, read_record, write_record
 from ngrpo_ray.config import Config, load_config
 from ngrpo_ray.core.metrics import mean_at_n, pass_at_k
 from ngrpo_ray.core.seed_bootstrap import draw_resamples, interval, resampled_mean_at_n, resampled_pass_at_k
@@ -76,7 +79,10 @@ def _is_finished(run: PlannedRun, cfg: Config) -> bool:
 
 
 def run_comparison(preset: str = "compare_cpu", overrides: Sequence[str] = (), methods: Sequence[str] = tuple(METHODS),
-                   seeds: Sequence[int] = DEFAULT_SEEDS, out: str | Path = "runs/compare", log: Callable = print) -> dict:
+                   seeds: Sequence[int] = DEFAULT_SEEDS, out: str | Path = "runs/compare",
+                   records: str | Path | None = None, log: Callable = print) -> dict:
+    """Train every planned run that has no record yet (records default to <out>/records), then build the table
+    from the records alone."""
     import ray
     from tqdm import tqdm
 
@@ -84,24 +90,37 @@ def run_comparison(preset: str = "compare_cpu", overrides: Sequence[str] = (), m
 
     out = Path(out).expanduser().resolve()
     out.mkdir(parents=True, exist_ok=True)
+    records = out / "records" if records is None else Path(records).expanduser().resolve()
     plan = plan_runs(preset, overrides, methods, seeds, out)
     started = time.perf_counter()
-    log(f"ngrpo compare: {len(methods)} methods x {len(seeds)} seeds = {len(plan)} training runs of '{preset}'")
-    bar = tqdm(plan, desc="runs", unit="run", dynamic_ncols=True)
-    for run in bar:
+    log(f"ngrpo compare: {len(methods)} methods x {len(seeds)} seeds = {len(plan)} training runs of '{preset}'; "
+        f"records in {records}")
+    configs = [load_config(preset, list(run.overrides)) for run in plan]
+    found = [read_record(records, r.method, r.seed, c, needs_base=r is plan[0]) for r, c in zip(plan, configs)]
+    stale = [f"{r.method} seed {r.seed}: {why}" for r, (_, why) in zip(plan, found) if why]
+    if stale:  # its run folder is as stale as its record: refuse rather than mix two configs in one table
+        raise ValueError(f"records in {records} measured something else ({'; '.join(stale)}); "
+                         "pass another --out and --records, or delete them")
+    done: list[RunRecord] = []
+    bar = tqdm(list(zip(plan, configs, found)), desc="runs", unit="run", dynamic_ncols=True)
+    for run, cfg, (record, _) in bar:
         bar.set_postfix_str(f"{run.method} seed {run.seed}")
-        cfg = load_config(preset, list(run.overrides))
-        if _is_finished(run, cfg):
-            bar.write(f"{run.method} seed {run.seed}: finished earlier, reused ({run.output_dir})")
+        if record is not None:
+            bar.write(f"{run.method} seed {run.seed}: recorded earlier ({record.minutes} min at {record.commit}), reused")
+            done.append(record)
             continue
-        t0 = time.perf_counter()
-        resume = (run.output_dir / "checkpoints" / "latest").exists()
-        try:
-            train(cfg, resume=resume, log=bar.write)
-        finally:
-            ray.shutdown()
-        bar.write(f"{run.method} seed {run.seed}: {(time.perf_counter() - t0) / 60:.1f} min")
-    table = comparison_table(plan, out)
+        minutes = None
+        if not _is_finished(run, cfg):
+            t0 = time.perf_counter()
+            resume = (run.output_dir / "checkpoints" / "latest").exists()
+            try:
+                train(cfg, resume=resume, log=bar.write)
+            finally:
+                ray.shutdown()
+            minutes = (time.perf_counter() - t0) / 60
+            bar.write(f"{run.method} seed {run.seed}: {minutes:.1f} min")
+        done.append(write_record(records, run.method, run.seed, cfg, run.output_dir, minutes))
+    table = comparison_table(done)
     text = format_comparison(table)
     (out / "compare_table.md").write_text(text + "\n")
     (out / "compare_table.json").write_text(json.dumps(table, indent=2))
@@ -109,29 +128,23 @@ def run_comparison(preset: str = "compare_cpu", overrides: Sequence[str] = (), m
     _log_to_mlflow(out, [out / "compare_table.md", out / "compare_table.json", plot], table)
     minutes = (time.perf_counter() - started) / 60
     log("\n" + text)
-    log(f"\ntable: {out / 'compare_table.md'}; plot: {plot}; finished in {minutes:.1f} minutes")
+    log(f"\ntable: {out / 'compare_table.md'}; plot: {plot}; this call took {minutes:.1f} minutes")
     return {"table": table, "minutes": minutes, "output_dir": str(out)}
 
 
-def _final_grades(folder: Path) -> np.ndarray:
-    steps = sorted((int(p.stem.split("_")[1]), p) for p in (folder / "validation").glob("step_*.npy"))
-    steps = [(s, p) for s, p in steps if s > 0]
-    if not steps:
-        raise FileNotFoundError(f"no final validation in {folder / 'validation'}")
-    return np.load(steps[-1][1])
-
-
-def comparison_table(plan: Sequence[PlannedRun], out: Path, n_resamples: int = 2000) -> dict:
+def comparison_table(records: Sequence[RunRecord], n_resamples: int = 2000) -> dict:
     """Per method: its runs' final grades pooled along the sample axis ([problems, n * seeds]) for the point values,
     with 95% intervals that resample seeds as well as problems (core.seed_bootstrap); per seed: Mean@n; the paired
-    Mean@n difference to the baseline method and to the base model over the same drawn problems."""
-    base = np.load(plan[0].output_dir / "validation" / "step_0.npy")
+    Mean@n difference to the baseline method and to the base model over the same drawn problems. The base grades are
+    the first record's (the run that validated the initial policy)."""
+    base = records[0].base_grades
+    if base is None:
+        raise ValueError(f"the first run ({records[0].method} seed {records[0].seed}) holds no base validation")
     runs: dict[str, list[np.ndarray]] = {"base": [base]}
     per_seed: dict[str, dict[int, float]] = {"base": {}}
-    for run in plan:
-        grades = _final_grades(run.output_dir)
-        runs.setdefault(run.method, []).append(grades)
-        per_seed.setdefault(run.method, {})[run.seed] = float(grades.mean())
+    for r in records:
+        runs.setdefault(r.method, []).append(r.grades)
+        per_seed.setdefault(r.method, {})[r.seed] = float(r.grades.mean())
     stacked = {m: np.stack(g).astype(bool) for m, g in runs.items()}  # [seeds, problems, n]
     pooled_n = {m: x.shape[0] * x.shape[2] for m, x in stacked.items()}
     k_max = min(pooled_n.values())  # Pass@k up to the smallest pool of any row, so rows compare
@@ -149,8 +162,11 @@ def comparison_table(plan: Sequence[PlannedRun], out: Path, n_resamples: int = 2
                 estimate = mean_at_n(pooled[method]) - mean_at_n(pooled[ref])
                 row[key] = _ci(interval(estimate, means[method] - means[ref]))
         rows[method] = row
-    return {"problems": int(base.shape[0]), "n_per_run": int(stacked[plan[0].method].shape[2]),
-            "base_n": int(base.shape[1]), "pass_k_max": k_max, "n_resamples": n_resamples, "rows": rows}
+    timed = [r.minutes for r in records if r.minutes is not None]
+    return {"problems": int(base.shape[0]), "n_per_run": int(stacked[records[0].method].shape[2]),
+            "base_n": int(base.shape[1]), "pass_k_max": k_max, "n_resamples": n_resamples, "rows": rows,
+            "runs": len(records), "run_minutes": round(sum(timed), 1) if len(timed) == len(records) else None,
+            "commits": sorted({r.commit for r in records if r.commit}), "machines": sorted({r.machine for r in records})}
 
 
 def _ci(c) -> dict:
@@ -177,6 +193,11 @@ def format_comparison(t: dict) -> str:
         cells = ([name, _cell(r["mean@n"])] + [_cell(r[k]) for k in pass_keys]
                  + [seeds, _cell(r.get(f"mean@n - {BASELINE}"), True), _cell(r.get("mean@n - base"), True)])
         lines.append("| " + " | ".join(cells) + " |")
+    if "runs" in t:
+        wall = "wall time not recorded for every run" if t["run_minutes"] is None else \
+            f"{t['run_minutes']:.0f} minutes of training and validation in all"
+        lines += ["", f"{t['runs']} runs, {wall}; code {', '.join(t['commits']) or 'unknown'}; "
+                      f"machine {'; '.join(t['machines'])}"]
     return "\n".join(lines)
 
 
