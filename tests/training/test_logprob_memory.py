@@ -3,8 +3,10 @@ computation.
 
 A tiny Qwen2 (hidden 64, 1 layer) with the real R1 / Qwen vocabulary size V = 151,936. Unchunked, one 4,096-token
 response would need its fp32 logits (2.5 GB), a log-softmax copy (2.5 GB) and the kept entropy logits; chunked it
-must stay under 1.5 GB of extra peak RSS. The memory is measured in a fresh subprocess (ru_maxrss, the kernel's
-high-water mark) relative to the RSS just before the call, so nothing else in the test session can pollute it.
+must stay under 1.5 GB of extra peak RSS. The memory is measured in a fresh subprocess: the kernel's high-water
+mark (VmHWM), reset just before the call (/proc/self/clear_refs), minus the RSS at that moment. Not ru_maxrss: Linux
+carries the parent's peak across fork and exec into it, so late in a CI session (pytest at about 2.3 GB) the same
+call read 1.47 GiB instead of 0.76.
 """
 
 from __future__ import annotations
@@ -47,13 +49,19 @@ def batch(prompt_len, response_len, seed=0):
 """
 
 _MEASURE = """
-import json, resource
+import json
 from ngrpo_ray.training.logprobs import response_logprobs
 
 
-def rss_bytes():
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * resource.getpagesize()
+def status_bytes(field):
+    with open("/proc/self/status") as f:
+        line = next(line for line in f if line.startswith(field + ":"))
+    return int(line.split()[1]) * 1024  # kB
+
+
+def reset_peak():
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")  # 5: reset the peak RSS to the current RSS (Linux >= 4.0)
 
 
 torch.set_num_threads(2)
@@ -63,10 +71,11 @@ tb = response_logprobs(model, warm_p, warm_r, TEMP, with_entropy=True)  # kernel
 tb.logp.sum().backward()
 model.zero_grad(set_to_none=False)  # the gradient buffers exist before the measured call, as in training
 prompts, records = batch(64, 4096)
-before = rss_bytes()
+reset_peak()
+before = status_bytes("VmRSS")
 tb = response_logprobs(model, prompts, records, TEMP, with_entropy=True)
 (tb.logp * tb.mask).sum().backward()
-peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+peak = status_bytes("VmHWM")
 print(json.dumps({"extra_peak_bytes": peak - before, "entropy_mean": float(tb.entropy[tb.mask].mean()),
                   "grad_norm": float(model.get_input_embeddings().weight.grad.norm())}))
 """
