@@ -139,16 +139,19 @@ RULES: dict[str, Rule] = {
     "ngrpo train [--config PRESET] [key=value ...] [--resume]": Rule("synopsis"),
     "ngrpo eval [--config PRESET] [key=value ...]": Rule("synopsis"),
     "ngrpo demo [--resume]": Rule("synopsis"),
-    "ngrpo compare [--methods grpo n-grpo stht] [--seeds 0 1] [key=value ...]": Rule("synopsis"),
+    "ngrpo compare [--methods grpo n-grpo stht] [--seeds 0 1] [--records DIR] [key=value ...]": Rule("synopsis"),
     "ngrpo bench hook-overhead | hook-step | neighbor-table | sync | train-step": Rule("synopsis"),
     "ngrpo plan [--config PRESET] [key=value ...] [--gpu-memory-gib 80] [--gpus 8]": Rule("synopsis"),
     # --- skipped, with the reason ---
     "make demo": Rule("skip", "21 minutes; a shortened demo is tests/e2e/test_demo_short.py"),
     "make test": Rule("skip", "the test suite itself"),
     ".ci/run": Rule("skip", "runs `make test`, the test suite itself"),
-    "make compare": Rule("skip", "63 minutes (6 trainings); see `ngrpo compare`"),
-    "ngrpo compare": Rule("skip", "63 minutes (6 trainings); its trainings are the demo's driver "
-                                  "(tests/e2e/test_demo_short.py), its table tests/evaluation/test_compare_table.py"),
+    "make compare": Rule("skip", "about 4 h (12 trainings); see `ngrpo compare`"),
+    "ngrpo compare": Rule("skip", "about 4 h (12 trainings); its trainings are the demo's driver "
+                                  "(tests/e2e/test_demo_short.py), its table and records "
+                                  "tests/evaluation/test_compare_table.py"),
+    "ngrpo compare --seeds 0 1 2 3 --records results/compare_cpu": Rule(
+        "skip", "trains the runs results/compare_cpu has no record of (hours); records: test_compare_table.py"),
     "ngrpo demo --resume": Rule("skip", "needs an interrupted `ngrpo demo` (minutes); resume is covered by "
                                         "tests/e2e/test_train_driver.py::test_resume_continues_the_same_run_with_the_same_prompts"),
     "ngrpo demo trainer.async_rollouts=true": Rule("skip", "21 minutes, like `make demo`; the asynchronous driver "

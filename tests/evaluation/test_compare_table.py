@@ -107,3 +107,21 @@ def test_the_comparison_refuses_stale_records_before_training(tmp_path):
                                          r"trainer.lr\)"):
         run_comparison("cpu_default", ["trainer.iterations=2", "trainer.lr=3e-6"], ["grpo"], [0],
                        tmp_path / "runs", tmp_path / "records")
+
+
+def test_the_readme_table_is_the_committed_records_table():
+    """The README's comparison rows are rebuilt from results/compare_cpu (grpo seed 0 holds the base grades), and
+    every committed record still measures today's compare_cpu config."""
+    root = Path(__file__).resolve().parents[2]
+    plan = plan_runs("compare_cpu", [], ["grpo", "n-grpo", "stht"], [0, 1, 2, 3], root / "runs" / "compare")
+    found = []
+    for run in plan:
+        record, why = read_record(root / "results" / "compare_cpu", run.method, run.seed,
+                                  load_config("compare_cpu", list(run.overrides)), needs_base=run is plan[0])
+        assert why == "", f"{run.method} seed {run.seed}: {why}"
+        if record is not None:
+            found.append(record)
+    assert found and found[0].method == "grpo" and found[0].seed == 0
+    readme = (root / "README.md").read_text()
+    rows = [line for line in format_comparison(comparison_table(found)).splitlines() if line.startswith("| ")]
+    assert len(rows) == 5 and all(row in readme for row in rows), rows
