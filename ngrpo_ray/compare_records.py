@@ -2,8 +2,9 @@
 
 Twelve runs take hours on a CPU machine, longer than one sitting; a record lets the comparison continue in another
 checkout on another day (`ngrpo compare --records DIR`) and lets anyone rebuild the table from the committed grades.
-A record is reused only when its config fingerprint equals the planned run's (the whole config minus the run's own
-paths and names), so a changed preset, override or schedule runs again.
+A record keeps the run's whole config (minus its own paths and names) and is reused only when every key it shares
+with the planned run's config has the same value: a changed preset, override or schedule runs again, while an option
+added later (whose default keeps the old behaviour) does not void hours of runs.
 """
 
 from __future__ import annotations
