@@ -27,7 +27,7 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from ngrpo_ray.compare_records import RunRecord, read_record, write_record
+from ngrpo_ray.compare_records import RunRecord, code_version, read_record, write_record
 from ngrpo_ray.config import Config, load_config
 from ngrpo_ray.core.metrics import mean_at_n, pass_at_k
 from ngrpo_ray.core.seed_bootstrap import draw_resamples, interval, resampled_mean_at_n, resampled_pass_at_k
@@ -109,8 +109,9 @@ def run_comparison(preset: str = "compare_cpu", overrides: Sequence[str] = (), m
             bar.write(f"{run.method} seed {run.seed}: recorded earlier ({record.minutes} min at {record.commit}), reused")
             done.append(record)
             continue
-        minutes = None
+        minutes = commit = None  # a run finished before its record was written: its code is not known
         if not _is_finished(run, cfg):
+            commit = code_version()
             t0 = time.perf_counter()
             resume = (run.output_dir / "checkpoints" / "latest").exists()
             try:
@@ -119,7 +120,7 @@ def run_comparison(preset: str = "compare_cpu", overrides: Sequence[str] = (), m
                 ray.shutdown()
             minutes = (time.perf_counter() - t0) / 60
             bar.write(f"{run.method} seed {run.seed}: {minutes:.1f} min")
-        done.append(write_record(records, run.method, run.seed, cfg, run.output_dir, minutes))
+        done.append(write_record(records, run.method, run.seed, cfg, run.output_dir, minutes, commit))
     table = comparison_table(done)
     text = format_comparison(table)
     (out / "compare_table.md").write_text(text + "\n")

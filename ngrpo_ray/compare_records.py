@@ -73,12 +73,14 @@ def read_record(records: Path, method: str, seed: int, cfg: Config,
     return record, ""
 
 
-def write_record(records: Path, method: str, seed: int, cfg: Config, run_dir: Path, minutes: float | None) -> RunRecord:
-    """Record a finished run from its folder: the last validation's grades (and step 0's when it validated the base)."""
+def write_record(records: Path, method: str, seed: int, cfg: Config, run_dir: Path, minutes: float | None,
+                 commit: str | None) -> RunRecord:
+    """Record a finished run from its folder: the last validation's grades (and step 0's when it validated the base).
+    `commit` is the code the run trained with (`code_version()` taken at its start; None when unknown)."""
     final = np.load(run_dir / "validation" / f"step_{cfg.trainer.iterations}.npy").astype(bool)
     base_file = run_dir / "validation" / "step_0.npy"
     base = np.load(base_file).astype(bool) if base_file.exists() else None
-    record = RunRecord(method, seed, measured_config(cfg), final, base, minutes, _commit(), _machine())
+    record = RunRecord(method, seed, measured_config(cfg), final, base, minutes, commit, _machine())
     records.mkdir(parents=True, exist_ok=True)
     payload = {"method": method, "seed": seed, "minutes": None if minutes is None else round(minutes, 2),
                "commit": record.commit, "machine": record.machine,
@@ -98,13 +100,24 @@ def _decode(rows: list[str]) -> np.ndarray:
     return np.array([[c == "1" for c in row] for row in rows], dtype=bool)
 
 
-def _commit() -> str | None:
+# The files a run's result depends on; records and docs committed during a long comparison are not among them.
+CODE_PATHS = ("ngrpo_ray", "workflows", "pyproject.toml")
+
+
+def code_version(root: Path = Path(__file__).resolve().parents[1]) -> str | None:
+    """The checkout's commit, with "+changes" when the code (CODE_PATHS) differs from it; None outside git.
+    Taken when a run starts: Ray's workers import the working tree then, so that is the code the run measured."""
+
+    def git(*args: str) -> str:
+        return subprocess.run(["git", *args], capture_output=True, text=True, timeout=10, cwd=root,
+                              check=True).stdout.strip()
+
     try:
-        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=10,
-                             cwd=Path(__file__).parent)
-        return out.stdout.strip() or None
+        head = git("rev-parse", "--short", "HEAD")
+        changed = git("status", "--porcelain", "--", *CODE_PATHS)
     except (OSError, subprocess.SubprocessError):
         return None
+    return head + ("+changes" if changed else "") if head else None
 
 
 def _machine() -> str:

@@ -2,13 +2,14 @@
 pooled per method, paired differences), on hand-made per-sample grades."""
 
 import json
+import subprocess
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 from ngrpo_ray.compare import comparison_table, format_comparison, plan_runs, run_comparison
-from ngrpo_ray.compare_records import RunRecord, read_record, write_record
+from ngrpo_ray.compare_records import RunRecord, code_version, read_record, write_record
 from ngrpo_ray.config import load_config
 
 
@@ -73,10 +74,11 @@ def test_a_record_round_trips_and_is_reused_only_for_the_same_config(tmp_path):
     _validation(plan[0].output_dir, 2, [[1, 1, 0], [0, 1, 1]])
     _validation(plan[1].output_dir, 2, [[0, 0, 0], [1, 1, 1]])
     records = tmp_path / "records"
-    write_record(records, "grpo", 0, cfgs[0], plan[0].output_dir, 11.25)
-    write_record(records, "n-grpo", 0, cfgs[1], plan[1].output_dir, None)
+    write_record(records, "grpo", 0, cfgs[0], plan[0].output_dir, 11.25, "abc1234+changes")
+    write_record(records, "n-grpo", 0, cfgs[1], plan[1].output_dir, None, None)
     stored = json.loads((records / "grpo_seed0.json").read_text())
     assert stored["grades"] == ["110", "011"] and stored["base_grades"] == ["100", "001"] and stored["minutes"] == 11.25
+    assert stored["commit"] == "abc1234+changes"
     back, why = read_record(records, "grpo", 0, cfgs[0], needs_base=True)
     assert why == "" and back.grades.tolist() == [[True, True, False], [False, True, True]] and back.minutes == 11.25
     assert back.base_grades.sum() == 2 and back.config["mixing.strategy"] == "sample"
@@ -102,11 +104,35 @@ def test_the_comparison_refuses_stale_records_before_training(tmp_path):
     _validation(plan[0].output_dir, 0, [[1, 0]])
     _validation(plan[0].output_dir, 2, [[1, 1]])
     write_record(tmp_path / "records", "grpo", 0, load_config("cpu_default", list(plan[0].overrides)),
-                 plan[0].output_dir, 1.0)
+                 plan[0].output_dir, 1.0, "abc1234")
     with pytest.raises(ValueError, match=r"measured something else \(grpo seed 0: recorded with other values of "
                                          r"trainer.lr\)"):
         run_comparison("cpu_default", ["trainer.iterations=2", "trainer.lr=3e-6"], ["grpo"], [0],
                        tmp_path / "runs", tmp_path / "records")
+
+
+def test_a_record_names_the_commit_and_whether_the_code_differed_from_it(tmp_path):
+    def git(*args):
+        subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@t", *args], cwd=tmp_path, check=True,
+                       capture_output=True)
+
+    assert code_version(tmp_path) is None  # not a checkout
+    (tmp_path / "ngrpo_ray").mkdir()
+    (tmp_path / "ngrpo_ray" / "loss.py").write_text("A = 1\n")
+    (tmp_path / "README.md").write_text("table\n")
+    git("init", "-q")
+    git("add", ".")
+    git("commit", "-qm", "first")
+    head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=tmp_path, capture_output=True,
+                          text=True).stdout.strip()
+    assert code_version(tmp_path) == head
+    (tmp_path / "README.md").write_text("a new table\n")  # docs and records do not change what a run measures
+    assert code_version(tmp_path) == head
+    (tmp_path / "ngrpo_ray" / "loss.py").write_text("A = 2\n")
+    assert code_version(tmp_path) == head + "+changes"
+    git("checkout", "-q", "--", "ngrpo_ray")
+    (tmp_path / "ngrpo_ray" / "new_loss.py").write_text("B = 1\n")  # new code not yet committed counts too
+    assert code_version(tmp_path) == head + "+changes"
 
 
 def test_the_readme_table_is_the_committed_records_table():
