@@ -146,12 +146,13 @@ RULES: dict[str, Rule] = {
     "make demo": Rule("skip", "21 minutes; a shortened demo is tests/e2e/test_demo_short.py"),
     "make test": Rule("skip", "the test suite itself"),
     ".ci/run": Rule("skip", "runs `make test`, the test suite itself"),
-    "make compare": Rule("skip", "about 4 h (12 trainings); see `ngrpo compare`"),
-    "ngrpo compare": Rule("skip", "about 4 h (12 trainings); its trainings are the demo's driver "
+    "make compare": Rule("skip", "2.5-5 h on 2 cores (12 trainings); see `ngrpo compare`"),
+    "ngrpo compare": Rule("skip", "2.5-5 h on 2 cores (12 trainings); its trainings are the demo's driver "
                                   "(tests/e2e/test_demo_short.py), its table and records "
                                   "tests/evaluation/test_compare_table.py"),
     "ngrpo compare --seeds 0 1 2 3 --records results/compare_cpu": Rule(
-        "skip", "trains the runs results/compare_cpu has no record of (hours); records: test_compare_table.py"),
+        "skip", "prints the table of the 12 committed records (and would train any run missing from "
+        "results/compare_cpu: hours); the same table is rebuilt by tests/evaluation/test_compare_table.py"),
     "ngrpo demo --resume": Rule("skip", "needs an interrupted `ngrpo demo` (minutes); resume is covered by "
                                         "tests/e2e/test_train_driver.py::test_resume_continues_the_same_run_with_the_same_prompts"),
     "ngrpo demo trainer.async_rollouts=true": Rule("skip", "21 minutes, like `make demo`; the asynchronous driver "
