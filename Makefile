@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 # The stamp changes when the pins change, so a second run reuses the environment and a new pin reinstalls.
 STAMP := $(VENV)/.installed-$(shell cat pyproject.toml requirements/cpu.lock | sha1sum | cut -c1-12)
 
-.PHONY: env demo compare test test-fast lint clean-env
+.PHONY: env demo compare test test-fast gpu-wheels lint clean-env
 
 env: $(STAMP)
 
@@ -32,6 +32,21 @@ test: $(STAMP)  # the 25 slowest tests are listed at the end, so a slow CI run s
 
 test-fast: $(STAMP)
 	$(PY) -m pytest -q -m "not slow and not engine and not ray"
+
+# What a CUDA machine without a package registry (Python 3.12, its own torch and transformers) lacks for the trainer's
+# gpu tests: DeepSpeed (its pure-Python wheel, built here from the sdist) and the pinned pure-Python or cp312 wheels it
+# needs. tests/gpu_device_check.sh installs them from .whl/ there. Ray and vLLM are too large to carry.
+GPU_WHEELS := hjson pydantic pydantic_core annotated-types typing-inspection typing_extensions
+pin = $(shell grep -i '^$(1)==' requirements/cpu.lock)
+gpu-wheels: $(STAMP)
+	rm -rf .whl && mkdir -p .whl/sdist
+	$(PY) -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+		--platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 -d .whl \
+		$(foreach w,$(GPU_WHEELS),$(call pin,$(w)))
+	$(PY) -m pip download -q --no-deps --no-binary=:all: -d .whl/sdist $(call pin,deepspeed)
+	DS_BUILD_OPS=0 $(PY) -m pip wheel -q --no-deps --no-build-isolation -w .whl .whl/sdist/deepspeed-*.tar.gz
+	rm -rf .whl/sdist
+	@ls .whl
 
 clean-env:
 	rm -rf $(VENV)

@@ -146,6 +146,8 @@ RULES: dict[str, Rule] = {
     "make demo": Rule("skip", "21 minutes; a shortened demo is tests/e2e/test_demo_short.py"),
     "make test": Rule("skip", "the test suite itself"),
     ".ci/run": Rule("skip", "runs `make test`, the test suite itself"),
+    "make gpu-wheels": Rule("skip", "downloads pinned wheels and builds DeepSpeed's from its sdist (about a minute) "
+                            "for tests/gpu_device_check.sh, which runs only on a CUDA machine"),
     "make compare": Rule("skip", "2.5-5 h on 2 cores (12 trainings); see `ngrpo compare`"),
     "ngrpo compare": Rule("skip", "2.5-5 h on 2 cores (12 trainings); its trainings are the demo's driver "
                                   "(tests/e2e/test_demo_short.py), its table and records "

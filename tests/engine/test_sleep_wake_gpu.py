@@ -4,6 +4,8 @@ CPU the engine's sleep is a no-op that says so (checked here without CUDA)."""
 
 from __future__ import annotations
 
+import importlib.util
+
 import pytest
 import torch
 
@@ -24,6 +26,8 @@ def test_cpu_engine_sleep_is_a_stated_no_op():
 @pytest.mark.gpu
 @pytest.mark.engine
 @pytest.mark.slow
+@pytest.mark.skipif(importlib.util.find_spec("vllm") is None,
+                    reason="vLLM is not installed (a CUDA machine without it: tests/gpu_device_check.sh)")
 def test_sleep_frees_gpu_memory_and_wake_then_refit_serves_new_weights(tiny_models):
     from hf_oracle import load_hf
 
