@@ -39,6 +39,7 @@ test-fast: $(STAMP)
 GPU_WHEELS := hjson pydantic pydantic_core annotated-types typing-inspection typing_extensions
 pin = $(shell grep -i '^$(1)==' requirements/cpu.lock)
 gpu-wheels: $(STAMP)
+	$(foreach w,$(GPU_WHEELS) deepspeed,$(if $(call pin,$(w)),,$(error gpu-wheels: $(w) has no pin in requirements/cpu.lock)))
 	rm -rf .whl && mkdir -p .whl/sdist
 	$(PY) -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
 		--platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 -d .whl \

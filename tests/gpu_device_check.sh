@@ -4,7 +4,7 @@
 # gpu tests (sleep/wake, vLLM's ipc and nccl weight transfer) need vLLM and skip or are left out here.
 #
 # Here:   make gpu-wheels                      (DeepSpeed and what it needs, as wheels in .whl/)
-# There:  bash tests/gpu_device_check.sh       (with .whl carried; writes the log and JSON lines under $OUT or runs/)
+# There:  bash tests/gpu_device_check.sh       (with .whl carried; the log goes to $OUT, or runs/gpu_check)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 out="${OUT:-runs/gpu_check}"

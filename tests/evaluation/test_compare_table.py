@@ -112,9 +112,9 @@ def test_the_comparison_refuses_stale_records_before_training(tmp_path):
 
 
 def test_a_record_names_the_commit_and_whether_the_code_differed_from_it(tmp_path):
-    def git(*args):
-        subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@t", *args], cwd=tmp_path, check=True,
-                       capture_output=True)
+    def git(*args) -> str:
+        return subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@t", *args], cwd=tmp_path, check=True,
+                              capture_output=True, text=True).stdout.strip()
 
     assert code_version(tmp_path) is None  # not a checkout
     (tmp_path / "ngrpo_ray").mkdir()
@@ -123,8 +123,7 @@ def test_a_record_names_the_commit_and_whether_the_code_differed_from_it(tmp_pat
     git("init", "-q")
     git("add", ".")
     git("commit", "-qm", "first")
-    head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=tmp_path, capture_output=True,
-                          text=True).stdout.strip()
+    head = git("rev-parse", "--short", "HEAD")
     assert code_version(tmp_path) == head
     (tmp_path / "README.md").write_text("a new table\n")  # docs and records do not change what a run measures
     assert code_version(tmp_path) == head
