@@ -4,12 +4,13 @@ Also ``ngrpo bench neighbor-table`` (the full table build's seconds). Both print
 Both engines are alive together and rounds are interleaved (vanilla, hooked / hooked, vanilla, alternating) so
 machine noise hits both alike; ``slowdown`` is from the summed tokens and seconds, ``slowdown_median_of_rounds`` is
 the median of the per-round slowdowns. Same prompts, same sampling settings (temperature, max_tokens with ignore_eos so every sequence has the
-same length, detokenize off, logprobs=0 since RL needs them either way). The hooked time includes resolving the
+same length, detokenize off, logprobs=0 since RL needs them either way, no tokenizer in either engine). The hooked time includes resolving the
 records and building the RolloutBatch. slowdown = 1 - hooked / vanilla.
 The hooked engine's neighbor tables follow the engine default (lazy on CPU: rows computed for each new anchor, and
 sampling makes new anchors in every round, so one pass over E per step with a new anchor stays in the timed rounds);
-``--neighbor-mode full`` builds the whole table in the warm-up instead (the GPU default; on this 2-core CPU the
-SmolLM2 build ran 5 minutes under load and then its worker died, cause not found). ``neighbor_build_seconds`` reports the full build's time.
+``--neighbor-mode full`` builds the whole table in the warm-up instead (the GPU default, so the timed rounds see the
+hook as a GPU engine runs it; the SmolLM2 table builds in about 93 s on this 2-core CPU). ``neighbor_build_seconds``
+reports the full build's time.
 ``--warmup-tokens`` shortens the warm-up round (default: max_tokens); it only needs to compile and build the table.
 Callers that build engines need an ``if __name__ == "__main__":`` guard (vLLM spawns processes). ``--model`` takes
 the demo name (default, offline), a local folder or an HF id, resolved by ``models.offline.resolve_model`` like every
@@ -23,6 +24,7 @@ import json
 import os
 import random
 import time
+from dataclasses import replace
 from typing import Any
 
 
@@ -76,7 +78,10 @@ def run_hook_overhead_bench(args: Any, engines: tuple[Any, Any] | None = None) -
         spec = EngineSpec(model=path, seed=a["seed"], max_model_len=a["max_model_len"],
                           max_num_seqs=max(a["num_seqs"], 1), enforce_eager=a["enforce_eager"],
                           kv_cache_gib=a["kv_cache_gib"], dtype=a["dtype"], neighbor_mode=a["neighbor_mode"])
-        vanilla, hooked = build_llm(spec, hooked=False), build_llm(spec, hooked=True)
+        # The hooked engine never loads a tokenizer (its frontend must not decode virtual ids); the vanilla one
+        # skips it too, so the two differ by the hook alone and not by the frontend's per-token work.
+        plain = replace(spec, extra=(*spec.extra, ("skip_tokenizer_init", True)))
+        vanilla, hooked = build_llm(plain, hooked=False), build_llm(spec, hooked=True)
     else:
         vanilla, hooked = engines
     prompts = _prompts(vocab, a["num_seqs"], a["prompt_len"], a["seed"])
