@@ -5,7 +5,8 @@ Both engines are alive together and rounds are interleaved (vanilla, hooked / ho
 machine noise hits both alike; ``slowdown`` is from the summed tokens and seconds, ``slowdown_median_of_rounds`` is
 the median of the per-round slowdowns. Same prompts, same sampling settings (temperature, max_tokens with ignore_eos so every sequence has the
 same length, detokenize off, logprobs=0 since RL needs them either way, no tokenizer in either engine). The hooked time includes resolving the
-records and building the RolloutBatch. slowdown = 1 - hooked / vanilla.
+records and building the RolloutBatch. slowdown = 1 - hooked / vanilla; ``slowdown_generate`` is the same for the
+hooked engine's ``generate`` call alone, so the two parts of the hooked time can be told apart.
 The hooked engine's neighbor tables follow the engine default (lazy on CPU: rows computed for each new anchor, and
 sampling makes new anchors in every round, so one pass over E per step with a new anchor stays in the timed rounds);
 ``--neighbor-mode full`` builds the whole table in the warm-up instead (the GPU default, so the timed rounds see the
@@ -94,26 +95,27 @@ def run_hook_overhead_bench(args: Any, engines: tuple[Any, Any] | None = None) -
         outs = vanilla.generate([{"prompt_token_ids": p} for p in prompts], sp, use_tqdm=False)
         return time.perf_counter() - t0, sum(len(o.outputs[0].token_ids) for o in outs)
 
-    def run_hooked(s: dict = sampling) -> tuple[float, int, float]:
+    def run_hooked(s: dict = sampling) -> tuple[float, int, float, float]:
         t0 = time.perf_counter()
         batch = generate_rollout(hooked, prompts, s, mixing)
-        return time.perf_counter() - t0, batch.num_tokens, batch.mixed_fraction
+        return time.perf_counter() - t0, batch.num_tokens, batch.mixed_fraction, batch.timings["generation_s"]
 
     warm = {**sampling, "max_tokens": int(a["warmup_tokens"] or a["max_tokens"])}
     progress.note(f"warm-up round of {warm['max_tokens']} tokens (not timed)")
     # warm-up: first-call costs (compiles, the neighbor table) stay out of the timing
     run_vanilla(SamplingParams(detokenize=False, logprobs=0, **warm)), run_hooked(warm)
     progress.begin_units()
-    rounds, v_s, v_t, h_s, h_t, mixed = [], 0.0, 0, 0.0, 0, []
+    rounds, v_s, v_t, h_s, h_t, g_s, mixed = [], 0.0, 0, 0.0, 0, 0.0, []
     for r in range(a["rounds"]):
         if r % 2 == 0:  # alternate which engine goes first so a drift in machine load hits both alike
-            (vs, vt), (hs, ht, mf) = run_vanilla(), run_hooked()
+            (vs, vt), (hs, ht, mf, gs) = run_vanilla(), run_hooked()
         else:
-            (hs, ht, mf), (vs, vt) = run_hooked(), run_vanilla()
-        v_s, v_t, h_s, h_t = v_s + vs, v_t + vt, h_s + hs, h_t + ht
+            (hs, ht, mf, gs), (vs, vt) = run_hooked(), run_vanilla()
+        v_s, v_t, h_s, h_t, g_s = v_s + vs, v_t + vt, h_s + hs, h_t + ht, g_s + gs
         mixed.append(mf)
         rounds.append({"round": r, "vanilla_tokens_per_s": vt / vs, "hooked_tokens_per_s": ht / hs,
-                       "slowdown": 1.0 - (ht / hs) / (vt / vs), "mixed_fraction": mf})
+                       "slowdown": 1.0 - (ht / hs) / (vt / vs), "slowdown_generate": 1.0 - (ht / gs) / (vt / vs),
+                       "mixed_fraction": mf})
         progress.update(r + 1)
     vanilla_tps, hooked_tps = v_t / v_s, h_t / h_s
     paired = sorted(x["slowdown"] for x in rounds)
@@ -124,6 +126,8 @@ def run_hook_overhead_bench(args: Any, engines: tuple[Any, Any] | None = None) -
         "neighbor_build_seconds": _neighbor_build_seconds(hooked),
         "vanilla_tokens_per_s": vanilla_tps, "hooked_tokens_per_s": hooked_tps,
         "slowdown": 1.0 - hooked_tps / vanilla_tps,
+        # the engine's generate call alone (hook in the engine), without resolving records and building the batch
+        "slowdown_generate": 1.0 - (h_t / g_s) / vanilla_tps,
         # robust to a noisy round on a shared machine: the median of the per-round (back-to-back) slowdowns
         "slowdown_median_of_rounds": paired[len(paired) // 2] if len(paired) % 2 else
         0.5 * (paired[len(paired) // 2 - 1] + paired[len(paired) // 2]),
