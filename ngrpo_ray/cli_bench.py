@@ -3,10 +3,11 @@ Also ``ngrpo bench neighbor-table`` (the full table build's seconds). Both print
 
 Both engines are alive together and rounds are interleaved (vanilla, hooked / hooked, vanilla, alternating) so
 machine noise hits both alike; ``slowdown`` is from the summed tokens and seconds, ``slowdown_median_of_rounds`` is
-the median of the per-round slowdowns. Same prompts, same sampling settings (temperature, max_tokens with ignore_eos so every sequence has the
-same length, detokenize off, logprobs=0 since RL needs them either way, no tokenizer in either engine). The hooked time includes resolving the
-records and building the RolloutBatch. slowdown = 1 - hooked / vanilla; ``slowdown_generate`` is the same for the
-hooked engine's ``generate`` call alone, so the two parts of the hooked time can be told apart.
+the median of the per-round slowdowns. Same prompts, same sampling settings (temperature, max_tokens with ignore_eos
+so every sequence has the same length, detokenize off, logprobs=0 since RL needs them either way), and no tokenizer in
+either engine. The hooked time includes resolving the records and building the RolloutBatch. slowdown = 1 - hooked /
+vanilla; ``slowdown_generate`` is the same for the hooked engine's ``generate`` call alone, so the two parts of the
+hooked time can be told apart.
 The hooked engine's neighbor tables follow the engine default (lazy on CPU: rows computed for each new anchor, and
 sampling makes new anchors in every round, so one pass over E per step with a new anchor stays in the timed rounds);
 ``--neighbor-mode full`` builds the whole table in the warm-up instead (the GPU default, so the timed rounds see the
