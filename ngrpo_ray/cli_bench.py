@@ -77,12 +77,10 @@ def run_hook_overhead_bench(args: Any, engines: tuple[Any, Any] | None = None) -
     vocab = int(AutoConfig.from_pretrained(path).vocab_size)
     if engines is None:
         progress.note(f"building the vanilla and the hooked vLLM engine of {path}")
-        spec = EngineSpec(model=path, seed=a["seed"], max_model_len=a["max_model_len"],
-                          max_num_seqs=max(a["num_seqs"], 1), enforce_eager=a["enforce_eager"],
-                          kv_cache_gib=a["kv_cache_gib"], dtype=a["dtype"], neighbor_mode=a["neighbor_mode"])
-        # The hooked engine never loads a tokenizer (its frontend must not decode virtual ids); the vanilla one
-        # skips it too, so the two differ by the hook alone and not by the frontend's per-token work.
-        plain = replace(spec, extra=(*spec.extra, ("skip_tokenizer_init", True)))
+        plain, spec = bench_engine_specs(EngineSpec(
+            model=path, seed=a["seed"], max_model_len=a["max_model_len"], max_num_seqs=max(a["num_seqs"], 1),
+            enforce_eager=a["enforce_eager"], kv_cache_gib=a["kv_cache_gib"], dtype=a["dtype"],
+            neighbor_mode=a["neighbor_mode"]))
         vanilla, hooked = build_llm(plain, hooked=False), build_llm(spec, hooked=True)
     else:
         vanilla, hooked = engines
@@ -115,7 +113,7 @@ def run_hook_overhead_bench(args: Any, engines: tuple[Any, Any] | None = None) -
         v_s, v_t, h_s, h_t, g_s = v_s + vs, v_t + vt, h_s + hs, h_t + ht, g_s + gs
         mixed.append(mf)
         rounds.append({"round": r, "vanilla_tokens_per_s": vt / vs, "hooked_tokens_per_s": ht / hs,
-                       "slowdown": 1.0 - (ht / hs) / (vt / vs), "slowdown_generate": 1.0 - (ht / gs) / (vt / vs),
+                       "slowdown": _slowdown(ht, hs, vt, vs), "slowdown_generate": _slowdown(ht, gs, vt, vs),
                        "mixed_fraction": mf})
         progress.update(r + 1)
     vanilla_tps, hooked_tps = v_t / v_s, h_t / h_s
@@ -126,14 +124,26 @@ def run_hook_overhead_bench(args: Any, engines: tuple[Any, Any] | None = None) -
         "neighbor_mode": a["neighbor_mode"], "warmup_tokens": warm["max_tokens"],
         "neighbor_build_seconds": _neighbor_build_seconds(hooked),
         "vanilla_tokens_per_s": vanilla_tps, "hooked_tokens_per_s": hooked_tps,
-        "slowdown": 1.0 - hooked_tps / vanilla_tps,
+        "slowdown": _slowdown(h_t, h_s, v_t, v_s),
         # the engine's generate call alone (hook in the engine), without resolving records and building the batch
-        "slowdown_generate": 1.0 - (h_t / g_s) / vanilla_tps,
+        "slowdown_generate": _slowdown(h_t, g_s, v_t, v_s),
         # robust to a noisy round on a shared machine: the median of the per-round (back-to-back) slowdowns
         "slowdown_median_of_rounds": paired[len(paired) // 2] if len(paired) % 2 else
         0.5 * (paired[len(paired) // 2 - 1] + paired[len(paired) // 2]),
         "mixed_fraction": sum(mixed) / len(mixed), "per_round": rounds,
     }
+
+
+def bench_engine_specs(spec: Any) -> tuple[Any, Any]:
+    """(vanilla spec, hooked spec) from one EngineSpec. The hooked engine never loads a tokenizer (its frontend must
+    not decode virtual ids); the vanilla one skips it too, so the two differ by the hook alone and not by the
+    frontend's per-token work."""
+    return replace(spec, extra=(*spec.extra, ("skip_tokenizer_init", True))), spec
+
+
+def _slowdown(hooked_tokens: float, hooked_s: float, vanilla_tokens: float, vanilla_s: float) -> float:
+    """1 - hooked tokens/s over vanilla tokens/s."""
+    return 1.0 - (hooked_tokens / hooked_s) / (vanilla_tokens / vanilla_s)
 
 
 def _neighbor_build_seconds(hooked: Any) -> float | None:
