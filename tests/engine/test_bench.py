@@ -18,3 +18,16 @@ def test_hook_overhead_bench_reports_consistent_numbers(vanilla_qwen2_engine, qw
     # the generate call alone is part of the hooked time, so it can only be slower than the whole by less
     for r in out["per_round"]:
         assert r["slowdown_generate"] <= r["slowdown"] + 1e-12
+
+
+def test_the_bench_engines_differ_by_the_hook_alone():
+    """The vanilla engine skips the tokenizer like the hooked one (a tokenizer in one engine only biased the bench
+    by about 3 points in the hook's favour on 2026-12-03); every other engine argument is shared."""
+    from ngrpo_ray.cli_bench import bench_engine_specs
+    from ngrpo_ray.engine.llm_factory import EngineSpec, engine_kwargs
+
+    plain, spec = bench_engine_specs(EngineSpec(model="m", neighbor_mode="full"))
+    vanilla, hooked = engine_kwargs(plain, hooked=False), engine_kwargs(spec, hooked=True)
+    assert vanilla["skip_tokenizer_init"] is True
+    assert {k: hooked[k] for k in vanilla} == vanilla
+    assert set(hooked) - set(vanilla) == {"worker_extension_cls", "async_scheduling", "additional_config"}
