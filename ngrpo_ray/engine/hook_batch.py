@@ -25,6 +25,12 @@ class Composition:
     unit_temp: bool
     any_stop: bool  # some request has stop_after ids: the post-hook updates the stopped flags
     temps: torch.Tensor  # [H] device temperatures
+    # Host facts of the opted-in rows that let the kernels skip work every row would do for nothing:
+    kinds: np.ndarray  # [H] kernel kind of each row
+    one_kind: bool  # every row has the same kind: the gated rows need no grouping
+    full_k: bool  # every row mixes k_max neighbors: no padding columns
+    emits_sampled: bool  # some row emits vLLM's sampled token (emit "sampled")
+    filtered: bool  # some row takes the filtered-probability alpha
 
 
 @dataclass

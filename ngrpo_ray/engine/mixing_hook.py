@@ -35,7 +35,7 @@ from ngrpo_ray.engine.hook_batch import NEIGHBOR, NOISE, SOFT, Composition, Pend
 from ngrpo_ray.engine.neighbor_kernel import neighbor_group
 from ngrpo_ray.engine.neighbor_tables import NeighborTables
 from ngrpo_ray.engine.noise_kernel import noise_group
-from ngrpo_ray.engine.request_table import RequestTable, kind_of
+from ngrpo_ray.engine.request_table import RequestTable
 from ngrpo_ray.engine.ring_writer import write_gated
 from ngrpo_ray.engine.soft_kernel import soft_group
 
@@ -116,9 +116,12 @@ class MixingHook:
         rows_t, slots_t = self.to_device(rows_np), self.to_device(slots_np)
         temps = table.temp.index_select(0, slots_t)
         unit_temp = all(float(self.runner.requests[req_ids[r]].sampling_params.temperature) == 1.0 for r in rows)
-        self._comp = Composition(list(req_ids), rows_np, slots_np, rows_t, slots_t,
-                                  rows == list(range(len(req_ids))), unit_temp,
-                                  bool(table.has_stop[slots_np].any()) if slots else False, temps)
+        kinds = table.kind[slots_np]
+        self._comp = Composition(
+            list(req_ids), rows_np, slots_np, rows_t, slots_t, rows == list(range(len(req_ids))), unit_temp,
+            bool(table.has_stop[slots_np].any()), temps, kinds=kinds, one_kind=bool((kinds == kinds[:1]).all()),
+            full_k=bool((table.mix_k[slots_np] == self.k_max).all()),
+            emits_sampled=bool(table.emits_sampled[slots_np].any()), filtered=bool(table.filtered[slots_np].any()))
         self.compositions += 1
         return self._comp
 
@@ -157,13 +160,14 @@ class MixingHook:
         p = Pending(comp, scaled, norm)
         pos = np.flatnonzero(gated)
         if pos.size:
-            kinds = kind_of(table.strategy[comp.slots[pos]])
-            order = np.argsort(kinds, kind="stable")  # neighbor mixing, then soft tokens, then gaussian_noise
-            pos, kinds = pos[order], kinds[order]
+            kinds = comp.kinds[pos]
+            if not comp.one_kind:
+                order = np.argsort(kinds, kind="stable")  # neighbor mixing, then soft tokens, then gaussian_noise
+                pos, kinds = pos[order], kinds[order]
             g = self.to_device(np.stack([comp.rows[pos], comp.slots[pos], pos]))
             p.g_rows, p.g_slots, p.g_pos = g[0], g[1], g[2]
             self.counter_bound += int(pos.size)
-            for kind in (NEIGHBOR, SOFT, NOISE):
+            for kind in (NEIGHBOR, SOFT, NOISE) if not comp.one_kind else (int(kinds[0]),):
                 start, end = np.searchsorted(kinds, kind, "left"), np.searchsorted(kinds, kind, "right")
                 if end > start:
                     p.groups.append(self._group(kind, logits, p, int(start), int(end), comp.slots[pos[start:end]],
@@ -183,7 +187,7 @@ class MixingHook:
         else:  # every temperature is 1: z = logits
             z, norm = logits.index_select(0, rows)[:, : self.vocab_size].float(), None
         if kind == NEIGHBOR:
-            return neighbor_group(self, logits, z, norm, rows, slot_t, slots, start, end)
+            return neighbor_group(self, logits, z, norm, rows, slot_t, slots, start, end, p.comp)
         return soft_group(self, z, norm, slot_t, slots, steps, start, end)
 
     @torch.no_grad()

@@ -20,28 +20,32 @@ from ngrpo_ray.engine.request_options import METRICS
 
 
 def neighbor_group(hook, logits: torch.Tensor, z: torch.Tensor, log_norm: torch.Tensor | None, rows: torch.Tensor,
-                   slot_t: torch.Tensor, slots: np.ndarray, start: int, end: int) -> GatedGroup:
-    """z: [n, V] the rows' scaled logits (temperature 1 when ``log_norm`` is None: the reuse path)."""
-    table, k_max = hook.requests, hook.k_max
-    anchor = z.argmax(dim=-1)
+                   slot_t: torch.Tensor, slots: np.ndarray, start: int, end: int, comp) -> GatedGroup:
+    """z: [n, V] the rows' scaled logits (temperature 1 when ``log_norm`` is None: the reuse path). ``comp``'s host
+    facts (hook_batch.Composition) skip the padding columns, the filtered alpha and emit "sampled" when no row of the
+    batch uses them: each skip leaves the values bit for bit, and each op saved is a kernel launch per decode step."""
+    table = hook.requests
+    anchor_z, anchor = z.max(dim=-1)  # the first maximum, as argmax
     banned = table.id_sets[table.ban_set.index_select(0, slot_t), anchor]
     group = GatedGroup(NEIGHBOR, start, end, mixed=~table.stopped.index_select(0, slot_t) & ~banned, anchor=anchor)
     cand = candidates(hook, slots, anchor)
-    col = torch.arange(k_max, device=anchor.device).unsqueeze(0)
-    in_set = col < table.k.index_select(0, slot_t).unsqueeze(1)
-    cand = torch.where(in_set, cand, anchor.unsqueeze(1))
-    minus_inf = torch.tensor(float("-inf"), device=anchor.device)
-    scores = torch.where(in_set, logits[rows.unsqueeze(1), cand].float()
-                         / table.tau.index_select(0, slot_t).unsqueeze(1), minus_inf)
+    in_set = None
+    if not comp.full_k:  # rows with k < k_max: padding columns point at the anchor with alpha 0
+        col = torch.arange(hook.k_max, device=anchor.device).unsqueeze(0)
+        in_set = col < table.k.index_select(0, slot_t).unsqueeze(1)
+        cand = torch.where(in_set, cand, anchor.unsqueeze(1))
+    scores = logits[rows.unsqueeze(1), cand].float() / table.tau.index_select(0, slot_t).unsqueeze(1)
+    if in_set is not None:
+        scores = torch.where(in_set, scores, float("-inf"))
     alpha = torch.softmax(scores, dim=-1)
-    filtered = table.filtered[slots]
-    if filtered.any():  # host column: some request takes the released code's alpha
-        keep = _filter_keep(table, z, cand, slot_t, slots) & in_set
-        alpha_f = torch.softmax(torch.where(keep, z.gather(1, cand), minus_inf), dim=-1)
+    if comp.filtered and table.filtered[slots].any():  # host columns: some request takes the released code's alpha
+        keep = _filter_keep(table, z, cand, slot_t, slots)
+        keep = keep if in_set is None else keep & in_set
+        alpha_f = torch.softmax(torch.where(keep, z.gather(1, cand), float("-inf")), dim=-1)
         alpha = torch.where(table.filtered_t.index_select(0, slot_t).unsqueeze(1), alpha_f, alpha)
     group.cand, group.alpha = cand, alpha
-    group.emit_sampled = table.emit_sampled.index_select(0, slot_t)
-    anchor_z = z.gather(1, anchor.unsqueeze(1)).squeeze(1)
+    if comp.emits_sampled:
+        group.emit_sampled = table.emit_sampled.index_select(0, slot_t)
     if log_norm is not None:
         group.anchor_logprob = anchor_z - log_norm
     else:

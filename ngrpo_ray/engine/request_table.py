@@ -42,6 +42,10 @@ HOST_COLUMNS = (
     ("filtered", bool),  # alpha_source "filtered_probs"
     ("filter_top_k", np.int64),  # the request's top-k (<= 0: off)
     ("filter_top_p", np.float32),
+    # host copies of what lets a composition take the kernels' short paths (mixing_hook.Composition)
+    ("kind", np.int8),  # kernel kind (hook_batch.NEIGHBOR / SOFT / NOISE)
+    ("mix_k", np.int64),  # neighbor_mix's k
+    ("emits_sampled", bool),  # emit "sampled"
 )
 # Device columns: name, dtype, the value of a new slot until a request's options are written.
 DEVICE_COLUMNS = (
@@ -148,6 +152,9 @@ class RequestTable:
             self.has_stop[slot] = bool(o.stop_after_ids)
             self.width[slot] = o.width
             self.filtered[slot] = o.alpha_source == "filtered_probs" and o.strategy == "neighbor_mix"
+            self.kind[slot] = kind_of(self.strategy[slot : slot + 1])[0]
+            self.mix_k[slot] = o.k
+            self.emits_sampled[slot] = o.emit == "sampled"
         temps = [float(sp.temperature) for _, _, sp in new]
         top_k = [int(sp.top_k or 0) if 0 < int(sp.top_k or 0) < self.vocab_size else 0 for _, _, sp in new]
         top_p = [float(sp.top_p) for _, _, sp in new]

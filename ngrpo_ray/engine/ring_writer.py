@@ -21,20 +21,25 @@ _INT32_MAX = (1 << 31) - 1
 def _group_records(hook, g: GatedGroup, slots: torch.Tensor, drawn: torch.Tensor, drawn_lp: torch.Tensor | None):
     """(mixed, cand, alpha, token, logprob) of one group's rows."""
     table, V = hook.requests, hook.vocab_size
-    lp_or_zero = drawn_lp if drawn_lp is not None else torch.zeros(drawn.shape[0], device=drawn.device)
-    banned_drawn = table.id_sets[table.ban_set.index_select(0, slots), drawn.clamp(0, V)]
+
+    def lp_or_zero():
+        return drawn_lp if drawn_lp is not None else torch.zeros(drawn.shape[0], device=drawn.device)
+
+    def banned_drawn():
+        return table.id_sets[table.ban_set.index_select(0, slots), drawn.clamp(0, V)]
+
     if g.kind == NOISE:  # the sampled token, unless it is a stop / never-mix id
-        mixed = ~table.stopped.index_select(0, slots) & ~banned_drawn
+        mixed = ~table.stopped.index_select(0, slots) & ~banned_drawn()
         cand = drawn.unsqueeze(1).expand(-1, hook.k_max)
         alpha = torch.zeros(drawn.shape[0], hook.k_max, dtype=torch.float32, device=drawn.device)
         alpha[:, 0] = 1.0
-        return mixed, cand, alpha, drawn, lp_or_zero
+        return mixed, cand, alpha, drawn, lp_or_zero()
     anchor_lp = g.anchor_logprob if g.anchor_logprob is not None else _anchor_logprob(hook, g, drawn, drawn_lp)
     mixed, token, logprob = g.mixed, g.anchor, anchor_lp
     if g.emit_sampled is not None:
-        mixed = mixed & ~(g.emit_sampled & banned_drawn)
+        mixed = mixed & ~(g.emit_sampled & banned_drawn())
         token = torch.where(g.emit_sampled, drawn, g.anchor)
-        logprob = torch.where(g.emit_sampled, lp_or_zero, anchor_lp)
+        logprob = torch.where(g.emit_sampled, lp_or_zero(), anchor_lp)
     return mixed, g.cand, g.alpha, token, logprob
 
 
@@ -55,7 +60,10 @@ def write_gated(hook, p: Pending, sampled: torch.Tensor, lp) -> None:
     current_lp = lp.logprobs.index_select(0, p.g_rows)[:, 0].float() if lp is not None else None
     parts = [_group_records(hook, g, p.g_slots[g.start : g.end], drawn_all[g.start : g.end],
                             None if current_lp is None else current_lp[g.start : g.end]) for g in p.groups]
-    mixed, cand, alpha, token, record_lp = (torch.cat([part[i] for part in parts]) for i in range(5))
+    if len(parts) == 1:
+        mixed, cand, alpha, token, record_lp = parts[0]
+    else:
+        mixed, cand, alpha, token, record_lp = (torch.cat([part[i] for part in parts]) for i in range(5))
     m = mixed.long()
     offset = torch.cumsum(m, 0) - m  # rank among this step's mixed rows
     c = hook.counter + offset
