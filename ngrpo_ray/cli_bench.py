@@ -7,7 +7,8 @@ the median of the per-round slowdowns. Same prompts, same sampling settings (tem
 so every sequence has the same length, detokenize off, logprobs=0 since RL needs them either way), and no tokenizer in
 either engine. The hooked time includes resolving the records and building the RolloutBatch. slowdown = 1 - hooked /
 vanilla; ``slowdown_generate`` is the same for the hooked engine's ``generate`` call alone, so the two parts of the
-hooked time can be told apart.
+hooked time can be told apart; ``hook_host_share`` is the hooks' own time, measured inside the engine, over the hooked
+generate time (no noise between two engines' runs in it, and no in-graph embedding either).
 The hooked engine's neighbor tables follow the engine default (lazy on CPU: rows computed for each new anchor, and
 sampling makes new anchors in every round, so one pass over E per step with a new anchor stays in the timed rounds);
 ``--neighbor-mode full`` builds the whole table in the warm-up instead (the GPU default, so the timed rounds see the
@@ -103,6 +104,7 @@ def run_hook_overhead_bench(args: Any, engines: tuple[Any, Any] | None = None) -
     progress.note(f"warm-up round of {warm['max_tokens']} tokens (not timed)")
     # warm-up: first-call costs (compiles, the neighbor table) stay out of the timing
     run_vanilla(SamplingParams(detokenize=False, logprobs=0, **warm)), run_hooked(warm)
+    host_before = _hook_host_seconds(hooked)
     progress.begin_units()
     rounds, v_s, v_t, h_s, h_t, g_s, mixed = [], 0.0, 0, 0.0, 0, 0.0, []
     for r in range(a["rounds"]):
@@ -117,6 +119,7 @@ def run_hook_overhead_bench(args: Any, engines: tuple[Any, Any] | None = None) -
                        "mixed_fraction": mf})
         progress.update(r + 1)
     vanilla_tps, hooked_tps = v_t / v_s, h_t / h_s
+    host_after = _hook_host_seconds(hooked)
     paired = sorted(x["slowdown"] for x in rounds)
     return {
         "model": str(a["model"]), "model_path": path, "rho": a["rho"], "k": a["k"], "num_seqs": a["num_seqs"], "max_tokens": a["max_tokens"],
@@ -127,6 +130,9 @@ def run_hook_overhead_bench(args: Any, engines: tuple[Any, Any] | None = None) -
         "slowdown": _slowdown(h_t, h_s, v_t, v_s),
         # the engine's generate call alone (hook in the engine), without resolving records and building the batch
         "slowdown_generate": _slowdown(h_t, g_s, v_t, v_s),
+        # the hook's own share of the hooked generate calls: its time measured inside the engine, free of the
+        # noise between two engines' runs (the embedding's in-graph mixing is not in it; the end-to-end numbers are)
+        "hook_host_share": None if host_before is None or host_after is None else (host_after - host_before) / g_s,
         # robust to a noisy round on a shared machine: the median of the per-round (back-to-back) slowdowns
         "slowdown_median_of_rounds": paired[len(paired) // 2] if len(paired) % 2 else
         0.5 * (paired[len(paired) // 2 - 1] + paired[len(paired) // 2]),
@@ -144,6 +150,16 @@ def bench_engine_specs(spec: Any) -> tuple[Any, Any]:
 def _slowdown(hooked_tokens: float, hooked_s: float, vanilla_tokens: float, vanilla_s: float) -> float:
     """1 - hooked tokens/s over vanilla tokens/s."""
     return 1.0 - (hooked_tokens / hooked_s) / (vanilla_tokens / vanilla_s)
+
+
+def _hook_host_seconds(hooked: Any) -> float | None:
+    """Seconds the hooked engine's thread has spent inside the sampler hooks so far, or None if it cannot say."""
+    from ngrpo_ray.engine.records_client import check
+
+    try:
+        return float(check(hooked.collective_rpc("ngrpo_stats"))["hook_host_seconds"])
+    except Exception:  # noqa: BLE001 - a report field, never a reason to lose the measurement
+        return None
 
 
 def _neighbor_build_seconds(hooked: Any) -> float | None:

@@ -26,6 +26,8 @@ computed for all opted-in rows, as the contract needs.
 
 from __future__ import annotations
 
+import time
+
 import numpy as np
 import torch
 
@@ -69,6 +71,10 @@ class MixingHook:
         self.steps_reusing_vllm_logprob = 0
         self._raw_logprobs = getattr(runner.sampler, "logprobs_mode", None) == "raw_logprobs"
         self.resumed_rows = 0  # a request came back after missing steps: preempted and recomputed
+        # Wall time the engine's thread spends inside the two hooks (what they cost the step on CPU; on GPU the time
+        # to enqueue their work, which async scheduling overlaps with the device): a direct, low-noise measure of
+        # the hook's own cost beside the end-to-end comparison of ``ngrpo bench hook-overhead``.
+        self.host_seconds = 0.0
         self._handles = [
             runner.sampler.register_forward_pre_hook(self._pre_hook, with_kwargs=True),
             runner.sampler.register_forward_hook(self._post_hook, with_kwargs=True),
@@ -129,16 +135,29 @@ class MixingHook:
         return to_device(a, self.device)
 
     # ---- hooks -----------------------------------------------------------------------------------------------
-    @torch.no_grad()
     def _pre_hook(self, module, args, kwargs):
+        t0 = time.perf_counter()
+        try:
+            self._pre_step(kwargs.get("logits", args[0] if args else None))
+        finally:
+            self.host_seconds += time.perf_counter() - t0
+
+    def _post_hook(self, module, args, kwargs, output):
+        t0 = time.perf_counter()
+        try:
+            self._post_step(output)
+        finally:
+            self.host_seconds += time.perf_counter() - t0
+
+    @torch.no_grad()
+    def _pre_step(self, logits: torch.Tensor | None) -> None:
         self._pending = None
-        logits = kwargs.get("logits", args[0] if args else None)
         req_ids = self.runner.input_batch.req_ids
         if logits is None or len(req_ids) != logits.shape[0]:  # warm-up / profiling dummy runs
-            return None
+            return
         comp = self._composition(req_ids)
         if not len(comp.rows):
-            return None
+            return
         self.steps_hooked += 1
         table, V = self.requests, self.vocab_size
         # The gate, on the host: the response's stream at its step, unless vLLM discards this row's sample
@@ -173,7 +192,6 @@ class MixingHook:
                     p.groups.append(self._group(kind, logits, p, int(start), int(end), comp.slots[pos[start:end]],
                                                 steps[pos[start:end]]))
         self._pending = p
-        return None
 
     def _group(self, kind: int, logits: torch.Tensor, p: Pending, start: int, end: int, slots: np.ndarray,
                steps: np.ndarray):
@@ -191,10 +209,10 @@ class MixingHook:
         return soft_group(self, z, norm, slot_t, slots, steps, start, end)
 
     @torch.no_grad()
-    def _post_hook(self, module, args, kwargs, output):
+    def _post_step(self, output) -> None:
         p, self._pending = self._pending, None
         if p is None:
-            return None
+            return
         comp, V = p.comp, self.vocab_size
         sampled = output.sampled_token_ids  # [B, 1] int32
         lp = output.logprobs_tensors
@@ -210,7 +228,6 @@ class MixingHook:
             hit = table.id_sets[table.stop_set.index_select(0, comp.slots_t), emitted]
             discard = self.runner.discard_request_mask.gpu[: sampled.shape[0]].index_select(0, comp.rows_t)
             table.stopped[comp.slots_t] = table.stopped.index_select(0, comp.slots_t) | (hit & ~discard.bool())
-        return None
 
     # ---- records ---------------------------------------------------------------------------------------------
     def records(self, virtual_ids: list[int]) -> dict:
@@ -245,4 +262,5 @@ class MixingHook:
                 "capacity": self.capacity, "k_max": self.k_max, "steps_hooked": self.steps_hooked,
                 "steps_reusing_vllm_logprob": self.steps_reusing_vllm_logprob,
                 "resumed_rows": self.resumed_rows, "compositions": self.compositions,
+                "hook_host_seconds": self.host_seconds,
                 "neighbor_version": self.tables.version, "live_request_states": len(self.requests)}
