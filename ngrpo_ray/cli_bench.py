@@ -104,7 +104,7 @@ def run_hook_overhead_bench(args: Any, engines: tuple[Any, Any] | None = None) -
     progress.note(f"warm-up round of {warm['max_tokens']} tokens (not timed)")
     # warm-up: first-call costs (compiles, the neighbor table) stay out of the timing
     run_vanilla(SamplingParams(detokenize=False, logprobs=0, **warm)), run_hooked(warm)
-    host_before = _hook_host_seconds(hooked)
+    host_before = _hook_stat(hooked, "hook_host_seconds")  # time in the hooks so far
     progress.begin_units()
     rounds, v_s, v_t, h_s, h_t, g_s, mixed = [], 0.0, 0, 0.0, 0, 0.0, []
     for r in range(a["rounds"]):
@@ -119,13 +119,13 @@ def run_hook_overhead_bench(args: Any, engines: tuple[Any, Any] | None = None) -
                        "mixed_fraction": mf})
         progress.update(r + 1)
     vanilla_tps, hooked_tps = v_t / v_s, h_t / h_s
-    host_after = _hook_host_seconds(hooked)
+    host_after = _hook_stat(hooked, "hook_host_seconds")
     paired = sorted(x["slowdown"] for x in rounds)
     return {
         "model": str(a["model"]), "model_path": path, "rho": a["rho"], "k": a["k"], "num_seqs": a["num_seqs"], "max_tokens": a["max_tokens"],
         "rounds": a["rounds"], "enforce_eager": a["enforce_eager"], "dtype": a["dtype"],
         "neighbor_mode": a["neighbor_mode"], "warmup_tokens": warm["max_tokens"],
-        "neighbor_build_seconds": _neighbor_build_seconds(hooked),
+        "neighbor_build_seconds": _hook_stat(hooked, "neighbor_build_seconds"),  # 0.0 in lazy mode
         "vanilla_tokens_per_s": vanilla_tps, "hooked_tokens_per_s": hooked_tps,
         "slowdown": _slowdown(h_t, h_s, v_t, v_s),
         # the engine's generate call alone (hook in the engine), without resolving records and building the batch
@@ -152,22 +152,12 @@ def _slowdown(hooked_tokens: float, hooked_s: float, vanilla_tokens: float, vani
     return 1.0 - (hooked_tokens / hooked_s) / (vanilla_tokens / vanilla_s)
 
 
-def _hook_host_seconds(hooked: Any) -> float | None:
-    """Seconds the hooked engine's thread has spent inside the sampler hooks so far, or None if it cannot say."""
+def _hook_stat(hooked: Any, key: str) -> float | None:
+    """One number of the hooked engine's ``ngrpo_stats``, or None if it cannot say."""
     from ngrpo_ray.engine.records_client import check
 
     try:
-        return float(check(hooked.collective_rpc("ngrpo_stats"))["hook_host_seconds"])
-    except Exception:  # noqa: BLE001 - a report field, never a reason to lose the measurement
-        return None
-
-
-def _neighbor_build_seconds(hooked: Any) -> float | None:
-    """The hooked engine's last full table build (0.0 in lazy mode), or None if it cannot say."""
-    from ngrpo_ray.engine.records_client import check
-
-    try:
-        return float(check(hooked.collective_rpc("ngrpo_stats"))["neighbor_build_seconds"])
+        return float(check(hooked.collective_rpc("ngrpo_stats"))[key])
     except Exception:  # noqa: BLE001 - a report field, never a reason to lose the measurement
         return None
 

@@ -37,7 +37,7 @@ from ngrpo_ray.engine.hook_batch import NEIGHBOR, NOISE, SOFT, Composition, Pend
 from ngrpo_ray.engine.neighbor_kernel import neighbor_group
 from ngrpo_ray.engine.neighbor_tables import NeighborTables
 from ngrpo_ray.engine.noise_kernel import noise_group
-from ngrpo_ray.engine.request_table import RequestTable
+from ngrpo_ray.engine.request_table import RequestTable, kind_of
 from ngrpo_ray.engine.ring_writer import write_gated
 from ngrpo_ray.engine.soft_kernel import soft_group
 
@@ -122,7 +122,7 @@ class MixingHook:
         rows_t, slots_t = self.to_device(rows_np), self.to_device(slots_np)
         temps = table.temp.index_select(0, slots_t)
         unit_temp = all(float(self.runner.requests[req_ids[r]].sampling_params.temperature) == 1.0 for r in rows)
-        kinds = table.kind[slots_np]
+        kinds = kind_of(table.strategy[slots_np])
         self._comp = Composition(
             list(req_ids), rows_np, slots_np, rows_t, slots_t, rows == list(range(len(req_ids))), unit_temp,
             bool(table.has_stop[slots_np].any()), temps, kinds=kinds, one_kind=bool((kinds == kinds[:1]).all()),

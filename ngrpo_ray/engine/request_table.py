@@ -43,7 +43,6 @@ HOST_COLUMNS = (
     ("filter_top_k", np.int64),  # the request's top-k (<= 0: off)
     ("filter_top_p", np.float32),
     # host copies of what lets a composition take the kernels' short paths (mixing_hook.Composition)
-    ("kind", np.int8),  # kernel kind (hook_batch.NEIGHBOR / SOFT / NOISE)
     ("mix_k", np.int64),  # neighbor_mix's k
     ("emits_sampled", bool),  # emit "sampled"
 )
@@ -152,7 +151,6 @@ class RequestTable:
             self.has_stop[slot] = bool(o.stop_after_ids)
             self.width[slot] = o.width
             self.filtered[slot] = o.alpha_source == "filtered_probs" and o.strategy == "neighbor_mix"
-            self.kind[slot] = kind_of(self.strategy[slot : slot + 1])[0]
             self.mix_k[slot] = o.k
             self.emits_sampled[slot] = o.emit == "sampled"
         temps = [float(sp.temperature) for _, _, sp in new]
