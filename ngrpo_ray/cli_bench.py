@@ -1,8 +1,8 @@
 """``ngrpo bench hook-overhead``: tokens/s of a vanilla vLLM engine vs the neighbor-mixing engine, one process.
 Also ``ngrpo bench neighbor-table`` (the full table build's seconds). Both print progress with an estimate on stderr.
 
-Both engines are alive together and rounds are interleaved (vanilla, hooked / hooked, vanilla, alternating) so
-machine noise hits both alike; ``slowdown`` is from the summed tokens and seconds, ``slowdown_median_of_rounds`` is
+Both engines are alive together and each round runs vanilla, hooked, hooked, vanilla (odd rounds the mirror), so a
+drift in the machine's speed over a round costs both engines alike; ``slowdown`` is from the summed tokens and seconds, ``slowdown_median_of_rounds`` is
 the median of the per-round slowdowns. Same prompts, same sampling settings (temperature, max_tokens with ignore_eos
 so every sequence has the same length, detokenize off, logprobs=0 since RL needs them either way), and no tokenizer in
 either engine. The hooked time includes resolving the records and building the RolloutBatch. slowdown = 1 - hooked /
@@ -108,15 +108,22 @@ def run_hook_overhead_bench(args: Any, engines: tuple[Any, Any] | None = None) -
     progress.begin_units()
     rounds, v_s, v_t, h_s, h_t, g_s, mixed = [], 0.0, 0, 0.0, 0, 0.0, []
     for r in range(a["rounds"]):
-        if r % 2 == 0:  # alternate which engine goes first so a drift in machine load hits both alike
-            (vs, vt), (hs, ht, mf, gs) = run_vanilla(), run_hooked()
-        else:
-            (hs, ht, mf, gs), (vs, vt) = run_hooked(), run_vanilla()
+        # each round is vanilla, hooked, hooked, vanilla (mirrored in odd rounds): a drift in the machine's speed
+        # that is linear over the round costs both engines the same, so the round's own slowdown is free of it
+        # (with one run each, a drift between the two runs lands wholly on one engine)
+        order = "vhhv" if r % 2 == 0 else "hvvh"
+        runs: dict[str, list] = {"v": [], "h": []}
+        in_order = []  # tokens/s of each run as it ran: shows the drift the pairing cancels
+        for engine in order:
+            runs[engine].append(run_vanilla() if engine == "v" else run_hooked())
+            in_order.append(runs[engine][-1][1] / runs[engine][-1][0])
+        vs, vt = (sum(x) for x in zip(*runs["v"]))
+        hs, ht, mf, gs = (sum(x) for x in zip(*runs["h"]))
+        mixed.append(mf / len(runs["h"]))
         v_s, v_t, h_s, h_t, g_s = v_s + vs, v_t + vt, h_s + hs, h_t + ht, g_s + gs
-        mixed.append(mf)
-        rounds.append({"round": r, "vanilla_tokens_per_s": vt / vs, "hooked_tokens_per_s": ht / hs,
+        rounds.append({"round": r, "order": order, "vanilla_tokens_per_s": vt / vs, "hooked_tokens_per_s": ht / hs,
                        "slowdown": _slowdown(ht, hs, vt, vs), "slowdown_generate": _slowdown(ht, gs, vt, vs),
-                       "mixed_fraction": mf})
+                       "mixed_fraction": mixed[-1], "tokens_per_s_in_order": in_order})
         progress.update(r + 1)
     vanilla_tps, hooked_tps = v_t / v_s, h_t / h_s
     host_after = _hook_stat(hooked, "hook_host_seconds")

@@ -18,6 +18,16 @@ def test_hook_overhead_bench_reports_consistent_numbers(vanilla_qwen2_engine, qw
     # the generate call alone is part of the hooked time, so it can only be slower than the whole by less
     for r in out["per_round"]:
         assert r["slowdown_generate"] <= r["slowdown"] + 1e-12
+    # each round runs both engines twice, mirrored (v h h v, then h v v h), and its tokens/s are those runs' sums
+    assert [r["order"] for r in out["per_round"]] == ["vhhv", "hvvh"]
+    for r in out["per_round"]:
+        runs = r["tokens_per_s_in_order"]
+        assert len(runs) == 4 and all(t > 0 for t in runs)
+        v = [t for t, e in zip(runs, r["order"]) if e == "v"]
+        h = [t for t, e in zip(runs, r["order"]) if e == "h"]
+        # equal token counts per run, so the pair's tokens/s is the harmonic mean of its two runs
+        assert r["vanilla_tokens_per_s"] == pytest.approx(2 / (1 / v[0] + 1 / v[1]))
+        assert r["hooked_tokens_per_s"] == pytest.approx(2 / (1 / h[0] + 1 / h[1]))
     # the hooks' own time, read from the engine: a part of the hooked generate time, and not nothing
     assert 0.0 < out["hook_host_share"] < 1.0
 
