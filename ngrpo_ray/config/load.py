@@ -181,6 +181,10 @@ def validate(cfg: Config) -> None:
     _check(a.max_resample_rounds >= 0, "algorithm.max_resample_rounds", f"must be >= 0, got {a.max_resample_rounds}")
     _check(not a.dynamic_sampling or r.group_size >= 2, "algorithm.dynamic_sampling",
            f"needs rollout.group_size >= 2 (a group of {r.group_size} never has reward variance)")
+    _check(not (a.first_token_selection and a.loss_type == "gspo"), "algorithm.first_token_selection",
+           "gives each token its own advantage (the first step's is zeroed for all but the group's best correct "
+           "response), and loss_type 'gspo' takes one advantage per sequence: use loss_type gspo_token (GSPO-token) "
+           "or grpo")
     _check(a.rollout_correction_cap > 1, "algorithm.rollout_correction_cap",
            f"must be > 1, got {a.rollout_correction_cap}")
     _check(a.rollout_correction == "none" or t.old_logprobs == "recompute", "algorithm.rollout_correction",

@@ -82,6 +82,16 @@ def test_rollout_correction_refusals_name_the_keys(overrides, message):
     assert message in str(err.value)
 
 
+def test_first_token_selection_is_refused_with_sequence_level_gspo():
+    """First-token selection makes per-token advantages; GSPO proper takes one per sequence (the combination once
+    failed only in the trainer's first update, found by the driver test)."""
+    with pytest.raises(ConfigError, match="'algorithm.first_token_selection' .* use loss_type gspo_token"):
+        load_config(None, ["algorithm.first_token_selection=true", "algorithm.loss_type=gspo"])
+    for loss in ("grpo", "gspo_token", "dr_grpo"):
+        cfg = load_config(None, ["algorithm.first_token_selection=true", f"algorithm.loss_type={loss}"])
+        assert cfg.algorithm.loss_type == loss
+
+
 def test_rollout_correction_refused_on_the_cpu_default_with_engine_log_probs():
     with pytest.raises(ConfigError, match="trainer.old_logprobs"):
         load_config("cpu_default", ["algorithm.rollout_correction=tis"])

@@ -10,6 +10,7 @@ import pytest
 
 from ngrpo_ray.config import load_config
 from ngrpo_ray.distributed.driver import train
+from ngrpo_ray.training.dynamic_sampling import refill_prompts
 from ngrpo_ray.training.prompt_order import PromptOrder
 from tests.support.faults import inject_faults
 from tests.support.runs import train_and_read
@@ -21,6 +22,8 @@ EVERY_STEP = ["reward/mean", "reward/std", "accuracy", "response_length/mean", "
               "train/entropy_mean", "mixing/cosine_mean", "mixing/cosine_min", "mixing/cosine_frac_below_0.95", "mixing/mixed_token_fraction", "reward/mixed_responses", "reward/unmixed_responses",
               "time/generation_s", "time/reward_s", "time/train_s", "time/sync_s", "time/total_s", "sync/bytes",
               "policy_version", "grading/graded"]
+DYNAMIC_SAMPLING = ["dynamic_sampling/groups_drawn", "dynamic_sampling/groups_kept", "dynamic_sampling/groups_dropped",
+                    "dynamic_sampling/groups_padded", "dynamic_sampling/refill_rounds"]
 MISMATCH = ["mismatch/abs_diff_mean", "mismatch/abs_diff_max", "mismatch/k3_kl", "mismatch/frac_abs_diff_over_0.1",
             "mismatch/seq_ratio_p50", "mismatch/seq_ratio_p90", "mismatch/seq_ratio_max", "mismatch/sequences_measured"]
 
@@ -42,17 +45,81 @@ def _cfg(model: Path, out: Path, *extra: str):
         "rollout.engine_cpus=1", "trainer.lr=1e-4", "algorithm.beta=0.01", "trainer.validate_before=false", *extra])
 
 
+def _first_token_checks(rec, cfg, out: Path) -> None:
+    """Latent-GRPO first-token selection ran in every iteration: a group without a correct response has every first
+    step zeroed, so with 2 groups of 2 at most 4 first steps are zeroed."""
+    groups, zeroed = rec.history("adv/groups_without_correct"), rec.history("adv/first_steps_zeroed")
+    assert [s for s, _ in groups] == [s for s, _ in zeroed] == [1, 2, 3]
+    B, G = cfg.trainer.prompts_per_iteration, cfg.rollout.group_size
+    assert all(0 <= v <= B for _, v in groups) and all(0 <= v <= B * G for _, v in zeroed)
+    for (_, acc), (_, without) in zip(rec.history("accuracy"), groups):
+        assert without == B if acc == 0 else without < B  # the tiny random model is rarely right
+
+
+def _dynamic_sampling_checks(rec, cfg, out: Path) -> None:
+    """DAPO dynamic sampling: the counts add up, the refill prompts are the iteration's refill stream (a resumed
+    iteration would draw the same ones)."""
+    for key in DYNAMIC_SAMPLING:
+        assert rec.steps(key) == [1, 2, 3], key
+    value = lambda key: [v for _, v in rec.history(key)]  # noqa: E731
+    B = cfg.trainer.prompts_per_iteration
+    for it in range(3):
+        drawn, kept, dropped, padded, rounds = (value(k)[it] for k in DYNAMIC_SAMPLING[:5])
+        assert kept + padded == B and drawn == kept + dropped + padded
+        assert rounds == (0 if kept == B else 1)  # one refill round allowed
+        assert drawn == B if rounds == 0 else B < drawn <= 2 * B  # the refill draws the missing groups only
+    audit = [json.loads(line) for line in (out / "dynamic_sampling.jsonl").read_text().splitlines()]
+    assert len(audit) == 3
+    order = PromptOrder(6, B, seed=cfg.trainer.seed)
+    for it, entry in enumerate(audit):
+        first = order.batch_at(it)
+        assert [p.split("/")[-1] for p in entry["rounds"][0]] == [str(i) for i in first]
+        if len(entry["rounds"]) > 1:  # the refill is the iteration's stream: a rerun draws the same problems
+            refill = refill_prompts(6, first, cfg.trainer.seed, it, 0, len(entry["rounds"][1]))
+            assert [p.split("/")[-1] for p in entry["rounds"][1]] == [str(i) for i in refill]
+
+
+def _best_checkpoint_checks(rec, cfg, out: Path) -> None:
+    """Validation every iteration, two rolling checkpoints, the HF export only at the end and for the best: the
+    best checkpoint is the iteration with the highest val/<benchmark>/mean_at_n, in checkpoints/best/ whether or not
+    its rolling folder was pruned. (Resuming from a checkpoint without an HF export: every resume sends the
+    trainer's restored weights to the engines, see the resume test.)"""
+    values = rec.history("val/data/mean_at_n")
+    assert [s for s, _ in values] == [1, 2, 3] and values == rec.history("val/mean_at_n")
+    best_step = max(values, key=lambda sv: (sv[1], -sv[0]))[0]  # the first of the highest (strictly better wins)
+    root = out / "checkpoints"
+    best = json.loads((root / "best" / "driver_state.json").read_text())
+    assert (best["best_iteration"], best["iteration"]) == (best_step, best_step)
+    assert best["best_value"] == max(v for _, v in values)
+    assert (root / "best" / "source").read_text() == f"iter_{best_step:06d}"
+    assert (root / "best" / "trainer" / "hf" / "config.json").exists()
+    assert sorted(p.name for p in root.glob("iter_*")) == ["iter_000002", "iter_000003"]
+    assert (root / "iter_000002" / "trainer" / "hf").exists() == (best_step == 2)  # not an export iteration
+    header = (root / "best" / "trainer" / "hf" / "model.safetensors").read_bytes()[8:4096].decode(errors="ignore")
+    assert '"dtype":"F32"' in header  # model.dtype float32 on this CPU; a bf16 run exports BF16
+    assert rec.run.data.tags["best_iteration"] == str(best_step)
+
+
+# Two runs, each carrying more capabilities (a driver run costs a minute or more of CI on 2 cores):
 # grpo: the CPU default's old_logprobs: rollout (gap measured on the first mini-batch's pre-update forward),
 # disaggregated, and the engine split over two tensor-parallel workers (both receive every sync; the gap below is the
-# split engine's records against the trainer); gspo: the old-log-prob pass with sequence-level TIS (the weights travel
-# through both trainer ranks), colocated on CPU, one engine rank
-@pytest.mark.parametrize("loss_type, layout, extra", [
+# split engine's records against the trainer); with Latent-GRPO's first-token selection.
+# gspo: the old-log-prob pass with sequence-level TIS (the weights travel through both trainer ranks), colocated on
+# CPU, one engine rank; with dynamic sampling, and with validation every iteration and the best checkpoint kept apart
+# from pruning.
+@pytest.mark.parametrize("loss_type, layout, extra, more_checks", [
     # 5 logical CPUs: 2 engine bundles (one per TP rank) + 2 trainer bundles, and the reward scorer's 0.1
-    ("grpo", "disaggregated", ("rollout.tensor_parallel_size=2", "cluster.num_cpus=5")),
+    ("grpo", "disaggregated", ("rollout.tensor_parallel_size=2", "cluster.num_cpus=5",
+                               "algorithm.first_token_selection=true"), (_first_token_checks,)),
     ("gspo", "colocated", ("trainer.old_logprobs=recompute", "algorithm.rollout_correction=tis",
-                           "algorithm.rollout_correction_level=sequence")),
-])
-def test_three_iterations_two_workers_log_everything(tiny_model, tmp_path, capsys, loss_type, layout, extra):
+                           "algorithm.rollout_correction_level=sequence",
+                           "algorithm.dynamic_sampling=true", "algorithm.max_resample_rounds=1",
+                           "trainer.validate_every=1", "trainer.checkpoint_every=1", "trainer.keep_checkpoints=2",
+                           "trainer.hf_export_every=0", "trainer.best_metric=val/data/mean_at_n"),
+     (_dynamic_sampling_checks, _best_checkpoint_checks)),
+], ids=["grpo-disaggregated-tp2-first_token", "gspo-colocated-dynamic_sampling-best_checkpoint"])
+def test_three_iterations_two_workers_log_everything(tiny_model, tmp_path, capsys, loss_type, layout, extra,
+                                                     more_checks):
     out = tmp_path / loss_type
     cfg = _cfg(tiny_model, out, f"algorithm.loss_type={loss_type}", "trainer.num_workers=2",
                "trainer.iterations=3", "trainer.validate_every=3", f"cluster.placement={layout}",
@@ -78,7 +145,7 @@ def test_three_iterations_two_workers_log_everything(tiny_model, tmp_path, capsy
     captured = capsys.readouterr()
     assert " | gap " in captured.out + captured.err
     assert rec.history("policy_version") == [(1, 1.0), (2, 2.0), (3, 3.0)]
-    assert rec.steps("val/mean_at_n") == [3]
+    assert rec.steps("val/mean_at_n") == ([1, 2, 3] if cfg.trainer.validate_every == 1 else [3])
     assert all(0.0 < v < 1.0 for _, v in rec.history("mixing/mixed_token_fraction"))  # rho 0.5, 24 tokens/iteration
     assert rec.run.data.params["algorithm.loss_type"] == loss_type
     assert {"resolved_config.yaml", "placement_plan.json"} <= rec.artifacts()
@@ -93,6 +160,8 @@ def test_three_iterations_two_workers_log_everything(tiny_model, tmp_path, capsy
     plots = rec.artifacts("plots")
     assert {"plots/reward.png", "plots/timing.png", "plots/mixing.png", "plots/validation.png"} <= plots
     assert (out / "checkpoints" / "iter_000003" / "trainer" / "hf" / "config.json").exists()
+    for check in more_checks:
+        check(rec, cfg, out)
 
 
 def _prompts_seen(out: Path, cfg) -> list[dict]:
@@ -136,30 +205,3 @@ def test_resume_continues_the_same_run_with_the_same_prompts(tiny_model, tmp_pat
     with pytest.raises(Exception, match="mixing.rho: checkpoint 0.5 != config 0.2"):
         train(_cfg(tiny_model, out, "trainer.iterations=5", "trainer.validate_every=0", "trainer.async_rollouts=true",
                    "tracking.plots=false", "mixing.rho=0.2"), resume=True)
-
-
-def test_best_checkpoint_is_the_best_validation_and_survives_pruning(tiny_model, tmp_path):
-    """Validation every iteration, two rolling checkpoints, the HF export only at the end and for the best: the
-    best checkpoint is the iteration with the highest val/<benchmark>/mean_at_n, in checkpoints/best/ whether or not
-    its rolling folder was pruned. (Resuming from a checkpoint without an HF export: every resume sends the
-    trainer's restored weights to the engines, see the resume test.)"""
-    out = tmp_path / "best"
-    cfg = _cfg(tiny_model, out, "trainer.iterations=3", "trainer.validate_every=1", "trainer.checkpoint_every=1",
-               "trainer.keep_checkpoints=2", "trainer.hf_export_every=0", "trainer.best_metric=val/data/mean_at_n")
-    rec = train_and_read(cfg)
-    assert rec.run.info.status == "FINISHED"
-    values = rec.history("val/data/mean_at_n")
-    assert [s for s, _ in values] == [1, 2, 3] and values == rec.history("val/mean_at_n")
-    best_step = max(values, key=lambda sv: (sv[1], -sv[0]))[0]  # the first of the highest (strictly better wins)
-    root = out / "checkpoints"
-    best = json.loads((root / "best" / "driver_state.json").read_text())
-    assert (best["best_iteration"], best["iteration"]) == (best_step, best_step)
-    assert best["best_value"] == max(v for _, v in values)
-    assert (root / "best" / "source").read_text() == f"iter_{best_step:06d}"
-    assert (root / "best" / "trainer" / "hf" / "config.json").exists()
-    assert sorted(p.name for p in root.glob("iter_*")) == ["iter_000002", "iter_000003"]
-    assert (root / "iter_000003" / "trainer" / "hf" / "config.json").exists()  # the end of the run
-    assert (root / "iter_000002" / "trainer" / "hf").exists() == (best_step == 2)  # not an export iteration
-    header = (root / "best" / "trainer" / "hf" / "model.safetensors").read_bytes()[8:4096].decode(errors="ignore")
-    assert '"dtype":"F32"' in header  # model.dtype float32 on this CPU; a bf16 run exports BF16
-    assert rec.run.data.tags["best_iteration"] == str(best_step)
