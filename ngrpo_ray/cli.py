@@ -217,34 +217,40 @@ def _plan(cfg, args: argparse.Namespace, enforce: bool, quiet_fit: bool = False)
 
 
 def _bench(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
-    from ngrpo_ray.cli_bench import json_only_stdout
+    from ngrpo_ray.cli_bench import json_only_stdout, stdout_to_stderr
 
     json_only_stdout()
+    if args.bench not in ("hook-overhead", "sync", "train-step", "hook-step", "neighbor-table"):
+        parser.parse_args(["bench", "--help"])
+        return 2
+    # stdout is the JSON alone (`ngrpo bench sync > result.json`): what the run prints, Ray's forwarded worker lines
+    # included, goes to stderr
+    with stdout_to_stderr() as stdout:
+        result = _run_bench(args)
+    print(json.dumps(result, indent=2), file=stdout)
+    return 0
+
+
+def _run_bench(args: argparse.Namespace) -> dict:
     if args.bench == "hook-overhead":
         from ngrpo_ray.cli_bench import run_hook_overhead_bench
 
-        print(json.dumps(run_hook_overhead_bench(args), indent=2))
-        return 0
+        return run_hook_overhead_bench(args)
     if args.bench == "sync":
-        from ngrpo_ray.bench.sync_bench import print_sync_bench
+        from ngrpo_ray.bench.sync_bench import sync_bench_from_args
 
-        return print_sync_bench(args)
+        return sync_bench_from_args(args)
     if args.bench == "train-step":
-        from ngrpo_ray.bench.train_step_bench import print_train_step_bench
+        from ngrpo_ray.bench.train_step_bench import run_train_step_bench
 
-        return print_train_step_bench(args)
+        return run_train_step_bench(args)
     if args.bench == "hook-step":
         from ngrpo_ray.bench.hook_step import run_hook_step_bench
 
-        print(json.dumps(run_hook_step_bench(args), indent=2))
-        return 0
-    if args.bench == "neighbor-table":
-        from ngrpo_ray.cli_bench import run_neighbor_table_bench
+        return run_hook_step_bench(args)
+    from ngrpo_ray.cli_bench import run_neighbor_table_bench
 
-        print(json.dumps(run_neighbor_table_bench(args.vocab, args.dim, args.k, args.metric)))
-        return 0
-    parser.parse_args(["bench", "--help"])
-    return 2
+    return run_neighbor_table_bench(args.vocab, args.dim, args.k, args.metric)
 
 
 if __name__ == "__main__":

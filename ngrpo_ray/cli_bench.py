@@ -2,8 +2,9 @@
 Also ``ngrpo bench neighbor-table`` (the full table build's seconds). Both print progress with an estimate on stderr.
 
 Both engines are alive together and each round runs vanilla, hooked, hooked, vanilla (odd rounds the mirror), so a
-drift in the machine's speed over a round costs both engines alike; ``slowdown`` is from the summed tokens and seconds, ``slowdown_median_of_rounds`` is
-the median of the per-round slowdowns. Same prompts, same sampling settings (temperature, max_tokens with ignore_eos
+drift in the machine's speed over a round costs both engines alike (jitter between single runs it cannot cancel; each
+run's tokens/s is kept per round); ``slowdown`` is from the summed tokens and seconds, ``slowdown_median_of_rounds``
+is the median of the per-round slowdowns. Same prompts, same sampling settings (temperature, max_tokens with ignore_eos
 so every sequence has the same length, detokenize off, logprobs=0 since RL needs them either way), and no tokenizer in
 either engine. The hooked time includes resolving the records and building the RolloutBatch. slowdown = 1 - hooked /
 vanilla; ``slowdown_generate`` is the same for the hooked engine's ``generate`` call alone, so the two parts of the
@@ -23,18 +24,33 @@ other entry point.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import random
+import sys
 import time
 from dataclasses import replace
-from typing import Any
+from typing import Any, Iterator, TextIO
 
 
 def json_only_stdout() -> None:
     """Send vLLM's log lines to stderr (its default is stdout), so a benchmark's stdout is exactly its JSON
     (``ngrpo bench ... > result.json``). Call before vLLM is imported; Ray workers started afterwards inherit it."""
     os.environ.setdefault("VLLM_LOGGING_STREAM", "ext://sys.stderr")
+
+@contextlib.contextmanager
+def stdout_to_stderr() -> Iterator[TextIO]:
+    """``sys.stdout`` is stderr inside the block, which yields the real stdout: lines Ray forwards from its workers
+    (DeepSpeed's warnings in a trainer worker, say) and any library's prints land on stderr, so the JSON a benchmark
+    prints to the yielded stream afterwards is the whole of its stdout."""
+    real = sys.stdout
+    sys.stdout = sys.stderr
+    try:
+        yield real
+    finally:
+        sys.stdout = real
+
 
 DEFAULTS = dict(model="smollm2-135m-instruct", rho=0.1, k=3, num_seqs=32, max_tokens=256, prompt_len=32, rounds=5, temperature=1.0,
                 seed=0, kv_cache_gib=2.0, max_model_len=1024, enforce_eager=False, dtype="float32",
@@ -113,7 +129,7 @@ def run_hook_overhead_bench(args: Any, engines: tuple[Any, Any] | None = None) -
         # (with one run each, a drift between the two runs lands wholly on one engine)
         order = "vhhv" if r % 2 == 0 else "hvvh"
         runs: dict[str, list] = {"v": [], "h": []}
-        in_order = []  # tokens/s of each run as it ran: shows the drift the pairing cancels
+        in_order = []  # tokens/s of each run as it ran: the drift the pairing cancels, and the jitter it cannot
         for engine in order:
             runs[engine].append(run_vanilla() if engine == "v" else run_hooked())
             in_order.append(runs[engine][-1][1] / runs[engine][-1][0])
@@ -200,7 +216,9 @@ def main(argv: list[str] | None = None) -> None:
     json_only_stdout()
     parser = argparse.ArgumentParser(prog="ngrpo bench hook-overhead")
     add_hook_overhead_arguments(parser)
-    print(json.dumps(run_hook_overhead_bench(parser.parse_args(argv)), indent=2))
+    with stdout_to_stderr() as stdout:
+        result = run_hook_overhead_bench(parser.parse_args(argv))
+    print(json.dumps(result, indent=2), file=stdout)
 
 
 if __name__ == "__main__":

@@ -148,23 +148,24 @@ def add_sync_bench_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--timeout-s", dest="timeout_s", type=float, default=DEFAULTS["timeout_s"])
 
 
-def print_sync_bench(args: Any) -> int:
-    """Run the benchmark from parsed flags (an argparse Namespace or a dict) and print its JSON."""
+def sync_bench_from_args(args: Any) -> dict:
+    """Run the benchmark from parsed flags (an argparse Namespace or a dict) and return its JSON."""
     a = dict(DEFAULTS)
     a.update({k: v for k, v in (vars(args) if isinstance(args, argparse.Namespace) else dict(args)).items()
               if k in DEFAULTS and v is not None})
-    print(json.dumps(run_sync_bench(a["model"], a["rounds"], a["bucket_mb"], a["num_cpus"], a["timeout_s"],
-                                    a["cache_dir"]), indent=2))
-    return 0
+    return run_sync_bench(a["model"], a["rounds"], a["bucket_mb"], a["num_cpus"], a["timeout_s"], a["cache_dir"])
 
 
 def main(argv: list[str] | None = None) -> int:
-    from ngrpo_ray.cli_bench import json_only_stdout
+    from ngrpo_ray.cli_bench import json_only_stdout, stdout_to_stderr
 
     json_only_stdout()
     parser = argparse.ArgumentParser(prog="ngrpo bench sync", description=__doc__.split("\n\n")[0])
     add_sync_bench_arguments(parser)
-    return print_sync_bench(parser.parse_args(argv))
+    with stdout_to_stderr() as stdout:  # Ray forwards the workers' prints to the driver's stdout
+        result = sync_bench_from_args(parser.parse_args(argv))
+    print(json.dumps(result, indent=2), file=stdout)
+    return 0
 
 
 if __name__ == "__main__":

@@ -153,8 +153,3 @@ def add_train_step_bench_arguments(parser: argparse.ArgumentParser) -> None:
     for name in ("rounds", "seed", "prompt_tokens", "response_tokens"):
         parser.add_argument(f"--{name.replace('_', '-')}", dest=name, type=int, default=DEFAULTS[name])
     parser.add_argument("overrides", nargs="*", default=[], help="key=value overrides of the preset")
-
-
-def print_train_step_bench(args: Any) -> int:
-    print(json.dumps(run_train_step_bench(args), indent=2))
-    return 0

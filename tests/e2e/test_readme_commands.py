@@ -272,20 +272,6 @@ def _matches(expected: str, got_lines: list[str]) -> bool:
     return expected in got_lines
 
 
-def _last_json(stdout: str) -> dict:
-    """The last JSON object printed at the start of a line (Ray may forward a worker's stray line to stdout)."""
-    decoder, found, offset = json.JSONDecoder(), None, 0
-    for line in stdout.splitlines(keepends=True):
-        if line.startswith("{"):
-            try:
-                found = decoder.raw_decode(stdout, offset)[0]
-            except json.JSONDecodeError:
-                pass
-        offset += len(line)
-    assert isinstance(found, dict), f"no JSON object on stdout:\n{stdout[-3000:]}"
-    return found
-
-
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -356,7 +342,7 @@ def test_readme_command(cmd: ReadmeCommand, tmp_path: Path):
         return
     assert out.returncode == 0, f"exit {out.returncode}\n--- stdout:\n{out.stdout[-3000:]}\n--- stderr:\n{out.stderr[-5000:]}"
     if rule.json_keys:
-        result = _last_json(out.stdout)  # the JSON is on stdout (progress and engine logs go to stderr)
+        result = json.loads(out.stdout)  # stdout is the JSON alone (progress, engine and Ray worker lines: stderr)
         assert set(rule.json_keys) <= set(result), sorted(result)
     if rule.progress:
         assert rule.progress in out.stderr, f"no progress line {rule.progress!r} on stderr"
