@@ -31,7 +31,7 @@ import random
 import sys
 import time
 from dataclasses import replace
-from typing import Any, Iterator, TextIO
+from typing import Any, Callable, Iterator, TextIO
 
 
 def json_only_stdout() -> None:
@@ -50,6 +50,13 @@ def stdout_to_stderr() -> Iterator[TextIO]:
         yield real
     finally:
         sys.stdout = real
+
+
+def print_bench_json(run: Callable[[], dict]) -> None:
+    """Run a benchmark with stdout on stderr, then print its JSON as the whole of stdout."""
+    with stdout_to_stderr() as stdout:
+        result = run()
+    print(json.dumps(result, indent=2), file=stdout)
 
 
 DEFAULTS = dict(model="smollm2-135m-instruct", rho=0.1, k=3, num_seqs=32, max_tokens=256, prompt_len=32, rounds=5, temperature=1.0,
@@ -216,9 +223,8 @@ def main(argv: list[str] | None = None) -> None:
     json_only_stdout()
     parser = argparse.ArgumentParser(prog="ngrpo bench hook-overhead")
     add_hook_overhead_arguments(parser)
-    with stdout_to_stderr() as stdout:
-        result = run_hook_overhead_bench(parser.parse_args(argv))
-    print(json.dumps(result, indent=2), file=stdout)
+    args = parser.parse_args(argv)
+    print_bench_json(lambda: run_hook_overhead_bench(args))
 
 
 if __name__ == "__main__":

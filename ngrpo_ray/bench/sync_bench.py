@@ -19,7 +19,6 @@ Sums over rounds give the ratios; per-round numbers are kept.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import time
@@ -157,14 +156,13 @@ def sync_bench_from_args(args: Any) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from ngrpo_ray.cli_bench import json_only_stdout, stdout_to_stderr
+    from ngrpo_ray.cli_bench import json_only_stdout, print_bench_json
 
     json_only_stdout()
     parser = argparse.ArgumentParser(prog="ngrpo bench sync", description=__doc__.split("\n\n")[0])
     add_sync_bench_arguments(parser)
-    with stdout_to_stderr() as stdout:  # Ray forwards the workers' prints to the driver's stdout
-        result = sync_bench_from_args(parser.parse_args(argv))
-    print(json.dumps(result, indent=2), file=stdout)
+    args = parser.parse_args(argv)
+    print_bench_json(lambda: sync_bench_from_args(args))  # Ray forwards the workers' prints to the driver's stdout
     return 0
 
 

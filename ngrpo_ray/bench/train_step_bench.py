@@ -16,7 +16,6 @@ Rounds alternate which side goes first so machine noise hits both alike, after o
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import random
 import time
