@@ -4,9 +4,12 @@ One trainer worker (Ray Train + DeepSpeed) and one rollout engine (vLLM) joined 
 with this project's CPU backend (``ngrpo_gloo``), as the training driver does. Rounds interleave (a) a real sync
 (trainer rank 0 drives the engine's start / update / finish; the engine receives, loads, re-packs its CPU GEMM
 weights, rebuilds its neighbor table and resets its prefix cache) and (b) a raw broadcast of exactly as many bytes,
-in chunks of the bucket size, on the same gloo group, so machine noise hits both alike. Reported:
-- ``sync_send_s``: the trainer's wall time moving the bytes (reading the parameters, packing the small ones, every
-  broadcast), the transport part of a sync;
+in chunks of the bucket size, on the same gloo group, so machine noise hits both alike. The engine shares the
+trainer's host, so the sync's bytes go through shared memory (``transport``), unless ``--transport gloo`` sends them
+over the gloo group as to an engine on another node. Reported:
+- ``sync_send_s``: the trainer's wall time moving the bytes (reading the parameters; shared memory: copying them
+  into the segment and signalling each chunk; gloo: packing the small ones and every broadcast), the transport part
+  of a sync;
 - ``sync_total_s``: the driver's wall time for the whole sync, control plane and the engine's load included;
 - ``engine_load_s``: the engine's own work beyond waiting for bytes (``load_weights`` into the vLLM model, the CPU
   GEMM re-pack, the neighbor refresh), with its parts (``engine_*_s``) per round;
@@ -29,7 +32,8 @@ import ray
 from ngrpo_ray.distributed.weight_sync import GLOO_BACKEND
 
 DEFAULTS = dict(model="smollm2-135m-instruct", rounds=3, bucket_mb=64.0, num_cpus=4, timeout_s=600.0,
-                cache_dir="~/.cache/ngrpo_ray/models")
+                cache_dir="~/.cache/ngrpo_ray/models", transport="auto")
+TRANSPORTS = ("auto", "gloo")  # auto: shared memory when the engine shares the trainer's host (it does here)
 
 
 def _engine_spec(model_path: str) -> dict[str, Any]:
@@ -63,7 +67,7 @@ def _one_round(trainer, fleet, version: int, bucket_mb: float, timeout_s: float)
     raw = trainer.wait(handle, timeout_s=timeout_s)[0]
     raw_recv = ray.get(raw_engine, timeout=timeout_s)
     raw_wall = time.perf_counter() - t0
-    return {"version": version, "bytes": nbytes, "messages": int(sent["messages"]),
+    return {"version": version, "bytes": nbytes, "messages": int(sent["messages"]), "transport": sent["transport"],
             "sync_send_s": float(sent["broadcast_seconds"]), "sync_trainer_s": float(sent["seconds"]),
             "sync_total_s": sync_total, "engine_load_s": float(got["engine_load_seconds"]),
             "engine_wait_s": float(got["receive_wait_seconds"]), "engine_load_weights_s": float(got["load_seconds"]),
@@ -73,7 +77,8 @@ def _one_round(trainer, fleet, version: int, bucket_mb: float, timeout_s: float)
 
 
 def run_sync_bench(model: Any = None, rounds: int = 3, bucket_mb: float = 64.0, num_cpus: int = 4,
-                   timeout_s: float = 600.0, cache_dir: str = "~/.cache/ngrpo_ray/models") -> dict:
+                   timeout_s: float = 600.0, cache_dir: str = "~/.cache/ngrpo_ray/models",
+                   transport: str = "auto") -> dict:
     """Start a 1-worker trainer group and a 1-engine fleet on ``model`` (a path, the demo name, or a Config whose
     model.path is used), open the sync group, run ``rounds`` interleaved sync / raw rounds, and return the JSON.
 
@@ -85,6 +90,8 @@ def run_sync_bench(model: Any = None, rounds: int = 3, bucket_mb: float = 64.0, 
 
     if rounds < 1:
         raise ValueError(f"rounds must be at least 1, got {rounds}")
+    if transport not in TRANSPORTS:
+        raise ValueError(f"transport must be one of {TRANSPORTS}, got {transport!r}")
     progress = Progress(rounds, "bench sync rounds", quiet_s=0.0, every_s=0.0)
     if model is None:
         model = DEFAULTS["model"]
@@ -102,7 +109,8 @@ def run_sync_bench(model: Any = None, rounds: int = 3, bucket_mb: float = 64.0, 
     try:
         fleet = RolloutFleet(_engine_spec(path), 1, num_cpus=1.0)
         trainer = TrainerGroup(_trainer_config(path)).start()
-        backend = trainer.open_weight_sync(fleet.engines, timeout_s=timeout_s, bucket_mb=bucket_mb)
+        backend = trainer.open_weight_sync(fleet.engines, timeout_s=timeout_s, bucket_mb=bucket_mb,
+                                           shared_memory=transport == "auto")
         startup_s = time.perf_counter() - started
         progress.note("sync group open; timed rounds start")
         progress.begin_units()
@@ -125,7 +133,8 @@ def run_sync_bench(model: Any = None, rounds: int = 3, bucket_mb: float = 64.0, 
     nbytes = per_round[0]["bytes"]
     return {
         "model": str(model), "model_path": path, "rounds": rounds, "bucket_mb": bucket_mb,
-        "backend": backend, "bytes": nbytes, "messages": per_round[0]["messages"],
+        "backend": backend, "transport": per_round[0]["transport"], "bytes": nbytes,
+        "messages": per_round[0]["messages"],
         "sync_send_s": total("sync_send_s") / rounds, "sync_total_s": total("sync_total_s") / rounds,
         "engine_load_s": total("engine_load_s") / rounds, "raw_s": total("raw_s") / rounds,
         "sync_send_gb_per_s": nbytes * rounds / total("sync_send_s") / 1e9,
@@ -145,6 +154,9 @@ def add_sync_bench_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--num-cpus", dest="num_cpus", type=int, default=DEFAULTS["num_cpus"],
                         help="CPUs of the local Ray cluster started when none is running")
     parser.add_argument("--timeout-s", dest="timeout_s", type=float, default=DEFAULTS["timeout_s"])
+    parser.add_argument("--transport", choices=TRANSPORTS, default=DEFAULTS["transport"],
+                        help="auto: the bytes through shared memory when the engine shares the trainer's host; gloo: "
+                             "over the gloo group, as to an engine on another node")
 
 
 def sync_bench_from_args(args: Any) -> dict:
@@ -152,7 +164,8 @@ def sync_bench_from_args(args: Any) -> dict:
     a = dict(DEFAULTS)
     a.update({k: v for k, v in (vars(args) if isinstance(args, argparse.Namespace) else dict(args)).items()
               if k in DEFAULTS and v is not None})
-    return run_sync_bench(a["model"], a["rounds"], a["bucket_mb"], a["num_cpus"], a["timeout_s"], a["cache_dir"])
+    return run_sync_bench(a["model"], a["rounds"], a["bucket_mb"], a["num_cpus"], a["timeout_s"], a["cache_dir"],
+                          a["transport"])
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -173,7 +173,7 @@ class _PolicyWorker:
             self.engine.optimizer.refresh_fp32_params()  # copy model params into the fp32 master partitions
 
     def open_weight_transfer(self, engines: list, backend: str, timeout_s: float, bucket_mb: float,
-                             engine_tp: int = 1) -> dict:
+                             engine_tp: int = 1, shared_memory: bool = True) -> dict:
         """Every rank: build the trainer side of vLLM's weight-transfer API for ``backend``; on rank 0 that also makes
         every engine join (its ``engine_tp`` workers take the ranks after the previous engine's). Replaces a previous
         transfer (engine or trainer restarts rebuild it with every engine)."""
@@ -187,7 +187,8 @@ class _PolicyWorker:
         self.weight_group = open_trainer_engine(backend, rank=self.rank, host=node_ip(),
                                                 world_size=1 + len(engines) * engine_tp,
                                                 timeout_s=timeout_s, bucket_bytes=int(bucket_mb * 2**20),
-                                                client=self.weight_client, source=source)
+                                                client=self.weight_client, source=source,
+                                                shared_memory=shared_memory)
         return {"ok": True, "backend": backend}
 
     def close_weight_transfer(self) -> None:

@@ -193,13 +193,15 @@ class TrainerGroup:
         self._call("load_state_dict", state=ray.put(state))
 
     def open_weight_sync(self, engines: Sequence[Any], timeout_s: float = 120.0, bucket_mb: float = 64.0,
-                         same_gpu: bool = False, engine_tp: int = 1) -> str:
+                         same_gpu: bool = False, engine_tp: int = 1, shared_memory: bool = True) -> str:
         """(Re)build the weight transfer from rank 0 to ``engines`` (RolloutEngine actors, each split over
         ``engine_tp`` tensor-parallel workers, every one a member) through vLLM's weight-transfer API; returns the
-        backend (weight_sync.choose_sync_backend)."""
+        backend (weight_sync.choose_sync_backend). ``shared_memory`` (ngrpo_gloo): False sends the bytes over gloo
+        even to engines on rank 0's host, as between nodes (the sync benchmark's ``--transport gloo``)."""
         backend = choose_sync_backend(self.cfg.sync_backend, self.cfg.use_gpu, same_gpu)
         self.wait(self.submit("open_weight_transfer", engines=list(engines), backend=backend, timeout_s=timeout_s,
-                              bucket_mb=bucket_mb, engine_tp=engine_tp), timeout_s=timeout_s + 60)
+                              bucket_mb=bucket_mb, engine_tp=engine_tp, shared_memory=shared_memory),
+                  timeout_s=timeout_s + 60)
         self.sync_backend = backend
         return backend
 

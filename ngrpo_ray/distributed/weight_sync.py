@@ -134,6 +134,14 @@ class WeightGroup:
         self.wait(self.start_broadcast(tensor), what)
         return tensor
 
+    def all_agree(self, flag: bool, what: str) -> bool:
+        """True on every rank if ``flag`` is true on every rank (a collective: all ranks call it)."""
+        t = torch.tensor([1 if flag else 0], dtype=torch.int64)
+        opts = dist.AllreduceOptions()
+        opts.reduceOp = dist.ReduceOp.MIN
+        self.wait(self.pg.allreduce([t], opts), what)
+        return bool(t.item())
+
     def close(self) -> None:
         with contextlib.suppress(Exception):
             self.pg.shutdown()
@@ -181,6 +189,29 @@ def plan_messages(nbytes: Sequence[int], bucket_bytes: int, direct_min_bytes: in
     if items:
         messages.append(Message(tuple(items), tuple(offsets), size, False))
     return messages
+
+
+def plan_segment(nbytes: Sequence[int], chunk_bytes: int) -> list[Message]:
+    """The layout of one update in a shared segment, alike on the sender and on every receiver: every tensor in
+    source order at a 64-byte aligned offset of the segment (``offsets`` are absolute), grouped into chunks of at
+    least ``chunk_bytes`` (the last may be smaller). The sender signals each chunk once it is written, so the
+    receivers load chunk k while chunk k+1 is being written."""
+    chunks: list[Message] = []
+    items: list[int] = []
+    offsets: list[int] = []
+    start = end = 0
+    for i, n in enumerate(nbytes):
+        items.append(i)
+        offsets.append(end)
+        end += -(-int(n) // 64) * 64
+        if end - start >= chunk_bytes or i == len(nbytes) - 1:
+            chunks.append(Message(tuple(items), tuple(offsets), end - start, False))
+            items, offsets, start = [], [], end
+    return chunks
+
+
+def segment_bytes(chunks: Sequence[Message]) -> int:
+    return sum(c.nbytes for c in chunks)
 
 
 def raw_broadcast_seconds(group: WeightGroup, nbytes: int, chunk_mb: float | None = None) -> float:

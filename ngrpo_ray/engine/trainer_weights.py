@@ -35,15 +35,16 @@ class TrainerWeightSource(WeightSource):
 
 
 def open_trainer_engine(backend: str, *, rank: int, host: str, world_size: int, timeout_s: float, bucket_bytes: int,
-                        client, source: WeightSource) -> TrainerWeightTransferEngine:
+                        client, source: WeightSource, shared_memory: bool = True) -> TrainerWeightTransferEngine:
     """vLLM's ``WeightTransferTrainerFactory.trainer_init`` for ``backend``; on rank 0 it also makes every engine
-    join (``client.init_weight_transfer_engine``). Packed buckets of ``bucket_bytes`` (cluster.sync_bucket_mb)."""
+    join (``client.init_weight_transfer_engine``). Packed buckets of ``bucket_bytes`` (cluster.sync_bucket_mb).
+    ``shared_memory`` (ngrpo_gloo only): offer the receivers on this host a shared segment; off, bytes go by gloo."""
     from vllm.distributed.weight_transfer.factory import WeightTransferTrainerFactory
 
     register_gloo_backend()
     if backend == GLOO_BACKEND:
         info = GlooTrainerInitInfo(host=host, world_size=world_size, timeout_s=timeout_s, bucket_bytes=bucket_bytes,
-                                   rank=rank)
+                                   rank=rank, shared_memory=shared_memory)
     elif backend == "nccl":
         from vllm.distributed.weight_transfer.nccl_engine import NCCLTrainerInitInfo
 

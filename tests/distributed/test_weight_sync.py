@@ -20,6 +20,7 @@ from ngrpo_ray.distributed.weight_sync import (
     WeightSyncTimeout,
     free_port,
     plan_messages,
+    plan_segment,
     raw_broadcast_seconds,
 )
 from ngrpo_ray.engine.gloo_transfer import GlooTrainerWeightTransferEngine, GlooWeightTransferEngine
@@ -67,8 +68,11 @@ class ThreadClient:
                                                                 enumerate(self.receivers)]]
 
     def init_weight_transfer_engine(self, init_info):
-        self._all(lambda i, r: r.init_transfer_engine(r.parse_init_info({**init_info,
+        self._all(lambda i, r: r.init_transfer_engine(r.parse_init_info({**init_info, **self.elsewhere(i),
                                                                           "rank_offset": 1 + i})))
+
+    def elsewhere(self, i: int) -> dict:
+        return {}
 
     def start_weight_update(self):
         self._all(lambda i, r: r.start_weight_update())
@@ -81,6 +85,13 @@ class ThreadClient:
         self.versions.append(weight_version)
 
 
+class OneReceiverElsewhere(ThreadClient):
+    """Receiver 1 behaves as if on another host: the sender's segment does not exist there."""
+
+    def elsewhere(self, i: int) -> dict:
+        return {"shm_path": "/dev/shm/ngrpo_weights_on_another_host"} if i == 1 else {}
+
+
 def test_plan_messages_sends_big_tensors_alone_and_packs_the_small_ones_aligned():
     msgs = plan_messages([4096, 100, 2048, 8, 12, 5000], bucket_bytes=200, direct_min_bytes=2048)
     assert [(m.items, m.direct, m.nbytes) for m in msgs] == [
@@ -91,15 +102,39 @@ def test_plan_messages_sends_big_tensors_alone_and_packs_the_small_ones_aligned(
     assert msgs[3].offsets == (0, 128)
 
 
-def test_gloo_sync_to_two_receivers_is_exact_and_versioned():
+def test_plan_segment_keeps_source_order_aligned_in_chunks_of_at_least_the_chunk_size():
+    chunks = plan_segment([4096, 100, 2048, 8, 12, 5000], chunk_bytes=4096)
+    assert [(c.items, c.offsets, c.nbytes) for c in chunks] == [
+        ((0,), (0,), 4096),  # a chunk closes once it holds chunk_bytes
+        ((1, 2, 3, 4, 5), (4096, 4224, 6272, 6336, 6400), 128 + 2048 + 64 + 64 + 5056),  # absolute, 64-aligned
+    ]
+    assert plan_segment([8], chunk_bytes=4096)[0].nbytes == 64  # the last chunk may be smaller
+
+
+def _segments_of_this_process() -> list[str]:
+    import glob
+    import os
+
+    return glob.glob(f"/dev/shm/ngrpo_weights_{os.getpid()}_*")
+
+
+@pytest.mark.parametrize("transport", ["shared_memory", "gloo", "gloo_one_receiver_elsewhere"])
+def test_sync_to_two_receivers_is_exact_and_versioned(transport):
+    """Both transports of ngrpo_gloo. A receiver that cannot map the sender's segment (another host) makes every
+    rank fall back to gloo, and the sync stays exact."""
     sender_model = _model(seed=0)
     receivers = [_receiver(100 + i) for i in range(2)]
-    client = ThreadClient(receivers)
+    client = (OneReceiverElsewhere if transport == "gloo_one_receiver_elsewhere" else ThreadClient)(receivers)
     source = TrainerWeightSource(sender_model)
     engine = open_trainer_engine(GLOO_BACKEND, rank=0, host="127.0.0.1", world_size=3, timeout_s=60,
-                                 bucket_bytes=2048, client=client, source=source)
+                                 bucket_bytes=2048, client=client, source=source,
+                                 shared_memory=transport != "gloo")
+    shared = transport == "shared_memory"
     try:
         assert isinstance(engine, GlooTrainerWeightTransferEngine)
+        assert engine.transport == ("shared_memory" if shared else "gloo")
+        assert [r.transport for r in receivers] == [engine.transport] * 2
+        assert _segments_of_this_process() == []  # unlinked once every receiver answered: nothing left behind
         for version in (1, 2):
             with torch.no_grad():
                 sender_model[1].weight.add_(1.0)  # a new policy each round
@@ -108,12 +143,16 @@ def test_gloo_sync_to_two_receivers_is_exact_and_versioned():
             assert engine.last_stats["bytes"] == n_bytes
             for r in receivers:
                 assert r.last_stats["bytes"] == n_bytes and r.last_stats["messages"] == engine.last_stats["messages"]
+                assert r.last_stats["transport"] == engine.last_stats["transport"] == engine.transport
                 got = dict(r.model.inner.named_parameters())
                 for k, v in sender_model.named_parameters():
                     assert torch.equal(got[k], v) and got[k].dtype == v.dtype, k
-        # the embedding (1.2 MB) travels alone; the rest is packed into 2 KiB buffers
-        assert engine.last_stats["messages"] == 1 + len(plan_messages(
-            [p.numel() * p.element_size() for p in sender_model.parameters()][1:], 2048))
+        sizes = [p.numel() * p.element_size() for p in sender_model.parameters()]
+        if shared:  # chunks of 2 KiB or more, in order: (float64 vector, embedding), (Linear 1 weight), the rest
+            assert engine.last_stats["messages"] == len(plan_segment(sizes, 2048)) == 3
+            assert engine.segment.nbytes == sum(c.nbytes for c in plan_segment(sizes, 2048))
+        else:  # the embedding travels alone; the rest is packed into 2 KiB buffers
+            assert engine.last_stats["messages"] == 1 + len(plan_messages(sizes[1:], 2048))
         with ThreadPoolExecutor(2) as exe:
             raw = [exe.submit(raw_broadcast_seconds, r.group, 1 << 20, 0.25) for r in receivers]
             assert raw_broadcast_seconds(engine.group, 1 << 20, 0.25) > 0
@@ -286,6 +325,7 @@ def test_update_then_sync_to_a_vllm_engine_matches_trainer_logprobs(tmp_path, ba
         assert client.loaded[0]["version"] == 1
         if backend == GLOO_BACKEND:
             assert client.loaded[0]["bytes"] == n_bytes == engine.last_stats["bytes"]
+            assert client.loaded[0]["transport"] == engine.transport == "shared_memory"  # vLLM's worker mapped it
         assert check(llm.collective_rpc("ngrpo_policy_version"))["version"] == 1
         # the engine now holds the trainer's embedding rows (not the old ones)
         got_rows = torch.tensor(check(llm.collective_rpc("ngrpo_embedding_rows", args=([2, 3, 50],)))["rows"])

@@ -120,6 +120,9 @@ RULES: dict[str, Rule] = {
         add=("--vocab", "4096", "--dim", "64"), json_keys=("vocab", "dim", "seconds")),
     "ngrpo bench sync": Rule("skip", "3 rounds of 538 MB; tests/e2e/test_sync_bench.py runs this command with --model "
                                      "on a tiny model and checks its JSON and progress line"),
+    "ngrpo bench sync --transport gloo": Rule(
+        "skip", "the same over the gloo group; tests/e2e/test_sync_bench.py runs it with --transport gloo on a tiny "
+                "model"),
     "ngrpo bench hook-step": Rule(
         "reduced", "3 batch sizes x 15 steps at V = 151,936 take about 30 s; one small size shows the command works",
         add=("--rows", "8", "--vocab", "4096", "--steps", "2", "--warmup", "1"), timeout_s=200,

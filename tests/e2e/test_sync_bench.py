@@ -1,5 +1,8 @@
 """`ngrpo bench sync` (the README's command, with --model) on a tiny model: one trainer worker, one vLLM engine, a
-real sync through vLLM's weight-transfer API (ngrpo_gloo) and a raw broadcast per round.
+real sync through vLLM's weight-transfer API (ngrpo_gloo) and a raw broadcast per round. It runs with
+``--transport gloo``, the bytes over the gloo group as to an engine on another node: every other end-to-end run
+here has its engines on the trainer's host, so they sync through shared memory, and this is the test of the gloo
+transport into a real vLLM worker.
 
 The byte count must equal the model's parameter bytes and the message count must equal the layout's; the timings
 are only checked for sanity (positive, the total at least the send side), since they are machine-dependent."""
@@ -27,12 +30,14 @@ def test_sync_bench_reports_the_models_bytes_and_a_ratio(tmp_path):
     named = list(model.named_parameters())  # tied embeddings appear once, as in the trainer's module
     param_bytes = sum(p.numel() * p.element_size() for _, p in named)
     bucket_mb = 8.0  # the big tensors (the 25 MB embedding) travel alone, the small ones packed together
+    # the gloo transport's layout
     expected_messages = len(plan_messages([p.numel() * p.element_size() for _, p in named], int(bucket_mb * 2**20)))
     assert expected_messages > 1
 
     # The README's command itself (`ngrpo bench sync`), on the tiny model: JSON on stdout, progress on stderr.
     proc = subprocess.run([sys.executable, "-m", "ngrpo_ray.cli", "bench", "sync", "--model", str(path), "--rounds", "2",
-                           "--bucket-mb", str(bucket_mb), "--num-cpus", "4", "--timeout-s", "300"],
+                           "--bucket-mb", str(bucket_mb), "--num-cpus", "4", "--timeout-s", "300",
+                           "--transport", "gloo"],
                           capture_output=True, text=True, timeout=400)
     assert proc.returncode == 0, proc.stderr[-4000:]
     assert "bench sync rounds: 2/2, elapsed " in proc.stderr
@@ -41,7 +46,7 @@ def test_sync_bench_reports_the_models_bytes_and_a_ratio(tmp_path):
 
     assert out["bytes"] == param_bytes
     assert out["messages"] == expected_messages
-    assert out["backend"] == "ngrpo_gloo" and out["rounds"] == 2
+    assert out["backend"] == "ngrpo_gloo" and out["transport"] == "gloo" and out["rounds"] == 2
     assert [r["version"] for r in out["per_round"]] == [1, 2]
     assert all(r["bytes"] == param_bytes for r in out["per_round"])
     for r in out["per_round"]:
