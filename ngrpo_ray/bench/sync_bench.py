@@ -71,7 +71,8 @@ def _one_round(trainer, fleet, version: int, bucket_mb: float, timeout_s: float)
             "sync_send_s": float(sent["broadcast_seconds"]), "sync_trainer_s": float(sent["seconds"]),
             "sync_total_s": sync_total, "engine_load_s": float(got["engine_load_seconds"]),
             "engine_wait_s": float(got["receive_wait_seconds"]), "engine_load_weights_s": float(got["load_seconds"]),
-            "engine_repack_s": float(got["repack_seconds"]), "engine_refresh_s": float(got["refresh_seconds"]),
+            "engine_repack_s": float(got["repack_seconds"]), "engine_repack_page_faults": int(got["repack_page_faults"]),
+            "engine_refresh_s": float(got["refresh_seconds"]),
             "engine_finish_s": float(got["finish_seconds"]), "raw_s": float(raw["seconds"]),
             "raw_engine_s": float(raw_recv["seconds"]), "raw_wall_s": raw_wall}
 

@@ -51,6 +51,7 @@ def test_sync_bench_reports_the_models_bytes_and_a_ratio(tmp_path):
     assert all(r["bytes"] == param_bytes for r in out["per_round"])
     for r in out["per_round"]:
         assert r["raw_s"] > 0 and r["raw_engine_s"] > 0 and r["sync_send_s"] > 0 and r["engine_load_s"] > 0
+        assert isinstance(r["engine_repack_page_faults"], int) and r["engine_repack_page_faults"] >= 0
         assert r["sync_total_s"] >= r["sync_send_s"]  # the driver's clock spans the trainer's send
         # the engine's load is its parts: load_weights (beyond waiting for bytes), GEMM re-pack, neighbor refresh
         assert r["engine_load_s"] == pytest.approx(r["engine_load_weights_s"] + r["engine_repack_s"]
