@@ -166,8 +166,27 @@ def run_hook_overhead_bench(args: Any, engines: tuple[Any, Any] | None = None) -
         # robust to a noisy round on a shared machine: the median of the per-round (back-to-back) slowdowns
         "slowdown_median_of_rounds": paired[len(paired) // 2] if len(paired) % 2 else
         0.5 * (paired[len(paired) // 2 - 1] + paired[len(paired) // 2]),
+        # what the rounds can resolve: a 95% t-interval of the mean round slowdown (None with one round). On a
+        # 2-core machine whose runs jitter by 5-10%, it is several points wide at 5 rounds
+        "slowdown_ci95_of_rounds": t_interval_95([x["slowdown"] for x in rounds]),
         "mixed_fraction": sum(mixed) / len(mixed), "per_round": rounds,
     }
+
+
+# Student's t, 97.5% quantile, for 1..30 degrees of freedom (beyond: the normal's 1.96)
+_T975 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145, 2.131,
+         2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048, 2.045, 2.042)
+
+
+def t_interval_95(values: list[float]) -> list[float] | None:
+    """[low, high] of a 95% Student-t interval for the mean of ``values``; None for fewer than two."""
+    n = len(values)
+    if n < 2:
+        return None
+    mean = sum(values) / n
+    sd = (sum((v - mean) ** 2 for v in values) / (n - 1)) ** 0.5
+    half = (_T975[n - 2] if n - 1 <= len(_T975) else 1.96) * sd / n ** 0.5
+    return [mean - half, mean + half]
 
 
 def bench_engine_specs(spec: Any) -> tuple[Any, Any]:

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from ngrpo_ray.cli_bench import run_hook_overhead_bench
+from ngrpo_ray.cli_bench import run_hook_overhead_bench, t_interval_95
 
 
 @pytest.mark.engine
@@ -30,6 +30,16 @@ def test_hook_overhead_bench_reports_consistent_numbers(vanilla_qwen2_engine, qw
         assert r["hooked_tokens_per_s"] == pytest.approx(2 / (1 / h[0] + 1 / h[1]))
     # the hooks' own time, read from the engine: a part of the hooked generate time, and not nothing
     assert 0.0 < out["hook_host_share"] < 1.0
+    assert out["slowdown_ci95_of_rounds"] == t_interval_95([r["slowdown"] for r in out["per_round"]])
+
+
+def test_t_interval_by_hand():
+    # mean 0.02, sd 0.01 * sqrt(2), se 0.01, t(1) = 12.706
+    assert t_interval_95([0.01, 0.03]) == pytest.approx([0.02 - 0.12706, 0.02 + 0.12706])
+    # the 2026-12-07 rounds: mean 0.030, sd 0.04705, se 0.02104, t(4) = 2.776
+    lo, hi = t_interval_95([0.062, 0.036, -0.050, 0.035, 0.067])
+    assert (lo, hi) == pytest.approx((0.030 - 0.05841, 0.030 + 0.05841), abs=1e-4)
+    assert t_interval_95([0.5]) is None
 
 
 def test_the_bench_engines_differ_by_the_hook_alone():
