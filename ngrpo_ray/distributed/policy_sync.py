@@ -10,6 +10,7 @@ from ngrpo_ray.config import Config
 from ngrpo_ray.distributed.placement import PlacementPlan
 from ngrpo_ray.distributed.rollout_fleet import RolloutFleet
 from ngrpo_ray.distributed.trainer_group import TrainerGroup
+from ngrpo_ray.distributed.weight_sync import GLOO_BACKEND
 
 
 class PolicySync:
@@ -20,9 +21,14 @@ class PolicySync:
     def open_weight_sync(self) -> None:
         """(Re)build the weight transfer (vLLM's API): trainer rank 0 plus every engine. Joining closes a member's
         previous one."""
-        self.trainer.open_weight_sync(self.fleet.engines, timeout_s=self.cfg.cluster.sync_timeout_s,
-                                      bucket_mb=self.cfg.cluster.sync_bucket_mb,
-                                      engine_tp=self.cfg.rollout.tensor_parallel_size)
+        backend = self.trainer.open_weight_sync(self.fleet.engines, timeout_s=self.cfg.cluster.sync_timeout_s,
+                                                bucket_mb=self.cfg.cluster.sync_bucket_mb,
+                                                engine_tp=self.cfg.rollout.tensor_parallel_size)
+        detail = ""
+        if backend == GLOO_BACKEND:  # say whether the bytes go through shared memory, or by gloo and why
+            how, note = self.trainer.sync_transport, self.trainer.sync_transport_note
+            detail = f", bytes by {how}" + (f" ({note})" if how == "gloo" and note else "")
+        self.log(f"weight sync open: {backend} to {len(self.fleet.engines)} engine(s){detail}")
 
     def sync_weights(self, version: int) -> tuple[Any, list]:
         """Send the trainer's weights to every engine as `version`; returns (trainer stats, engine stats).

@@ -189,7 +189,9 @@ class _PolicyWorker:
                                                 timeout_s=timeout_s, bucket_bytes=int(bucket_mb * 2**20),
                                                 client=self.weight_client, source=source,
                                                 shared_memory=shared_memory)
-        return {"ok": True, "backend": backend}
+        # ngrpo_gloo: how its bytes travel (shared memory or gloo) and, for gloo, why; meaningful on rank 0
+        return {"ok": True, "backend": backend, "transport": getattr(self.weight_group, "transport", backend),
+                "transport_note": getattr(self.weight_group, "transport_note", "")}
 
     def close_weight_transfer(self) -> None:
         if self.weight_group is not None:

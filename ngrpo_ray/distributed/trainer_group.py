@@ -48,6 +48,7 @@ class TrainerGroup:
         self._fit_error: BaseException | None = None
         self.channel = None
         self.sync_backend: str | None = None  # the weight transfer's, once open_weight_sync ran
+        self.sync_transport, self.sync_transport_note = None, ""  # ngrpo_gloo: shared_memory or gloo, and why
         self.startup_seconds = 0.0
         self.generation = 0  # the worker group's restarts the driver has seen and recovered from
 
@@ -164,7 +165,7 @@ class TrainerGroup:
         the weight-sync group. Returns the new generation."""
         self.generation = ray.get(self.channel.get_generation.remote())
         self.workers = self._call("ping", timeout_s=self.cfg.command_timeout_s)
-        self.sync_backend = None
+        self.sync_backend, self.sync_transport, self.sync_transport_note = None, None, ""
         return self.generation
 
     # -- the API ------------------------------------------------------------------------------------------------
@@ -199,9 +200,10 @@ class TrainerGroup:
         backend (weight_sync.choose_sync_backend). ``shared_memory`` (ngrpo_gloo): False sends the bytes over gloo
         even to engines on rank 0's host, as between nodes (the sync benchmark's ``--transport gloo``)."""
         backend = choose_sync_backend(self.cfg.sync_backend, self.cfg.use_gpu, same_gpu)
-        self.wait(self.submit("open_weight_transfer", engines=list(engines), backend=backend, timeout_s=timeout_s,
-                              bucket_mb=bucket_mb, engine_tp=engine_tp, shared_memory=shared_memory),
-                  timeout_s=timeout_s + 60)
+        rank0 = self.wait(self.submit("open_weight_transfer", engines=list(engines), backend=backend,
+                                      timeout_s=timeout_s, bucket_mb=bucket_mb, engine_tp=engine_tp,
+                                      shared_memory=shared_memory), timeout_s=timeout_s + 60)[0]
+        self.sync_transport, self.sync_transport_note = rank0["transport"], rank0["transport_note"]
         self.sync_backend = backend
         return backend
 

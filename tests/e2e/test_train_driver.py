@@ -144,6 +144,8 @@ def test_three_iterations_two_workers_log_everything(tiny_model, tmp_path, capsy
         assert rec.steps("rollout_correction/capped_fraction") == []
     captured = capsys.readouterr()
     assert " | gap " in captured.out + captured.err
+    # the engine (both tensor-parallel workers of it, in the grpo run) shares the trainer's host: shared memory
+    assert "weight sync open: ngrpo_gloo to 1 engine(s), bytes by shared_memory" in captured.out + captured.err
     assert rec.history("policy_version") == [(1, 1.0), (2, 2.0), (3, 3.0)]
     assert rec.steps("val/mean_at_n") == ([1, 2, 3] if cfg.trainer.validate_every == 1 else [3])
     assert all(0.0 < v < 1.0 for _, v in rec.history("mixing/mixed_token_fraction"))  # rho 0.5, 24 tokens/iteration
