@@ -93,4 +93,16 @@ def init_distributed(use_gpu: bool) -> None:
     """Set up torch.distributed for DeepSpeed (Ray Train has usually done it already; DeepSpeed then reuses it)."""
     import deepspeed
 
+    if not use_gpu:
+        skip_shm_inference_op()
     deepspeed.init_distributed(dist_backend=dist_backend(use_gpu))
+
+
+def skip_shm_inference_op() -> None:
+    """DeepSpeed's CPU backend JIT-compiles a shared-memory all-reduce when it starts (about 35 s on 2 cores, once
+    per install, and a failure on a machine without a C++ compiler). Only its inference all-reduce (AutoTP) uses it;
+    training's collectives go through torch.distributed. Mark it incompatible, DeepSpeed's own fallback for platforms
+    without it (its ``ops/__init__`` keeps the probed dict so such edits persist)."""
+    import deepspeed.ops
+
+    deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
