@@ -35,16 +35,18 @@ class PolicySync:
         Engines Ray restarted since the last look (say, killed during the train step) left the sync group: it is
         rebuilt first, and the restart recorded."""
         t0 = time.perf_counter()
-        restarted = self.fleet.find_restarted()
+        restarted = self.fleet.find_restarted()  # health() reads nothing from a sleeping engine's GPU
+        if self.plan.sleep_engines:  # colocated on GPU: weights back for the load; the KV cache only after it
+            self.fleet.wake_up(["weights"])
         if restarted:
             self.log(f"engine(s) {restarted} restarted outside a rollout; rebuilding the weight-sync group")
             self.open_weight_sync()
             for engine in restarted:
                 self.fleet.record_restart(engine, "between_rollouts", version, version, t0)
         timeout = self.cfg.cluster.sync_timeout_s
-        if self.plan.sleep_engines:
-            self.fleet.wake_up()  # colocated on GPU: weights and KV cache back before the load and the rollout
         sent = self.trainer.wait(self.trainer.start_sync(version), timeout_s=timeout)[0]
+        if self.plan.sleep_engines:
+            self.fleet.wake_up(["kv_cache"])  # the trainer emptied its CUDA cache after the sync: room for it
         self.fleet.serving_version = int(version)  # an asynchronous chunk re-issued from now on draws with it
         return sent, sent["engines"]
 

@@ -37,11 +37,13 @@ class RolloutEngineImpl:
         self.stop_ids = stop_ids_of(self.spec.model)
         self.policy_version = int(policy_version)
         self.incarnation = uuid.uuid4().hex  # new on every (re)start: lets the driver see a restart it missed
+        self.sleeping: set[str] = set()  # sleep-mode tags ("weights", "kv_cache") whose GPU memory is released
 
     def generate(self, prompt_token_ids: list[list[int]], sampling: Any, mixing: Any,
                  policy_version: int | None = None, group_size: int = 1, stream: dict | None = None):
         from ngrpo_ray.engine.rollout import generate_rollout
 
+        self._check_awake("generate")
         version = self.policy_version if policy_version is None else int(policy_version)
         if version != self.policy_version:
             raise StalePolicyVersion(f"generate asked for policy version {version}, the engine holds {self.policy_version}")
@@ -52,6 +54,7 @@ class RolloutEngineImpl:
     def refit_from_path(self, path: str, policy_version: int) -> dict:
         from ngrpo_ray.engine.records_client import check
 
+        self._check_awake("refit")
         stats = check(self.llm.collective_rpc("ngrpo_refit_from_path", args=(str(path),)))
         self.llm.reset_prefix_cache()  # cached blocks were computed with the old weights
         self.policy_version = int(policy_version)
@@ -73,21 +76,38 @@ class RolloutEngineImpl:
             return {"slept": False, "reason": "sleep mode is off (vLLM's sleep mode needs CUDA)"}
         t0 = time.perf_counter()
         self.llm.sleep(level=1)
+        self.sleeping = {"weights", "kv_cache"}
         return {"slept": True, "seconds": time.perf_counter() - t0}
 
-    def wake_up(self) -> dict:
-        """Before the weight load and the rollout: reallocate weights and KV cache."""
+    def wake_up(self, tags: list[str] | None = None) -> dict:
+        """Reallocate what sleep released: ``tags`` of "weights" and "kv_cache", or all of it. The weight sync wakes
+        the weights, loads, then wakes the KV cache, so the load's buffers never sit beside the KV cache (verl's
+        order); vLLM resumes scheduling once both are back. A no-op on an engine that is awake (e.g. restarted)."""
         if not self.spec.enable_sleep_mode:
             return {"woke": False}
+        want = sorted(self.sleeping.intersection(tags) if tags else self.sleeping)
+        if not want:
+            return {"woke": False, "awake": True}
         t0 = time.perf_counter()
-        self.llm.wake_up()
-        self.llm.reset_prefix_cache()  # the KV cache was dropped while asleep
-        return {"woke": True, "seconds": time.perf_counter() - t0}
+        self.llm.wake_up(tags=want)
+        self.sleeping.difference_update(want)
+        if "kv_cache" in want:
+            self.llm.reset_prefix_cache()  # the KV cache was dropped while asleep
+        return {"woke": True, "tags": want, "awake": not self.sleeping, "seconds": time.perf_counter() - t0}
+
+    def _check_awake(self, what: str) -> None:
+        if self.sleeping:
+            raise RuntimeError(f"{what} on a sleeping engine (released: {sorted(self.sleeping)}): wake_up first")
 
     def health(self) -> dict:
         from ngrpo_ray.engine.records_client import check
 
-        stats = check(self.llm.collective_rpc("ngrpo_stats", timeout=60))
+        if "weights" in self.sleeping:
+            # the hook's counters live in the weights' memory pool, which sleep released: reading them would touch
+            # unmapped device memory (an illegal address that poisons the engine's CUDA context)
+            stats = {"asleep": sorted(self.sleeping)}
+        else:
+            stats = check(self.llm.collective_rpc("ngrpo_stats", timeout=60))
         return {"ok": True, "policy_version": self.policy_version, "model": self.spec.model,
                 "incarnation": self.incarnation,
                 "start_seconds": self.start_seconds, **{k: v for k, v in stats.items() if k != "ok"}}

@@ -202,8 +202,9 @@ class RolloutFleet:
         """Colocated: every engine frees its GPU memory before the trainer's update (a no-op without sleep mode)."""
         return ray.get([e.sleep.remote() for e in self.engines])
 
-    def wake_up(self) -> list[dict]:
-        return ray.get([e.wake_up.remote() for e in self.engines])
+    def wake_up(self, tags: list[str] | None = None) -> list[dict]:
+        """Colocated: reallocate the engines' ``tags`` ("weights", "kv_cache"; all when None)."""
+        return ray.get([e.wake_up.remote(tags) for e in self.engines])
 
     def shutdown(self) -> None:
         for e in self.engines:
