@@ -47,6 +47,9 @@ class SyncedRolloutEngineImpl(RolloutEngineImpl):
         from ngrpo_ray.engine.records_client import check
 
         check(self.llm.collective_rpc("ngrpo_abandon_weight_update"))  # a trainer that died mid-sync left one open
+        # vLLM's nccl receiver overwrites its communicator on re-init without destroying it (nccl_engine.py
+        # init_transfer_engine): close the previous one, or every restart leaves a communicator and its buffers
+        self.llm.collective_rpc("shutdown_weight_transfer_engine")
         self.llm.collective_rpc("init_weight_transfer_engine", args=(init_info,))
 
     def start_weight_update(self) -> None:
