@@ -107,4 +107,5 @@ def trainer_config(cfg: Config, model_path: str, pad_id: int, storage_path: str 
         storage_path=storage_path,
         max_failures=cfg.cluster.trainer_max_restarts,
         sync_backend=cfg.cluster.sync_backend,
+        empty_cuda_cache=bool(plan is not None and plan.sleep_engines),
     )

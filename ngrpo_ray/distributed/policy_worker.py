@@ -3,6 +3,7 @@ reference model, the weight-sync group on rank 0) and the command loop Ray Train
 
 from __future__ import annotations
 
+import gc
 import math
 import os
 import time
@@ -128,6 +129,7 @@ class _PolicyWorker:
         metrics["train_seconds"] = time.monotonic() - start
         self.version = version if version is not None else self.version + 1
         metrics["policy_version"] = float(self.version)
+        self._hand_back_gpu_cache()
         return metrics
 
     def logprobs(self, batch_refs: list, use_records: bool = True) -> list[tuple[int, torch.Tensor]]:
@@ -153,11 +155,15 @@ class _PolicyWorker:
         """Full (gathered under ZeRO-3) parameters in `dtype` on rank 0; None elsewhere. Every rank must run it."""
         from ngrpo_ray.distributed.weight_sync import gathered
 
-        params = list(self.engine.module.named_parameters())
-        with gathered([p for _, p in params], self.cfg.deepspeed.zero_stage == 3):
-            if self.rank != 0:
-                return None
-            return {n: p.detach().to(dtype).cpu().clone() for n, p in params}
+        out: dict[str, torch.Tensor] = {}
+        # one parameter at a time (in the same order on every rank: each gather is a collective), so a rank never
+        # holds more than one full parameter beyond its shard; a whole-model gather would put a full copy of the
+        # model on every GPU next to a colocated engine that is awake
+        for n, p in self.engine.module.named_parameters():
+            with gathered([p], self.cfg.deepspeed.zero_stage == 3):
+                if self.rank == 0:
+                    out[n] = p.detach().to(dtype).cpu().clone()
+        return out if self.rank == 0 else None
 
     def load_state_dict(self, state: Any) -> None:
         """Overwrite the parameters (e.g. reset in tests). Stage 0-2 only: ZeRO-1/2 keep fp32 master copies."""
@@ -193,6 +199,14 @@ class _PolicyWorker:
         return {"ok": True, "backend": backend, "transport": getattr(self.weight_group, "transport", backend),
                 "transport_note": getattr(self.weight_group, "transport_note", "")}
 
+    def _hand_back_gpu_cache(self) -> None:
+        """Colocated on GPU: return the blocks torch's caching allocator keeps after the update (activations, logit
+        chunks) and after the sync (gathers, packed buckets) to the driver, so the engine waking on this GPU finds
+        them free; the memory plan (planning/memory.py) counts on it. Costs fresh cudaMallocs in the next step."""
+        if self.cfg.empty_cuda_cache and torch.cuda.is_available():
+            gc.collect()
+            torch.cuda.empty_cache()
+
     def close_weight_transfer(self) -> None:
         if self.weight_group is not None:
             self.weight_group.shutdown()
@@ -206,6 +220,7 @@ class _PolicyWorker:
         self.weight_client.version = int(version)
         self.weight_group.send_weights()
         self.version = version
+        self._hand_back_gpu_cache()
         stats = {"bytes": sum(math.prod(m.shape) * m.dtype.itemsize for m in self.weight_group.source.metadata()),
                  **(getattr(self.weight_group, "last_stats", None) or {})}
         return {**stats, "version": int(version), "seconds": time.monotonic() - start,

@@ -39,5 +39,6 @@ class TrainerGroupConfig:
     command_timeout_s: float = 3600.0
     max_failures: int = 0  # worker-group restarts Ray Train may make after a worker dies (FailureConfig)
     sync_backend: str = "auto"  # cluster.sync_backend (weight_sync.choose_sync_backend)
+    empty_cuda_cache: bool = False  # colocated on GPU (plan.sleep_engines): hand cached blocks back after update and sync
     seed: int = 0
     storage_path: str | None = None  # Ray Train's run folder; a temp dir by default
