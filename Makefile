@@ -35,8 +35,9 @@ test-fast: $(STAMP)
 
 # What a CUDA machine without a package registry (Python 3.12, its own torch and transformers) lacks for the trainer's
 # gpu tests: DeepSpeed (its pure-Python wheel, built here from the sdist) and the pinned pure-Python or cp312 wheels it
-# needs. tests/gpu_device_check.sh installs them from .whl/ there. Ray and vLLM are too large to carry.
-GPU_WHEELS := hjson pydantic pydantic_core annotated-types typing-inspection typing_extensions
+# needs (psutil, einops and msgpack are imported by `import deepspeed`; carried in case the image lacks them).
+# tests/gpu_device_check.sh installs them from .whl/ there. Ray and vLLM are too large to carry.
+GPU_WHEELS := hjson pydantic pydantic_core annotated-types typing-inspection typing_extensions psutil einops msgpack
 pin = $(shell grep -i '^$(1)==' requirements/cpu.lock)
 gpu-wheels: $(STAMP)
 	$(foreach w,$(GPU_WHEELS) deepspeed,$(if $(call pin,$(w)),,$(error gpu-wheels: $(w) has no pin in requirements/cpu.lock)))

@@ -6,6 +6,7 @@ Imports vLLM: it runs in the trainer workers, which have it installed (vLLM's tr
 
 from __future__ import annotations
 
+import math
 from typing import Iterator
 
 import torch
@@ -53,7 +54,10 @@ def open_trainer_engine(backend: str, *, rank: int, host: str, world_size: int, 
     elif backend == "ipc":
         from vllm.distributed.weight_transfer.ipc_engine import IPCTrainerInitInfo
 
-        info = IPCTrainerInitInfo(packed=True, packed_buffer_size_bytes=bucket_bytes, rank=rank)
+        # its one reusable buffer must hold the largest tensor (packed_ipc_producer refuses a bigger one): a real
+        # embedding (Qwen2.5-1.5B's: 467 MB in bf16) is far above the default bucket
+        largest = max((math.prod(m.shape) * m.dtype.itemsize for m in source.metadata()), default=0)
+        info = IPCTrainerInitInfo(packed=True, packed_buffer_size_bytes=max(bucket_bytes, largest), rank=rank)
     else:
         raise ValueError(f"unknown weight-transfer backend {backend!r} (ngrpo_gloo, nccl or ipc)")
     return WeightTransferTrainerFactory.trainer_init(info, client=client, source=source)
