@@ -156,3 +156,30 @@ def test_records_with_hand_logits_give_hand_logprobs():
     assert torch.allclose(logp, torch.tensor(expected), atol=1e-7)
     h = -(0.25 * math.log(0.25) + 0.75 * math.log(0.75))
     assert torch.allclose(entropy, torch.full((5,), h), atol=1e-7)
+
+
+def test_bf16_logits_are_divided_by_the_temperature_in_fp32():
+    """bf16 logits at T 0.7 over the R1 vocabulary: the log-probs and their gradient equal log_softmax(logits.float()
+    / T) exactly; dividing in bf16 first (what ``div(bf16, T, out=fp32)`` does) is off by up to ~0.1."""
+    from ngrpo_ray.core.token_logprobs import chunked_token_logprobs
+
+    g = torch.Generator().manual_seed(0)
+    V, n, d, T = 151_936, 6, 16, 0.7
+    head = torch.nn.Linear(d, V, bias=False).bfloat16()
+    with torch.no_grad():
+        head.weight.copy_((torch.randn(V, d, generator=g) * 1.5).bfloat16())
+    hidden = torch.randn(n, d, generator=g).bfloat16().requires_grad_(True)
+    targets = torch.randint(0, V, (n,), generator=g)
+    logp, _ = chunked_token_logprobs(head, hidden, targets, T, chunk_tokens=4)
+    with torch.no_grad():
+        logits = head(hidden.detach())
+    expected = torch.log_softmax(logits.float() / T, -1).gather(1, targets[:, None]).squeeze(1)
+    assert torch.equal(logp.detach(), expected)
+    rounded = torch.log_softmax((logits / T).float(), -1).gather(1, targets[:, None]).squeeze(1)
+    assert float((rounded - expected).abs().max()) > 1e-3  # the bf16 division would have shown
+    logp.sum().backward()
+    ref_hidden = hidden.detach().clone().requires_grad_(True)
+    ref = torch.log_softmax(head(ref_hidden).float() / T, -1).gather(1, targets[:, None]).sum()
+    head.zero_grad()
+    ref.backward()
+    assert torch.allclose(hidden.grad.float(), ref_hidden.grad.float(), rtol=0.02, atol=1e-2)
