@@ -160,6 +160,7 @@ def validate(cfg: Config) -> None:
     """Range and cross-field checks that types alone cannot express."""
     m, r, a, t = cfg.mixing, cfg.rollout, cfg.algorithm, cfg.trainer
     _validate_mixing(m)
+    _check_ring(cfg)
     _check(r.temperature > 0, "rollout.temperature", f"must be > 0, got {r.temperature}")
     _check(0 < r.top_p <= 1, "rollout.top_p", f"must lie in (0, 1], got {r.top_p}")
     _check(r.group_size >= 1, "rollout.group_size", f"must be >= 1, got {r.group_size}")
@@ -246,6 +247,22 @@ def _validate_mixing(m: Any) -> None:
     for key, message in mixing_spec.problems(values) + mixing_spec.engine_problems(values):
         _check(False, f"mixing.{key}", message)
     _check(m.table_slots >= 1, "mixing.table_slots", f"must be >= 1, got {m.table_slots}")
+
+
+def _check_ring(cfg: Config) -> None:
+    """One prompt's group must fit the engine's ring table in one call (core.ring_budget); the fleet cuts a call's
+    prompts into enough chunks for the rest."""
+    from ngrpo_ray.core.ring_budget import prompts_per_call, slots_per_prompt
+
+    m = cfg.mixing
+    rho = 0.0 if m.strategy == "sample" else m.rho
+    for what, group, tokens in (("rollout", cfg.rollout.group_size, cfg.rollout.max_new_tokens),
+                                ("evaluation", cfg.eval.n, cfg.eval.max_new_tokens)):
+        if what == "evaluation" and not cfg.eval.mixing:
+            continue
+        _check(prompts_per_call(group, tokens, rho, m.table_slots) != 0, "mixing.table_slots",
+               f"({m.table_slots:,}) cannot hold one prompt's {what} group: {group} responses x {tokens} tokens x "
+               f"rho {rho} need {slots_per_prompt(group, tokens, rho):,.0f} slots (5% margin)")
 
 
 def _check_best_metric(cfg: Config) -> None:

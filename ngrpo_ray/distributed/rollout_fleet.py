@@ -23,8 +23,11 @@ from typing import Any, Callable, Sequence
 import ray
 from ray.exceptions import RayActorError
 
+from ngrpo_ray.core.ring_budget import calls_needed
 from ngrpo_ray.distributed.rollout_engine import StalePolicyVersion
 from ngrpo_ray.distributed.synced_engine import SyncedRolloutEngine
+from ngrpo_ray.engine.llm_factory import EngineSpec
+from ngrpo_ray.engine.request_options import to_wire
 
 # ActorDiedError and ActorUnavailableError are RayActorErrors; a consumer task whose input came from a dead engine
 # raises RayTaskError(ActorUnavailableError), which is one too. A chunk queued while Ray restarted its engine runs on
@@ -86,8 +89,12 @@ class RolloutFleet:
                  group_size: int, chunks_per_engine: int = 1, purpose: str = "train",
                  call: int | None = None) -> list[Chunk]:
         """``purpose`` / ``call`` (default: the policy version) name the gate streams (core.gate_stream); each chunk
-        tells its engine where its prompts start, so a response's stream does not depend on the chunking."""
-        n_chunks = max(1, min(len(prompts), len(self.engines) * chunks_per_engine))
+        tells its engine where its prompts start, so a response's stream does not depend on the chunking. More chunks
+        than ``chunks_per_engine`` per engine are cut when one call's mixed steps could overflow the engines' ring
+        table (core.ring_budget)."""
+        ring = calls_needed(len(prompts), group_size, int(sampling.get("max_tokens") or 16), _rho(mixing),
+                            int(self.spec.get("table_capacity", EngineSpec.table_capacity)))
+        n_chunks = max(1, min(len(prompts), max(len(self.engines) * chunks_per_engine, ring)))
         bounds = [round(i * len(prompts) / n_chunks) for i in range(n_chunks + 1)]
         chunks: list[Chunk] = []
         call = policy_version if call is None else call
@@ -213,3 +220,8 @@ class RolloutFleet:
             except Exception:  # noqa: BLE001 - the actor may already be gone; kill below either way
                 pass
             ray.kill(e)
+
+
+def _rho(mixing: Any) -> float:
+    """The gate probability of a call's mixing options (0 for none or "sample")."""
+    return 0.0 if mixing is None else float(to_wire(mixing)["rho"])

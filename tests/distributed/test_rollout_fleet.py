@@ -26,7 +26,8 @@ MIXING = MixingParams(rho=0.5, k=3)
 def fleet(tmp_path_factory):
     model = write_tiny_chat_model(tmp_path_factory.mktemp("models") / "tiny_chat")
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, ignore_reinit_error=True)
-    spec = {"model": str(model), "seed": 0, "max_model_len": 256, "kv_cache_gib": 0.125}
+    # a 1,024-slot ring: the rho-0.5 calls below fit it (768 mixed steps expected in the biggest); the ring test's don't
+    spec = {"model": str(model), "seed": 0, "max_model_len": 256, "kv_cache_gib": 0.125, "table_capacity": 1024}
     f = RolloutFleet(spec, 2, num_cpus=0.5, max_restarts=2, restart_timeout_s=600)
     yield f
     f.shutdown()
@@ -70,6 +71,24 @@ def test_prompt_order_and_throughput(fleet, tmp_path):
     (tmp_path / "fleet_throughput.json").write_text(json.dumps(record, indent=2))
     print("fleet throughput:", json.dumps(record))
     assert math.isfinite(record["ratio_2_over_1"]) and record["ratio_2_over_1"] > 0
+
+
+def test_a_call_larger_than_the_ring_is_cut_into_chunks_that_fit(fleet):
+    """16 prompts x 4 responses x 48 tokens at rho 1 need up to 3,072 ring slots in one call: one engine given them
+    all runs out (its records are overwritten before they are read); the fleet cuts 4 chunks of 4 prompts instead
+    (4 x 48 x 1.0 x 1.05 = 201.6 slots per prompt: 5 fit in 1,024, and 16 prompts take 4 calls, more than the 2
+    engines' one chunk each), and every group comes back in order."""
+    from ngrpo_ray.core.ring_budget import calls_needed
+
+    sampling, every_step = {**SAMPLING, "max_tokens": 48}, MixingParams(rho=1.0, k=3)
+    assert calls_needed(len(PROMPTS), G, 48, 1.0, 1024) == 4
+    with pytest.raises(ray.exceptions.RayTaskError, match="mixing table overflow"):
+        ray.get(fleet.engines[0].generate.remote(PROMPTS, sampling, every_step, 0, G))
+    chunks, batches = fleet.collect(fleet.generate(PROMPTS, sampling, every_step, 0, G))
+    assert [(c.first_prompt, c.num_prompts) for c in chunks] == [(0, 4), (4, 4), (8, 4), (12, 4)]
+    _check_groups(chunks, batches)
+    mixed = [int(b.num_mixed) for b in batches]
+    assert all(0 < m <= 1024 for m in mixed) and sum(mixed) > 1024, mixed
 
 
 def test_engine_killed_mid_rollout_is_restarted_and_its_chunk_reissued(fleet):
