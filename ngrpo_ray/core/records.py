@@ -29,21 +29,30 @@ def _lookup(E: Embedding) -> Callable[[torch.Tensor], torch.Tensor]:
 def mix_embeddings(E: Embedding, cand_ids: torch.Tensor, alpha: torch.Tensor) -> torch.Tensor:
     """sum_j alpha[..., j] * E[cand_ids[..., j]] -> [..., d]  (E: a [V, d] weight or an embedding module).
 
-    The sum is an explicit left-to-right loop over j so rollout (shape [B, k]) and training (shape [B, L, k]) run the
-    same elementwise ops in the same order and agree bit for bit. alpha is a constant (no gradient); E gets one.
+    The sum is an explicit left-to-right loop over j in fp32 with one rounding to E's dtype at the end
+    (``mix_rows_fp32``), so rollout (shape [B, k]) and training (shape [B, L, k]) agree bit for bit, also where the
+    engine's forward is compiled: Inductor computes bf16 elementwise chains in fp32 and drops the roundings between
+    fused ops, so a bf16 chain (alpha cast to bf16, each product and partial sum rounded) would be computed one way
+    in a compiled engine and another in the eager trainer. alpha is a constant (no gradient); E gets one.
     """
     return _mix_rows(_lookup(E)(cand_ids), alpha)  # one lookup (one ZeRO-3 gather) for every candidate
 
 
 def _mix_rows(rows: torch.Tensor, alpha: torch.Tensor) -> torch.Tensor:
-    """rows [..., k, d] (the candidates' embeddings), alpha [..., k] -> the left-to-right sum [..., d]."""
-    a = alpha.detach().to(rows.dtype)
-    k = rows.shape[-2]
-    if k > 64:  # full-vocabulary soft thinking: inference only, never rebuilt, so a matmul is fine
-        return torch.einsum("...k,...kd->...d", a, rows)
-    out = a[..., 0:1] * rows[..., 0, :]
-    for j in range(1, k):
-        out = out + a[..., j : j + 1] * rows[..., j, :]
+    """rows [..., k, d] (the candidates' embeddings), alpha [..., k] -> the left-to-right sum [..., d] in rows'
+    dtype: computed in fp32, rounded once."""
+    if rows.shape[-2] > 64:  # full-vocabulary soft thinking: inference only, never rebuilt, so a matmul is fine
+        return torch.einsum("...k,...kd->...d", alpha.detach().to(rows.dtype), rows)
+    return mix_rows_fp32(rows, alpha).to(rows.dtype)
+
+
+def mix_rows_fp32(rows: torch.Tensor, alpha: torch.Tensor) -> torch.Tensor:
+    """sum_j alpha[..., j] * float(rows[..., j, :]), left to right, in fp32 (the engine's embedding adds its noise
+    rows in fp32 too, then rounds once, as the trainer's bf16 ``E[token] + noise`` does)."""
+    a = alpha.detach().float()
+    out = a[..., 0:1] * rows[..., 0, :].float()
+    for j in range(1, rows.shape[-2]):
+        out = out + a[..., j : j + 1] * rows[..., j, :].float()
     return out
 
 

@@ -24,6 +24,8 @@ from __future__ import annotations
 import torch
 from vllm.model_executor.layers.vocab_parallel_embedding import VocabParallelEmbedding
 
+from ngrpo_ray.core.records import mix_rows_fp32
+
 VIRTUAL_BASE = 1 << 24  # above every real vocabulary (Qwen2.5: 151,936); virtual ids must stay below 2**31 (int32)
 DEFAULT_TABLE_CAPACITY = 1 << 16
 DEFAULT_K_MAX = 3
@@ -83,14 +85,11 @@ class MixingEmbedding(VocabParallelEmbedding):
             rows = self.weight[cand]  # [N, k_max, d]
         else:
             plain, rows = self._vocab_parallel_rows(plain_ids, cand)
-        # Same left-to-right sum as core.records.mix_embeddings, so rollout and trainer agree bit for bit
-        # (padding columns carry alpha 0 and add exact zeros).
-        a = alpha.to(self.weight.dtype)
-        mixed = a[:, 0:1] * rows[:, 0]
-        for j in range(1, cand.shape[1]):
-            mixed = mixed + a[:, j : j + 1] * rows[:, j]
+        # The trainer's own sum (core.records.mix_rows_fp32): fp32, left to right, one rounding below, so rollout
+        # and trainer agree bit for bit, compiled or not (padding columns carry alpha 0 and add exact zeros).
+        mixed = mix_rows_fp32(rows, alpha)
         if self.ngrpo_has_noise:  # zero rows for neighbor mixtures: x + 0 leaves them bit for bit
-            mixed = mixed + self.ngrpo_noise[slot]
+            mixed = mixed + self.ngrpo_noise[slot].float()
         if not torch.compiler.is_compiling():  # eager: count virtual ids whose slot was overwritten
             self.ngrpo_stale += (is_virtual & (self.ngrpo_ids[slot] != ids)).sum()
         return torch.where(is_virtual.unsqueeze(-1), mixed.to(plain.dtype), plain)

@@ -1,5 +1,7 @@
 """Input reconstruction from records and alignment with a padded [prompt; response] batch."""
 
+import shutil
+
 import pytest
 import torch
 
@@ -83,3 +85,36 @@ def test_align_places_records_at_prompt_len_plus_t(side):
         assert a.cand_ids[1, 3].tolist() == [9, 3]
     assert a.response_mask.sum(1).tolist() == [2, 3]
     assert a.noise_seed is None
+
+
+@pytest.mark.skipif(shutil.which("c++") is None, reason="torch.compile on CPU needs a C++ compiler")
+def test_bf16_mixture_is_the_same_compiled_in_the_engine_and_eager_in_the_trainer():
+    """vLLM compiles the engine's forward (GPU presets: enforce_eager false); Inductor computes bf16 elementwise chains
+    in fp32 and drops the roundings between fused ops. The mixture is therefore defined in fp32 with one rounding:
+    the engine's arithmetic (embedding_patch: fp32 sum, noise added in fp32, one cast) compiled equals the trainer's
+    eager rebuild bit for bit, noise rows included. Control: the former bf16 chain, compiled, differs from eager."""
+    from ngrpo_ray.core.records import _mix_rows, mix_rows_fp32
+
+    g = torch.Generator().manual_seed(0)
+    rows = (torch.randn(512, 4, 256, generator=g) * 0.05).bfloat16()
+    alpha = torch.softmax(torch.randn(512, 4, generator=g), -1)
+    noise = (torch.randn(512, 256, generator=g) * 0.01).bfloat16()
+
+    def engine(rows, alpha, noise):
+        return (mix_rows_fp32(rows, alpha) + noise.float()).to(torch.bfloat16)
+
+    compiled = torch.compile(engine, fullgraph=True, dynamic=False)
+    assert torch.equal(compiled(rows, alpha, torch.zeros_like(noise)), _mix_rows(rows, alpha))
+    one_hot = torch.zeros_like(alpha)
+    one_hot[:, 0] = 1.0  # a noise step's record: (token, alpha 1), fed E[token] + noise; the trainer adds in bf16
+    assert torch.equal(compiled(rows, one_hot, noise), rows[:, 0] + noise)
+
+    def bf16_chain(rows, alpha):
+        a = alpha.to(rows.dtype)
+        out = a[:, 0:1] * rows[:, 0]
+        for j in range(1, rows.shape[1]):
+            out = out + a[:, j:j + 1] * rows[:, j]
+        return out
+
+    assert not torch.equal(torch.compile(bf16_chain, fullgraph=True, dynamic=False)(rows, alpha),
+                           bf16_chain(rows, alpha))
