@@ -27,9 +27,28 @@ def _has_bool_index(index) -> bool:
     return any(isinstance(i, torch.Tensor) and i.dtype == torch.bool and i.dim() > 0 for i in items)
 
 
+def _device_of(value) -> torch.device | None:
+    if isinstance(value, (str, torch.device)):
+        try:
+            return torch.device(value)
+        except (RuntimeError, TypeError):
+            return None
+    return None
+
+
 def _violation(func, args, kwargs) -> str | None:
+    kwargs = kwargs or {}
     if func in _READS:
         return getattr(func, "__name__", str(func))
+    if func in (torch.tensor, torch.as_tensor) and kwargs.get("device") is not None:
+        # from Python data straight to a device: a blocking copy that waits for the device's queued work on CUDA
+        # (flagged on every device, so a CPU run proves its absence); hook_batch.to_device copies asynchronously
+        return f"{func.__name__}(..., device=...) (a blocking host-to-device copy)"
+    if func is T.to and args and isinstance(args[0], torch.Tensor) and args[0].device.type == "cpu" \
+            and not kwargs.get("non_blocking", False):
+        target = next((d for d in map(_device_of, list(args[1:]) + [kwargs.get("device")]) if d is not None), None)
+        if target is not None and target.type != "cpu":
+            return "a blocking host-to-device copy (.to without non_blocking)"
     if func in _INDEXING and len(args) > 1 and _has_bool_index(args[1]):
         return f"{func.__name__} with a boolean mask (its result size is read from the device)"
     if func is torch.where and len(args) == 1 and not kwargs:

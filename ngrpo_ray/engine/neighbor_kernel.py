@@ -56,7 +56,7 @@ def neighbor_group(hook, logits: torch.Tensor, z: torch.Tensor, log_norm: torch.
 def _filter_keep(table, z: torch.Tensor, cand: torch.Tensor, slot_t: torch.Tensor, slots: np.ndarray) -> torch.Tensor:
     """[n, k] bool: the candidates that survive the request's top-k and top-p filters (core.sampling.filtered_logits)."""
     V = z.shape[1]
-    minus_inf = torch.tensor(float("-inf"), device=z.device)
+    minus_inf = float("-inf")  # a Python scalar: torch.tensor(-inf, device=...) is a blocking copy on CUDA
     top_k = table.filter_top_k[slots]
     if (top_k > 0).any():  # top-k: drop tokens below the k-th largest z
         widest = int(top_k.max())

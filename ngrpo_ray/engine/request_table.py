@@ -22,9 +22,10 @@ import torch
 
 from ngrpo_ray.core import gate_stream
 from ngrpo_ray.core.mixing_spec import SOFT_STRATEGIES
-from ngrpo_ray.engine.hook_batch import NEIGHBOR, NOISE, SOFT
+from ngrpo_ray.engine.hook_batch import NEIGHBOR, NOISE, SOFT, to_device
 from ngrpo_ray.engine.request_options import EXTRA_ARGS_KEY, METRICS, RequestMixing, from_wire
 
+_NUMPY_DTYPES = {torch.float32: np.float32, torch.int64: np.int64, torch.bool: np.bool_}
 NOISE_CODE = gate_stream.STRATEGY_CODES["gaussian_noise"]
 SOFT_CODES = tuple(gate_stream.STRATEGY_CODES[s] for s in SOFT_STRATEGIES)
 
@@ -94,7 +95,7 @@ class RequestTable:
         index = self._set_index.get(key)
         if index is None:
             row = torch.zeros(1, self.vocab_size + 1, dtype=torch.bool, device=self.device)
-            row[0, torch.tensor(key, dtype=torch.long, device=self.device)] = True
+            row[0, to_device(np.asarray(key, dtype=np.int64), self.device)] = True
             self.id_sets = torch.cat([self.id_sets, row])
             index = self._set_index[key] = len(self._set_index)
         return index
@@ -158,19 +159,20 @@ class RequestTable:
         top_p = [float(sp.top_p) for _, _, sp in new]
         self.filter_top_k[slots] = top_k
         self.filter_top_p[slots] = top_p
-        idx = torch.tensor(slots, dtype=torch.long, device=self.device)
-        dev = dict(device=self.device)
-
+        # Every value goes to the device by an asynchronous copy (pinned staging on CUDA): torch.tensor(values,
+        # device=cuda) would be a blocking copy that waits for the queued forward at every join.
         def column(values, dtype):
-            return torch.tensor(values, dtype=dtype, **dev)
+            return to_device(np.asarray(values, dtype=_NUMPY_DTYPES[dtype]), self.device)
+
+        idx = column(slots, torch.int64)
 
         self.stopped[idx] = False
         self.temp[idx] = column(temps, torch.float32)
         self.tau[idx] = column([o.tau if o.tau is not None else t for (_, o, _), t in zip(new, temps)], torch.float32)
-        self.k[idx] = torch.tensor([o.k for _, o, _ in new], dtype=torch.int64, **dev)
-        self.ban_set[idx] = torch.tensor(
-            [self._id_set((*o.stop_after_ids, *o.never_mix_ids, *o.no_mix_anchor_ids)) for _, o, _ in new], **dev)
-        self.stop_set[idx] = torch.tensor([self._id_set(o.stop_after_ids) for _, o, _ in new], **dev)
+        self.k[idx] = column([o.k for _, o, _ in new], torch.int64)
+        self.ban_set[idx] = column(
+            [self._id_set((*o.stop_after_ids, *o.never_mix_ids, *o.no_mix_anchor_ids)) for _, o, _ in new], torch.int64)
+        self.stop_set[idx] = column([self._id_set(o.stop_after_ids) for _, o, _ in new], torch.int64)
         self.width_t[idx] = column([o.width for _, o, _ in new], torch.int64)
         self.code_t[idx] = column([gate_stream.STRATEGY_CODES[o.strategy] for _, o, _ in new], torch.int64)
         self.gumbel_tau[idx] = column([o.gumbel_tau for _, o, _ in new], torch.float32)

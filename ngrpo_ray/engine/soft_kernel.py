@@ -45,9 +45,9 @@ def soft_group(hook, z: torch.Tensor, log_norm: torch.Tensor | None, slot_t: tor
                        table.gumbel_tau.index_select(0, slot_t))
     col = torch.arange(width, device=z.device).unsqueeze(0)
     in_set = col < table.width_t.index_select(0, slot_t).unsqueeze(1)
-    minus_inf = torch.tensor(float("-inf"), device=z.device)
-    alpha = torch.softmax(torch.where(in_set, scores / temp.unsqueeze(1), minus_inf), dim=-1)
-    pick = torch.where(in_set, scores, minus_inf).argmax(dim=-1, keepdim=True)
+    # a Python -inf, not torch.tensor(-inf, device=...): that would be a blocking host-to-device copy every step
+    alpha = torch.softmax(torch.where(in_set, scores / temp.unsqueeze(1), float("-inf")), dim=-1)
+    pick = torch.where(in_set, scores, float("-inf")).argmax(dim=-1, keepdim=True)
     anchor = cand.gather(1, pick).squeeze(1)
     cand = torch.where(in_set, cand, cand[:, :1])
     cand, alpha = pad_columns(cand, alpha, hook.k_max)

@@ -122,16 +122,20 @@ def test_hook_step_path_reads_no_tensor_value(stream_engine, eos_id):
         (MixingParams(strategy="neighbor_mix", rho=0.5, stop_after_ids=(7,), never_mix_ids=(3, 5)), 1.0),
         (MixingParams(strategy="neighbor_mix", rho=0.5, stop_after_ids=(7,), metric="cosine"), 0.8),
         (MixingParams(strategy="gaussian_noise", rho=0.5, noise_std=0.05, stop_after_ids=(7,)), 0.8),
+        # the soft kernels and the released code's filtered-probability alpha (the request's top-k / top-p)
+        (MixingParams(strategy="gumbel_topk", rho=0.5, top_k=3, stop_after_ids=(7,)), 0.8),
+        (MixingParams(strategy="neighbor_mix", rho=0.5, alpha_source="filtered_probs"), 0.8),
     ]
+    filters = {"top_k": 20, "top_p": 0.9}
     prompts = PROMPTS[:6]
     for mixing, temperature in cases:  # warm-up: the full neighbor table is built on first use
-        generate_rollout(stream_engine, prompts, {"temperature": temperature, "max_tokens": 8}, mixing,
+        generate_rollout(stream_engine, prompts, {"temperature": temperature, "max_tokens": 8, **filters}, mixing,
                          group_size=2, stop_token_ids=[eos_id])
     stream_engine.collective_rpc(_install_guard)
     mixed = 0
     for mixing, temperature in cases:
-        batch = generate_rollout(stream_engine, prompts, {"temperature": temperature, "max_tokens": 24}, mixing,
-                                 group_size=4, stop_token_ids=[eos_id])
+        batch = generate_rollout(stream_engine, prompts, {"temperature": temperature, "max_tokens": 24, **filters},
+                                 mixing, group_size=4, stop_token_ids=[eos_id])
         mixed += sum(int(m.sum()) for m in batch.mixed_mask)
     report = stream_engine.collective_rpc(_guard_report)[0]
     check(stream_engine.collective_rpc("ngrpo_install", kwargs={"seed": 0, "neighbor_mode": "full"}))  # unguarded

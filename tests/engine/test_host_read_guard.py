@@ -24,6 +24,8 @@ READS = {
     "masked_select": lambda t, m: t.masked_select(m),
     "numpy": lambda t, m: t.numpy(),
     "format": lambda t, m: f"{t[0]:.3f}",
+    "tensor_to_device": lambda t, m: torch.tensor(float("-inf"), device=t.device),
+    "as_tensor_to_device": lambda t, m: torch.as_tensor([1, 2], device=t.device),
 }
 
 
@@ -51,4 +53,6 @@ def test_guard_lets_static_shape_ops_through():
         counts = torch.cumsum(out.ge(0).long(), 0)
         logits[rows, 0] = out.float() + counts
         torch.softmax(z, -1).gather(1, anchor.unsqueeze(1))
+        torch.where(banned, z[:, 0], float("-inf"))  # a Python scalar instead of torch.tensor(-inf, device=...)
+        torch.tensor([1, 2]).to("cpu", non_blocking=True)
     assert guard.violations == [] and guard.calls > 5
