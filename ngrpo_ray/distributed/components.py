@@ -55,6 +55,8 @@ def engine_spec(cfg: Config, model_path: str, max_prompt_tokens: int) -> dict:
         "k_max": mixing_spec.engine_width(dataclasses.asdict(m)),  # the ring's record width (k or top_k)
         "noise_table": m.strategy == "gaussian_noise",
         "never_mix": tuple(m.never_mix),  # never neighbors either (resolved with the model's tokenizer)
+        # the table of the configured metric is built at install, not in the first mixed decode step
+        "neighbor_metrics": (m.metric,) if m.strategy == "neighbor_mix" else (),
         "dtype": "float32" if cfg.model.dtype == "float32" else cfg.model.dtype,
         "tensor_parallel_size": r.tensor_parallel_size,  # vocab-parallel mixing embedding (engine.embedding_patch)
         # the trainer sends its weights through vLLM's weight-transfer API with this backend

@@ -39,6 +39,7 @@ class EngineSpec:
     # 0..n-1, or the ids) minus never_mix (token names as in mixing.never_mix, "<eos>" = the tokenizer's EOS).
     neighbor_ids: int | tuple[int, ...] | None = None
     never_mix: tuple[str, ...] = ("<eos>",)
+    neighbor_metrics: tuple[str, ...] = ()  # tables built at install (then at every weight load), not at first use
     noise_table: bool = False  # allocate the [capacity, d] noise rows that the gaussian_noise (STHT) baseline needs
     hook_seed: int | None = None  # None -> seed
     enable_sleep_mode: bool = False  # colocated on GPU: free weights and KV cache during the trainer's update
@@ -166,7 +167,7 @@ def build_llm(spec: EngineSpec, hooked: bool = True, tokenizer: Any | None = Non
     if hooked:
         seed = spec.seed if spec.hook_seed is None else spec.hook_seed
         check(llm.collective_rpc("ngrpo_install", kwargs={"seed": seed, "neighbor_mode": spec.neighbor_mode,
-                                                          **rows}))
+                                                          "neighbor_metrics": list(spec.neighbor_metrics), **rows}))
     return llm
 
 
