@@ -4,10 +4,11 @@ chunked log-softmax buffer and the reference model.
 Model (bytes; P parameters, N trainer GPUs, b bytes of the model dtype, DeepSpeed with AdamW):
   weights            P b           (ZeRO-3: P b / N)
   fp32 master        4 P / N       (bf16 only; ZeRO >= 1 partitions it; in fp32 the weights are the master)
-  gradients          P b / N       (ZeRO-2/3 partition; ZeRO-0/1: P b) + one reduce bucket of 5e8 elements x b
+  gradients          P g / N       (ZeRO-2/3 partition, g = 4 as bf16 runs accumulate it in fp32; ZeRO-0/1: P b)
+                                   + one reduce bucket of 5e8 elements x b
   optimizer states   8 P / N       (AdamW m and v in fp32; ZeRO-0: 8 P)
-  fp32 grad at step  4 P / N       (bf16: the partition's fp32 gradient exists during step() only)
-  ZeRO-3 gathers     2 x the largest gathered module x b (the one in use and the one prefetched)
+  fp32 grad at step  4 P / N       (bf16 ZeRO-1: the partition's fp32 gradient exists during step() only)
+  ZeRO-3 gathers     2 x the largest gathered module x b (the one in use and the one prefetched; update only)
   reference model    P b           (beta > 0: a full copy in the model dtype on every rank, not sharded)
   activations        per token and layer, what autograd keeps for backward in a HF decoder layer with fused
                      attention: two RMSNorms (their fp32 input copy and b-byte output: 2 (4 + b) h), q, k, v and the
@@ -79,15 +80,18 @@ def trainer_terms(t: TrainerSettings) -> list[Term]:
                           f"{P / 1e9:.2f}B x 4 B / {div} (ZeRO-{z}, {shard if z >= 1 else 'whole'})"))
     grad_div = n if z >= 2 else 1
     bucket = REDUCE_BUCKET_ELEMENTS * b if z >= 2 else 0
-    terms.append(Term("trainer", "gradients", P * b / grad_div + bucket, RESIDENT,
-                      f"{P / 1e9:.2f}B x {b} B / {grad_div}"
+    gb = 4 if b == 2 and z >= 2 else b  # bf16 with ZeRO-2/3: accumulated in fp32 (deepspeed_config: grad_accum_dtype)
+    terms.append(Term("trainer", "gradients", P * gb / grad_div + bucket, RESIDENT,
+                      f"{P / 1e9:.2f}B x {gb} B / {grad_div}"
                       + (f" + reduce bucket 5e8 x {b} B" if bucket else "")))
     opt_div = n if z >= 1 else 1
     terms.append(Term("trainer", "optimizer states (AdamW)", 8 * P / opt_div, RESIDENT,
                       f"{P / 1e9:.2f}B x 8 B / {opt_div}"))
     if z == 3:
         largest = max(s.layer_params(), s.vocab * s.hidden)
-        terms.append(Term("trainer", "ZeRO-3 gathered modules", 2 * largest * b, RESIDENT,
+        # gathered for the forward and backward only: released after the step, and the weight sync gathers one
+        # parameter at a time
+        terms.append(Term("trainer", "ZeRO-3 gathered modules", 2 * largest * b, UPDATE,
                           f"2 x {largest / 1e6:.0f}M x {b} B (in use + prefetched)"))
     if t.ref_model:
         terms.append(Term("trainer", "reference model", P * b, RESIDENT,
@@ -102,8 +106,9 @@ def trainer_terms(t: TrainerSettings) -> list[Term]:
     c = max(1, min(t.logprob_chunk_tokens, t.micro_batch_response_tokens))
     terms.append(Term("trainer", "log-softmax chunk", c * s.vocab * (12 + b), UPDATE,
                       f"{c:,} tokens x V {s.vocab:,} x (3 x 4 + {b}) B"))
-    if b == 2 and z >= 1:
-        # exists only inside step(), when the activations are gone: counted as the larger of the two below
+    if b == 2 and z == 1:
+        # exists only inside step(), when the activations are gone: counted as the larger of the two below (ZeRO-2/3
+        # accumulate the gradient partition in fp32 already)
         terms.append(Term("trainer", "fp32 gradient in step()", 4 * P / n, UPDATE, f"{P / 1e9:.2f}B x 4 B / {n}"))
     return terms
 

@@ -59,6 +59,10 @@ def build_config(s: DeepSpeedSettings, micro_batches: int, world_size: int) -> d
     }
     if s.zero_stage >= 2:
         cfg["zero_optimization"].update({"overlap_comm": False, "contiguous_gradients": True})
+        if s.dtype == "bf16":
+            # accumulate gradients over micro-batches in fp32 (DeepSpeed's default is the model dtype, bf16: the head's
+            # [V, d] gradient summed chunk by chunk and micro-batch by micro-batch in bf16), as OpenRLHF does
+            cfg["data_types"] = {"grad_accum_dtype": "fp32"}
     if s.offload_optimizer and s.zero_stage >= 2:
         cfg["zero_optimization"]["offload_optimizer"] = {"device": "cpu"}
     if s.zero_stage == 3:
