@@ -125,14 +125,21 @@ def train_on_sequences(
     # 1. old and reference log-probs, before any update
     model.eval()
     budget, chunk_tokens = settings.max_tokens_per_micro_batch, settings.logprob_chunk_tokens
-    if settings.old_logprobs == "recompute":
+    # One optimizer step per batch: the weights before the update are the ones of the training forward, so its own
+    # log-probs (detached) are the old ones. That saves a forward pass, and the ratio is exactly 1: a separate pass
+    # cut into other micro-batches can differ by a few bf16 ulps, which GSPO's 3e-4 clip would already see.
+    on_policy = settings.old_logprobs == "recompute" and settings.mini_batches == 1 and settings.epochs == 1
+    if on_policy:
+        old = [None] * len(local)
+    elif settings.old_logprobs == "recompute":
         old = batched_logprobs(model, local, settings.temperature, settings.pad_id, noise_std=settings.noise_std,
                                max_tokens=budget, chunk_tokens=chunk_tokens)
     else:
         old = [s.record.logprobs.float() for s in local]
-    # off-policy: the engine-vs-trainer gap and the rollout-correction weights (rollout mode: first mini-batch below)
+    # off-policy: the engine-vs-trainer gap and the rollout-correction weights (on-policy and rollout mode: observed
+    # in the micro-batches below, before the step)
     off_policy = OffPolicyPass(settings.rollout_correction, len(all_indices))
-    if settings.old_logprobs == "recompute":
+    if settings.old_logprobs == "recompute" and not on_policy:
         off_policy.observe(local, old)
     ref = None
     if loss_config.beta != 0.0:
@@ -169,9 +176,11 @@ def train_on_sequences(
                                        settings.temperature, settings.pad_id, with_entropy=True,
                                        noise_std=settings.noise_std, chunk_tokens=chunk_tokens)
                 T = tb.logp.shape[1]
-                if settings.old_logprobs == "rollout" and epoch == 0 and mb_i == 0 and weight > 0:
+                if on_policy:  # a dummy's sequence is observed too: every weight is there before it is asked for
+                    off_policy.observe(seqs, [tb.logp[j].detach() for j in range(len(seqs))])
+                elif settings.old_logprobs == "rollout" and epoch == 0 and mb_i == 0 and weight > 0:
                     off_policy.observe(seqs, [tb.logp[j].detach() for j in range(len(seqs))])  # before any step
-                old_t = _pad_rows([m[1] for m in micro], T, device)
+                old_t = tb.logp.detach() if on_policy else _pad_rows([m[1] for m in micro], T, device)
                 ref_t = _pad_rows([m[2] for m in micro], T, device) if ref is not None else None
                 adv = _advantages([s.advantage for s in seqs], T, device)
                 out = policy_loss(tb.logp, old_t, adv, tb.mask, loss_config, norm, ref_logp=ref_t, entropy=tb.entropy,

@@ -129,3 +129,29 @@ def test_correction_refused_with_rollout_log_probs():
     step = StepSettings(old_logprobs="rollout", rollout_correction=RolloutCorrection("mis"))
     with pytest.raises(ValueError, match="trainer.old_logprobs='recompute'"):
         step.validate()
+
+
+def test_one_step_per_batch_takes_old_log_probs_from_its_own_forward():
+    """mini_batches 1, epochs 1: no separate pass for the old log-probs (one forward per micro-batch, not one more per
+    sequence chunk before), the ratio is exactly 1 on every token, and the update is the one of the full-batch loss."""
+    model = _model()
+    seqs = _sequences(model, None)
+    before = _flat(model)
+    ref_model = _model()
+    tb = response_logprobs(ref_model, [s.prompt_ids for s in seqs], [s.record for s in seqs], TEMP)
+    norm = GlobalNormalizers(tokens=int(tb.mask.sum()), seqs=len(seqs))
+    policy_loss(tb.logp, tb.logp.detach(), torch.tensor(ADV), tb.mask, PolicyLossConfig(), norm).loss.backward()
+    expected = {n: -p.grad for n, p in ref_model.named_parameters()}
+
+    calls = []
+    handle = model.model.register_forward_hook(lambda *a: calls.append(1))
+    step = StepSettings(temperature=TEMP, micro_batches=2, shuffle=False)
+    m = train_on_sequences(PlainEngine(model), seqs, list(range(len(seqs))), step, PolicyLossConfig())
+    handle.remove()
+    assert len(calls) == 2  # the two micro-batches' training forwards, nothing before them
+    assert m["ratio_max"] == 1.0 and m["clip_frac"] == 0.0
+    assert m["mismatch/tokens"] == sum(T for _, T in LENGTHS) and m["mismatch/abs_diff_max"] < 1e-5
+    got = {n: p.detach() - before[n] for n, p in model.named_parameters()}
+    num = sum(float((got[n] - expected[n]).square().sum()) for n in expected)
+    den = sum(float(expected[n].square().sum()) for n in expected)
+    assert (num / den) ** 0.5 < 1e-5
