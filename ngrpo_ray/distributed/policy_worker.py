@@ -168,6 +168,8 @@ class _PolicyWorker:
     def load_state_dict(self, state: Any) -> None:
         """Overwrite the parameters (e.g. reset in tests). Stage 0-2 only: ZeRO-1/2 keep fp32 master copies."""
         state = _resolve(state)
+        if self.cfg.deepspeed.zero_stage == 3:  # each rank holds a partition: copy_ into it would not be the weights
+            raise TrainerGroupError("load_state_dict under ZeRO-3 is not supported: use load_checkpoint")
         if self.cfg.deepspeed.zero_stage != 0 or self.cfg.deepspeed.dtype != "fp32":
             opt = self.engine.optimizer
             if not hasattr(opt, "refresh_fp32_params") and self.cfg.deepspeed.zero_stage > 0:
