@@ -135,7 +135,10 @@ class _PolicyWorker:
     def logprobs(self, batch_refs: list, use_records: bool = True) -> list[tuple[int, torch.Tensor]]:
         from ngrpo_ray.training.logprobs import _agreed_count, response_logprobs
 
-        local, _ = self._local(batch_refs, None)
+        local, all_idx = self._local(batch_refs, None)
+        if len(all_idx) < self.world:  # decided on the global count: every rank raises, none waits in a collective
+            raise TrainerGroupError(f"logprobs of {len(all_idx)} sequences on {self.world} trainer ranks: every rank "
+                                    f"needs at least one")
         model = self.engine.module
         model.eval()
         out = []
