@@ -255,7 +255,7 @@ def _check_ring(cfg: Config) -> None:
     from ngrpo_ray.core.ring_budget import prompts_per_call, slots_per_prompt
 
     m = cfg.mixing
-    rho = 0.0 if m.strategy == "sample" else m.rho
+    rho = mixing_spec.gate_rho(dataclasses.asdict(m))
     for what, group, tokens in (("rollout", cfg.rollout.group_size, cfg.rollout.max_new_tokens),
                                 ("evaluation", cfg.eval.n, cfg.eval.max_new_tokens)):
         if what == "evaluation" and not cfg.eval.mixing:

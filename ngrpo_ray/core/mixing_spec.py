@@ -116,6 +116,11 @@ def problems(values: dict[str, Any]) -> list[tuple[str, str]]:
     return out
 
 
+def gate_rho(values: dict[str, Any]) -> float:
+    """The probability that a step mixes: rho, or 0 for "sample" (which ignores it)."""
+    return 0.0 if values.get("strategy", "neighbor_mix") == "sample" else float(values.get("rho", 0.0) or 0.0)
+
+
 def record_width(values: dict[str, Any], vocab_size: int | None = None) -> int | None:
     """Candidate columns of a mixed step's record (cand_ids / alpha); None: the whole vocabulary (unknown here)."""
     strategy = values.get("strategy", "neighbor_mix")

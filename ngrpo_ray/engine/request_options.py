@@ -69,7 +69,7 @@ def to_wire(mixing: Any, stop_token_ids: list[int] | tuple[int, ...] = ()) -> di
     for key, message in mixing_spec.problems(d) + mixing_spec.engine_problems(d):
         raise ValueError(f"mixing.{key} {message}")
     strategy = str(d["strategy"])
-    rho = 0.0 if strategy == "sample" else float(d.get("rho", 0.0) or 0.0)
+    rho = mixing_spec.gate_rho(d)
     tau = d.get("tau")
     seed = d.get("seed")
     noise_std = float(d.get("noise_std", 0.0) or 0.0) if strategy == "gaussian_noise" else 0.0
