@@ -32,7 +32,7 @@ class RolloutEngineImpl:
         t0 = time.perf_counter()
         # None: a checkpoint without a tokenizer (text stays empty; build_llm then needs spec.neighbor_ids)
         self.tokenizer = load_tokenizer(self.spec.model)
-        self.llm = build_llm(self.spec, hooked=True, tokenizer=self.tokenizer)
+        self.llm = build_llm(self.spec, hooked=True, tokenizer=self.tokenizer, sole_engine=_in_ray_actor())
         self.start_seconds = time.perf_counter() - t0
         self.stop_ids = stop_ids_of(self.spec.model)
         self.policy_version = int(policy_version)
@@ -61,7 +61,7 @@ class RolloutEngineImpl:
         return stats
 
     def refit_from_state_dict(self, state: dict, policy_version: int) -> dict:
-        """Through a temporary safetensors file next to the engine (the engine core is another process)."""
+        """Through a temporary safetensors file next to the engine (the engine core may be another process)."""
         from safetensors.torch import save_file
 
         with tempfile.TemporaryDirectory(prefix="ngrpo_refit_") as tmp:
@@ -109,7 +109,9 @@ class RolloutEngineImpl:
         else:
             stats = check(self.llm.collective_rpc("ngrpo_stats", timeout=60))
         return {"ok": True, "policy_version": self.policy_version, "model": self.spec.model,
-                "incarnation": self.incarnation,
+                "incarnation": self.incarnation, "engine_pid": os.getpid(),
+                # vLLM's client class: InprocClient when the engine core runs in this actor (build_llm's sole_engine)
+                "engine_core": type(self.llm.llm_engine.engine_core).__name__,
                 "start_seconds": self.start_seconds, **{k: v for k, v in stats.items() if k != "ok"}}
 
     def shutdown(self) -> bool:
@@ -117,6 +119,11 @@ class RolloutEngineImpl:
         if llm is not None:
             llm.llm_engine.engine_core.shutdown()
         return True
+
+
+def _in_ray_actor() -> bool:
+    """Inside a Ray actor: the process hosts this one engine (llm_factory.build_llm's ``sole_engine``)."""
+    return ray.is_initialized() and ray.get_runtime_context().get_actor_id() is not None
 
 
 RolloutEngine = ray.remote(RolloutEngineImpl)

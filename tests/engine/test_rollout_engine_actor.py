@@ -31,6 +31,9 @@ def test_actor_generate_refit_health_shutdown(ray_local, tiny_models):
     try:
         health = ray.get(engine.health.remote(), timeout=300)
         assert health["ok"] and health["policy_version"] == 0
+        # on CPU the actor hosts vLLM's engine core itself: no spawned engine-core and worker processes to import
+        # vLLM again (the actor started in about a third of the time)
+        assert health["engine_core"] == "InprocClient"
         prompts = [[2 + i, 3 + i, 4 + i] for i in range(4)]
         sampling = {"temperature": TEMPERATURE, "max_tokens": 16}
         ref = engine.generate.remote(prompts, sampling, MixingParams(rho=0.5, k=3), 0, 2)
