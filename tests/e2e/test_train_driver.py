@@ -9,7 +9,6 @@ from pathlib import Path
 import pytest
 
 from ngrpo_ray.config import load_config
-from ngrpo_ray.distributed.driver import train
 from ngrpo_ray.training.dynamic_sampling import refill_prompts
 from ngrpo_ray.training.prompt_order import PromptOrder
 from tests.support.faults import inject_faults
@@ -205,5 +204,5 @@ def test_resume_continues_the_same_run_with_the_same_prompts(tiny_model, tmp_pat
         0, "between_rollouts", 3, 2)
     assert [s["iteration"] for s in _prompts_seen(out, cfg)] == [1, 2, 3, 4, 5, 4, 5]  # 4 and 5 again, same prompts
     with pytest.raises(Exception, match="mixing.rho: checkpoint 0.5 != config 0.2"):
-        train(_cfg(tiny_model, out, "trainer.iterations=5", "trainer.validate_every=0", "trainer.async_rollouts=true",
-                   "tracking.plots=false", "mixing.rho=0.2"), resume=True)
+        train_and_read(_cfg(tiny_model, out, "trainer.iterations=5", "trainer.validate_every=0",
+                            "trainer.async_rollouts=true", "tracking.plots=false", "mixing.rho=0.2"), resume=True)
