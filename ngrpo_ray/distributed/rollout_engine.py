@@ -109,10 +109,13 @@ class RolloutEngineImpl:
         else:
             stats = check(self.llm.collective_rpc("ngrpo_stats", timeout=60))
         return {"ok": True, "policy_version": self.policy_version, "model": self.spec.model,
-                "incarnation": self.incarnation, "engine_pid": os.getpid(),
-                # vLLM's client class: InprocClient when the engine core runs in this actor (build_llm's sole_engine)
-                "engine_core": type(self.llm.llm_engine.engine_core).__name__,
+                "incarnation": self.incarnation, "engine_pid": os.getpid(), "engine_core": self._engine_core_kind(),
                 "start_seconds": self.start_seconds, **{k: v for k, v in stats.items() if k != "ok"}}
+
+    def _engine_core_kind(self) -> str | None:
+        """vLLM's client class: InprocClient when the engine core runs in this actor (build_llm's sole_engine)."""
+        engine = getattr(self.llm, "llm_engine", None)
+        return None if engine is None else type(engine.engine_core).__name__
 
     def shutdown(self) -> bool:
         llm, self.llm = getattr(self, "llm", None), None
