@@ -134,6 +134,7 @@ class _PolicyWorker:
 
     def logprobs(self, batch_refs: list, use_records: bool = True) -> list[tuple[int, torch.Tensor]]:
         from ngrpo_ray.training.logprobs import _agreed_count, response_logprobs
+        from ngrpo_ray.training.zero3_passes import head_calls, start_pass
 
         local, all_idx = self._local(batch_refs, None)
         if len(all_idx) < self.world:  # decided on the global count: every rank raises, none waits in a collective
@@ -144,11 +145,14 @@ class _PolicyWorker:
         out = []
         # ZeRO-3: every rank makes as many forward passes as the busiest (repeats of its first sequence, dropped)
         passes = list(local) + [local[0]] * (_agreed_count(len(local), model) - len(local))
+        chunk = self.cfg.step.logprob_chunk_tokens
+        calls = head_calls([len(s.record) for s in passes], chunk, model)
         with torch.no_grad():
             for s in passes:
+                start_pass(self.engine)
                 tb = response_logprobs(model, [s.prompt_ids], [s.record], self.cfg.step.temperature,
                                        self.cfg.step.pad_id, use_records=use_records, noise_std=self.cfg.step.noise_std,
-                                       chunk_tokens=self.cfg.step.logprob_chunk_tokens)
+                                       chunk_tokens=chunk, head_calls=calls)
                 out.append((s.index, tb.logp[0, : len(s.record)].float().cpu()))
         out = out[: len(local)]
         model.train()

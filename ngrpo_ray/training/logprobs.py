@@ -2,13 +2,14 @@
 
 The record contract: log_softmax(logits / temperature)[token], no top-p/top-k renormalisation, computed over chunks of
 ``chunk_tokens`` response tokens (``core.token_logprobs``: no [tokens, V] tensor). Under ZeRO-3 every rank makes the
-same number of module calls (``_agreed_count``). This module imports no Ray.
+same number of module calls (``_agreed_count``), and every pass of a phase calls the head equally often
+(``training.zero3_passes``). This module imports no Ray.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 import torch.distributed as dist
@@ -17,6 +18,8 @@ from ngrpo_ray.core.records import ResponseRecord, align_records, noise_from_see
 from ngrpo_ray.core.token_logprobs import chunked_token_logprobs
 from ngrpo_ray.training.micro_batches import global_count, split_micro_batches
 from ngrpo_ray.training.train_sequence import TrainSequence, seq_tokens
+from ngrpo_ray.training.zero3_passes import head_calls as phase_head_calls
+from ngrpo_ray.training.zero3_passes import is_zero3
 
 
 @dataclass
@@ -50,6 +53,7 @@ def response_logprobs(
     with_entropy: bool = False,
     noise_std: float | None = None,
     chunk_tokens: int = 1024,
+    head_calls: int | None = None,
 ) -> TokenBatch:
     """log_softmax(logits / T)[response token] for every response step, teacher-forced on the rebuilt inputs.
 
@@ -58,6 +62,8 @@ def response_logprobs(
     their positions, as the engine added it; ``noise_std`` must then be given.
     Only response positions go through the output head, ``chunk_tokens`` at a time, so the extra memory is
     O(chunk_tokens x V) whatever the response length; ``with_entropy`` adds the per-token entropy (no gradient).
+    ``head_calls``: call the head exactly this often (ZeRO-3: the phase's count, agreed over ranks and passes); None:
+    as often as the chunks need, agreed over ranks.
     """
     device = next(model.parameters()).device
     al = align_records(list(prompts), list(records), pad_id, padding_side="right")
@@ -86,7 +92,11 @@ def response_logprobs(
     rows = torch.arange(B)[:, None].expand(B, T)
     b_idx, p_idx = rows[mask].to(device), pos[mask].to(device)
     targets = al.input_ids[rows[mask], pos[mask] + 1].to(device)
-    n_chunks = _agreed_count(-(-len(targets) // chunk_tokens), model)
+    need = -(-len(targets) // chunk_tokens)
+    if head_calls is not None and head_calls < need:
+        raise ValueError(f"{len(targets)} response tokens need {need} head chunks of {chunk_tokens}, the pass was "
+                         f"given {head_calls}")
+    n_chunks = head_calls if head_calls is not None else _agreed_count(need, model)
     token_logp, token_entropy = chunked_token_logprobs(head, hidden[b_idx, p_idx], targets, temperature,
                                                        chunk_tokens, with_entropy, min_chunks=n_chunks)
     where = (b_idx, mask.nonzero()[:, 1].to(device))
@@ -97,14 +107,10 @@ def response_logprobs(
     return TokenBatch(logp=logp, mask=mask.to(device), entropy=entropy)
 
 
-def _is_zero3(model: torch.nn.Module) -> bool:
-    return hasattr(next(model.parameters()), "ds_id")  # ZeRO-3 tags its partitioned parameters
-
-
 def _agreed_count(local: int, model: torch.nn.Module) -> int:
     """Under ZeRO-3 every module call is a collective gather: the number of calls (forward passes, head chunks) must
     be the same on every rank, so take the maximum over ranks. Elsewhere the local count is fine."""
-    if not _is_zero3(model) or _world()[1] == 1:
+    if not is_zero3(model) or _world()[1] == 1:
         return local
     return global_count(local, next(model.parameters()).device)
 
@@ -119,9 +125,10 @@ def _pad_rows(values: Sequence[torch.Tensor], T: int, device) -> torch.Tensor:
 @torch.no_grad()
 def batched_logprobs(model: torch.nn.Module, seqs: Sequence[TrainSequence], temperature: float, pad_id: int,
                      chunk: int = 8, noise_std: float | None = None, max_tokens: int | None = None,
-                     chunk_tokens: int = 1024) -> list[torch.Tensor]:
+                     chunk_tokens: int = 1024, start_pass: Callable[[], None] | None = None) -> list[torch.Tensor]:
     """Per-sequence [T_i] log-probs without gradient (old / reference / parity checks), in the input order; batched
-    ``chunk`` sequences at a time, or by the token budget ``max_tokens`` when set."""
+    ``chunk`` sequences at a time, or by the token budget ``max_tokens`` when set. ``start_pass``: called before each
+    forward pass (``zero3_passes.start_pass`` of the model's DeepSpeed engine)."""
     order = list(range(len(seqs)))
     if max_tokens is None:
         parts = [order[i: i + chunk] for i in range(0, len(seqs), chunk)]
@@ -130,9 +137,13 @@ def batched_logprobs(model: torch.nn.Module, seqs: Sequence[TrainSequence], temp
     out: list[torch.Tensor | None] = [None] * len(seqs)
     # ZeRO-3: as many forward passes as the busiest rank (repeating a part rewrites the same values)
     parts += [parts[0]] * (_agreed_count(len(parts), model) - len(parts))
+    calls = phase_head_calls([sum(len(seqs[i].record) for i in part) for part in parts], chunk_tokens, model,
+                             max_tokens)
     for part in parts:
+        if start_pass is not None:
+            start_pass()
         tb = response_logprobs(model, [seqs[i].prompt_ids for i in part], [seqs[i].record for i in part],
-                               temperature, pad_id, noise_std=noise_std, chunk_tokens=chunk_tokens)
+                               temperature, pad_id, noise_std=noise_std, chunk_tokens=chunk_tokens, head_calls=calls)
         for j, i in enumerate(part):
             out[i] = tb.logp[j, : len(seqs[i].record)].float().cpu()
     return out  # type: ignore[return-value]

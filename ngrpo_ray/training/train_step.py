@@ -36,6 +36,7 @@ from ngrpo_ray.training.logprobs import _pad_rows, _world, batched_logprobs, res
 from ngrpo_ray.training.micro_batches import global_count, split_micro_batches
 from ngrpo_ray.training.off_policy import OffPolicyPass
 from ngrpo_ray.training.train_sequence import TrainSequence, seq_tokens
+from ngrpo_ray.training.zero3_passes import head_calls, start_pass
 
 
 @dataclass
@@ -133,7 +134,7 @@ def train_on_sequences(
         old = [None] * len(local)
     elif settings.old_logprobs == "recompute":
         old = batched_logprobs(model, local, settings.temperature, settings.pad_id, noise_std=settings.noise_std,
-                               max_tokens=budget, chunk_tokens=chunk_tokens)
+                               max_tokens=budget, chunk_tokens=chunk_tokens, start_pass=lambda: start_pass(engine))
     else:
         old = [s.record.logprobs.float() for s in local]
     # off-policy: the engine-vs-trainer gap and the rollout-correction weights (on-policy and rollout mode: observed
@@ -163,6 +164,9 @@ def train_on_sequences(
             micro_list = split_micro_batches(mine, [seq_tokens(m[0]) for m in mine], settings.micro_batches, budget)
             if budget is not None:  # every rank runs as many micro-batches as the busiest one (dummies fill up)
                 micro_list += [[] for _ in range(max(1, global_count(len(micro_list), device)) - len(micro_list))]
+            # ZeRO-3: every micro-batch calls the head equally often, so its parameter trace holds (zero3_passes)
+            calls = head_calls([sum(len(m[0].record) for m in (micro or [by_index[local[0].index]]))
+                                for micro in micro_list], chunk_tokens, model, budget)
             for j, micro in enumerate(micro_list):
                 # We own the accumulation boundary (DeepSpeed's micro-step counter drifts when the count changes
                 # between calls): reduce and update only after the last micro-batch, then one step().
@@ -174,7 +178,7 @@ def train_on_sequences(
                 seqs = [m[0] for m in micro]
                 tb = response_logprobs(model, [s.prompt_ids for s in seqs], [s.record for s in seqs],
                                        settings.temperature, settings.pad_id, with_entropy=True,
-                                       noise_std=settings.noise_std, chunk_tokens=chunk_tokens)
+                                       noise_std=settings.noise_std, chunk_tokens=chunk_tokens, head_calls=calls)
                 T = tb.logp.shape[1]
                 if on_policy:  # a dummy's sequence is observed too: every weight is there before it is asked for
                     off_policy.observe(seqs, [tb.logp[j].detach() for j in range(len(seqs))])
@@ -203,10 +207,12 @@ def begin_micro_batch(engine: Any) -> None:
     """What DeepSpeedEngine.forward does first. We run ``engine.module`` directly (hidden states, then the head in
     chunks), so DeepSpeed must be told a new micro-batch starts: ZeRO-3 counts its micro-steps here (without it every
     micro-batch's gradient partition overwrote the previous one instead of adding to it, and only the last
-    micro-batch of an optimizer step counted), and ZeRO-1/2 reset their per-backward hook state. No-op elsewhere."""
+    micro-batch of an optimizer step counted), and ZeRO-1/2 reset their per-backward hook state; then the root
+    module's forward pre-hook (ZeRO-3's parameter trace: ``zero3_passes``). No-op elsewhere."""
     clear = getattr(getattr(engine, "optimizer", None), "clear_backward_seen_flag", None)
     if clear is not None:
         clear()
+    start_pass(engine)
 
 
 def set_boundary(engine: Any, is_boundary: bool) -> None:
