@@ -109,3 +109,83 @@ def test_zero3_trace_completes_and_the_head_is_gathered_once_per_micro_batch(tmp
     assert first_step[0] >= 2 * chunks and max(first_step[1:]) <= 1, trace_gathers
     assert max(max(step) for step in trace_gathers[1:]) <= 1, trace_gathers  # later steps replay the trace
     assert sum(map(sum, plain_gathers)) > 5 * sum(map(sum, trace_gathers))
+
+
+PEAK_SCRIPT = r"""
+import json, os
+os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=os.environ["PORT"])
+import deepspeed, torch
+from deepspeed.runtime.zero.partitioned_param_coordinator import PartitionedParameterCoordinator as Coordinator
+from transformers import Qwen2Config, Qwen2ForCausalLM
+from ngrpo_ray.core.losses import PolicyLossConfig
+from ngrpo_ray.core.records import ResponseRecord
+from ngrpo_ray.training import train_step
+from ngrpo_ray.training.deepspeed_config import DeepSpeedSettings, build_config, build_optimizer, init_distributed
+from ngrpo_ray.training.train_sequence import TrainSequence
+
+init_distributed(False)
+V, D = 4096, 64
+HEAD = V * D
+peak, per_micro_batch = [0], []
+fetch = Coordinator.fetch_sub_module
+
+def watching_fetch(self, *args, **kwargs):
+    out = fetch(self, *args, **kwargs)
+    peak[0] = max(peak[0], self._PartitionedParameterCoordinator__n_available_params)
+    return out
+
+Coordinator.fetch_sub_module = watching_fetch
+begin = train_step.begin_micro_batch
+
+def watching_begin(engine):
+    per_micro_batch.append(peak[0] / HEAD)
+    peak[0] = 0
+    begin(engine)
+
+train_step.begin_micro_batch = watching_begin
+torch.manual_seed(0)
+# the 7B's proportions: a layer is 0.43 x the head (233M vs 545M elements), DeepSpeed's limits (1e9) 1.83 x the head
+model = Qwen2ForCausalLM(Qwen2Config(vocab_size=V, hidden_size=D, intermediate_size=512, num_hidden_layers=8,
+                                     num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False))
+model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+s = DeepSpeedSettings(zero_stage=3, dtype="fp32", optimizer="sgd", lr=0.1)
+cfg = build_config(s, 1, 1)
+cfg["zero_optimization"].update({"stage3_max_reuse_distance": int(1.83 * HEAD),
+                                 "stage3_max_live_parameters": int(1.83 * HEAD)})
+engine, *_ = deepspeed.initialize(model=model, optimizer=build_optimizer(s, model.parameters()), config=cfg)
+g = torch.Generator().manual_seed(1)
+seqs = []
+for i in range(6):
+    T = int(torch.randint(20, 40, (1,), generator=g))
+    rec = ResponseRecord(response_ids=torch.randint(2, V, (T,), generator=g), logprobs=-torch.rand(T, generator=g),
+                         mixed_mask=torch.rand(T, generator=g) < 0.3,
+                         cand_ids=torch.randint(2, V, (T, 3), generator=g),
+                         alpha=torch.softmax(torch.randn(T, 3, generator=g), -1))
+    seqs.append(TrainSequence(prompt_ids=torch.randint(2, V, (8,), generator=g), record=rec,
+                              advantage=torch.randn((), generator=g), index=i))
+step = train_step.StepSettings(shuffle=False, max_tokens_per_micro_batch=100, logprob_chunk_tokens=16)
+for _ in range(3):
+    train_step.train_on_sequences(engine, seqs, [x.index for x in seqs], step, PolicyLossConfig())
+train_step.begin_micro_batch(engine)  # closes the last micro-batch's peak
+layer = sum(p.ds_numel for p in engine.module.model.layers[0].parameters())
+print(json.dumps({"peaks": [round(x, 2) for x in per_micro_batch[1:]], "layer": round(layer / HEAD, 2)}))
+"""
+
+
+def test_gathered_parameters_stay_at_two_heads_once_the_trace_replays(tmp_path):
+    """What ZeRO-3 keeps gathered once the trace replays, in units of the head's elements, on a model with the 7B's
+    proportions and DeepSpeed's limits scaled alike. Steady state: 2.0 x the head, the memory plan's "ZeRO-3 gathered
+    modules" term (2.03 GiB at 7B). The first micro-batch that replays a fresh trace peaks higher (4.38 x here:
+    4.5 GiB at 7B, 2.4 GiB above the term; the 7B preset's update phase leaves 29 GiB); a trace is recorded again
+    whenever a phase's module calls change (an old-logprob pass before the update)."""
+    from ngrpo_ray.distributed.weight_sync import free_port
+
+    env = {**os.environ, "PORT": str(free_port()), "TORCH_EXTENSIONS_DIR": str(tmp_path)}
+    out = subprocess.run([sys.executable, "-c", PEAK_SCRIPT], env=env, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-4000:]
+    r = json.loads(out.stdout.strip().splitlines()[-1])
+    peaks = r["peaks"]  # per micro-batch (3 per step): recording, first replay, then replays
+    assert r["layer"] == 0.42 and len(peaks) == 9, r
+    assert peaks[0] == 1.0  # recording: one module at a time, the head the largest
+    assert peaks[1] <= 4.5  # the first replay
+    assert max(peaks[2:]) == 2.0, peaks  # steady state: what the plan counts
