@@ -14,7 +14,8 @@ import os
 import subprocess
 import sys
 
-SCRIPT = r"""
+# a one-rank DeepSpeed engine on CPU (gloo) in a fresh process
+PRELUDE = r"""
 import json, os
 os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=os.environ["PORT"])
 import deepspeed, torch
@@ -27,6 +28,9 @@ from ngrpo_ray.training.deepspeed_config import DeepSpeedSettings, build_config,
 from ngrpo_ray.training.train_sequence import TrainSequence
 
 init_distributed(False)
+"""
+
+SCRIPT = PRELUDE + r"""
 V, CHUNK, BUDGET = 64, 4, 24
 LENGTHS = [(3, 9), (2, 11), (4, 6), (3, 13), (2, 5), (5, 8)]  # (prompt, response): 3 micro-batches of <= 24 tokens
 gathers, head_id = [], [None]
@@ -89,13 +93,18 @@ print(json.dumps({"trace": trace[:2], "plain": plain[:2],
 """
 
 
-def test_zero3_trace_completes_and_the_head_is_gathered_once_per_micro_batch(tmp_path):
+def _run(script: str, tmp_path) -> dict:
+    """The script's last stdout line, as JSON."""
     from ngrpo_ray.distributed.weight_sync import free_port
 
     env = {**os.environ, "PORT": str(free_port()), "TORCH_EXTENSIONS_DIR": str(tmp_path)}
-    out = subprocess.run([sys.executable, "-c", SCRIPT], env=env, capture_output=True, text=True, timeout=600)
+    out = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-4000:]
-    r = json.loads(out.stdout.strip().splitlines()[-1])
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def test_zero3_trace_completes_and_the_head_is_gathered_once_per_micro_batch(tmp_path):
+    r = _run(SCRIPT, tmp_path)
     trace_losses, trace_gathers = r["trace"]
     plain_losses, plain_gathers = r["plain"]
     assert trace_losses == plain_losses and r["same_weights"]  # bit for bit: the trace moves no arithmetic
@@ -111,19 +120,7 @@ def test_zero3_trace_completes_and_the_head_is_gathered_once_per_micro_batch(tmp
     assert sum(map(sum, plain_gathers)) > 5 * sum(map(sum, trace_gathers))
 
 
-PEAK_SCRIPT = r"""
-import json, os
-os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=os.environ["PORT"])
-import deepspeed, torch
-from deepspeed.runtime.zero.partitioned_param_coordinator import PartitionedParameterCoordinator as Coordinator
-from transformers import Qwen2Config, Qwen2ForCausalLM
-from ngrpo_ray.core.losses import PolicyLossConfig
-from ngrpo_ray.core.records import ResponseRecord
-from ngrpo_ray.training import train_step
-from ngrpo_ray.training.deepspeed_config import DeepSpeedSettings, build_config, build_optimizer, init_distributed
-from ngrpo_ray.training.train_sequence import TrainSequence
-
-init_distributed(False)
+PEAK_SCRIPT = PRELUDE + r"""
 V, D = 4096, 64
 HEAD = V * D
 peak, per_micro_batch = [0], []
@@ -178,12 +175,7 @@ def test_gathered_parameters_stay_at_two_heads_once_the_trace_replays(tmp_path):
     modules" term (2.03 GiB at 7B). The first micro-batch that replays a fresh trace peaks higher (4.38 x here:
     4.5 GiB at 7B, 2.4 GiB above the term; the 7B preset's update phase leaves 29 GiB); a trace is recorded again
     whenever a phase's module calls change (an old-logprob pass before the update)."""
-    from ngrpo_ray.distributed.weight_sync import free_port
-
-    env = {**os.environ, "PORT": str(free_port()), "TORCH_EXTENSIONS_DIR": str(tmp_path)}
-    out = subprocess.run([sys.executable, "-c", PEAK_SCRIPT], env=env, capture_output=True, text=True, timeout=600)
-    assert out.returncode == 0, out.stderr[-4000:]
-    r = json.loads(out.stdout.strip().splitlines()[-1])
+    r = _run(PEAK_SCRIPT, tmp_path)
     peaks = r["peaks"]  # per micro-batch (3 per step): recording, first replay, then replays
     assert r["layer"] == 0.42 and len(peaks) == 9, r
     assert peaks[0] == 1.0  # recording: one module at a time, the head the largest
