@@ -22,8 +22,11 @@ def _add_config_args(p: argparse.ArgumentParser, default: str | None = "cpu_defa
 
 
 def _add_plan_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--gpu-memory-gib", type=float, default=80.0,
-                   help="memory of one GPU for the capacity plan (default: %(default)s)")
+    from ngrpo_ray.planning.terms import DEFAULT_GPU_GIB  # no torch import
+
+    p.add_argument("--gpu-memory-gib", type=float, default=DEFAULT_GPU_GIB,
+                   help="memory of one GPU as CUDA counts it, for the capacity plan (default: %(default)s, an H100 "
+                        "80 GB)")
     p.add_argument("--gpus", type=int, default=8, help="GPUs the cluster can give the run (default: %(default)s)")
 
 

@@ -44,7 +44,9 @@ def _sampler_and_metadata(B: int, temperature: float, device: torch.device):
     return Sampler(logprobs_mode="raw_logprobs"), md
 
 
-def _hook(sampler: Any, B: int, a: dict, device: torch.device):
+def _hook(sampler: Any, B: int, a: dict, device: torch.device, mixing: dict | None = None):
+    """The real MixingHook over a stand-in runner of B requests; ``mixing``: their MixingParams fields (default:
+    neighbor_mix with the bench's rho and k)."""
     from vllm import SamplingParams
 
     from ngrpo_ray.core.mixing_params import MixingParams
@@ -54,13 +56,14 @@ def _hook(sampler: Any, B: int, a: dict, device: torch.device):
     from ngrpo_ray.engine.rollout import stream_params
 
     g = torch.Generator().manual_seed(a["seed"])
-    V, k = a["vocab"], a["k"]
+    V = a["vocab"]
+    params = MixingParams(**(mixing or {"strategy": "neighbor_mix", "rho": a["rho"], "k": a["k"], "seed": a["seed"]}))
+    k = max(a["k"], params.record_width(V))  # the ring's record width, as the engine sizes it
     emb = torch.nn.Module()
     emb.weight = torch.nn.Parameter(torch.randn(V, a["dim"], generator=g), requires_grad=False)
     emb.embedding_dim = a["dim"]
-    add_ring_buffers(emb, 1 << 16, k, False, a["dim"], torch.float32, device)
-    sp = make_sampling_params({"temperature": a["temperature"], "max_tokens": 1 << 20},
-                              MixingParams(strategy="neighbor_mix", rho=a["rho"], k=k, seed=a["seed"]), [])
+    add_ring_buffers(emb, 1 << 16, k, params.strategy == "gaussian_noise", a["dim"], torch.float32, device)
+    sp = make_sampling_params({"temperature": a["temperature"], "max_tokens": 1 << 20}, params, [])
     per_request = stream_params(sp, B, 1, {"purpose": "bench"})
     assert isinstance(per_request[0], SamplingParams)
     req_ids = [f"r{i}" for i in range(B)]

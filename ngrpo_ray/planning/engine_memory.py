@@ -12,12 +12,16 @@ Model (bytes; P parameters, b bytes of the model dtype, TP shards, L layers, g K
                      enforce_eager) and the context (0.5 GiB)
 The engine reserves rollout.gpu_memory_utilization x the card; the terms above must fit inside that reservation.
 
-Outside the reservation (neighbor_mix; allocated at install, after vLLM sized its KV cache to fill the reservation):
-  neighbor table     V x k_max int64, plus under TP > 1 the embedding gathered from every shard, V x h x b per rank
-                     (engine.embedding_patch.full_weight); kept while the engine sleeps
-  neighbor search    at every weight load (engine.neighbor_tables, "full" mode on GPU): fp32 search keys V x h x 4 and
-                     one chunk of scores 512 x V x 4 (FULL_BUILD_CHUNK_ROWS); handed back to CUDA
-                     (torch.cuda.empty_cache) before the engine sleeps
+Outside the reservation (allocated after vLLM sized its KV cache to fill the reservation):
+  neighbor table     neighbor_mix: V x k_max int64, plus under TP > 1 the embedding gathered from every shard,
+                     V x h x b per rank (engine.embedding_patch.full_weight); kept while the engine sleeps
+  neighbor search    neighbor_mix, at every weight load (engine.neighbor_tables, "full" mode on GPU): fp32 search keys
+                     V x h x 4 and one chunk of scores 512 x V x 4 (FULL_BUILD_CHUNK_ROWS); handed back to CUDA
+                     (torch.cuda.empty_cache) before the engine sleeps. The first build runs inside a decode step,
+                     beside the hook's step temporaries, so the two are added.
+  mixing hook step   every strategy (every rollout request opts in to the records): the hook's per-step
+                     temporaries, which vLLM's memory profile never sees (the hook skips its profiling run), see
+                     hook_step_bytes
 Asleep (colocated, vLLM sleep mode level 1: weights offloaded, KV cache dropped) its context, graphs and the neighbor
 table stay.
 """
@@ -27,6 +31,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+from ngrpo_ray.core.mixing_spec import SOFT_STRATEGIES
 from ngrpo_ray.engine.neighbor_tables import FULL_BUILD_CHUNK_ROWS as SEARCH_CHUNK_ROWS
 from ngrpo_ray.planning.model_shape import ModelShape
 from ngrpo_ray.planning.terms import GIB, ROLLOUT, UPDATE, Term
@@ -79,11 +84,31 @@ def engine_terms(e: EngineSettings) -> list[Term]:
     return terms
 
 
+def hook_step_bytes(strategy: str, rows: int, vocab: int) -> float:
+    """The mixing hook's temporaries in one decode step of ``rows`` requests: at a temperature other than 1, the
+    tempered fp32 logits of every row and the pass of their log-normaliser, 2 x rows x V x 4 B; the soft-token
+    kernels (top-K of the log-probabilities) one more [rows, V] fp32 pass, 3 x. Their peak is the pre-hook's, and
+    the tempered logits live on through vLLM's sampler. Measured on CPU with V = 151,936 at temperature 0.7
+    (tests/engine/test_hook_step_memory.py): the pre-hook peaks at exactly 2.00 x (sample, neighbor_mix,
+    gaussian_noise) and 3.00 x (gumbel_topk, soft_thinking, latent_gumbel). At temperature 1 with vLLM's raw
+    log-probs the hook skips the full pass (0 to 2 x): the bound stays."""
+    return hook_step_factor(strategy) * rows * vocab * 4
+
+
+def hook_step_factor(strategy: str) -> int:
+    """[rows, V] fp32 tensors the hook's step holds at its peak (hook_step_bytes)."""
+    return 3 if strategy in SOFT_STRATEGIES else 2
+
+
 def outside_reservation_terms(e: EngineSettings) -> list[Term]:
-    """What the mixing hook allocates after vLLM filled its reservation: on the card beside it (neighbor_mix only)."""
+    """What the mixing hook allocates after vLLM filled its reservation: on the card beside it."""
+    V = e.shape.vocab
+    step = Term("engine", "mixing hook step", hook_step_bytes(e.strategy, e.max_num_seqs, V), ROLLOUT,
+                f"{hook_step_factor(e.strategy)} x {e.max_num_seqs} rows x V {V:,} x 4 B (fp32 logits passes); "
+                f"beside the reservation")
     if e.strategy != "neighbor_mix":
-        return []
-    s, b, tp, V = e.shape, e.dtype_bytes, e.tensor_parallel, e.shape.vocab
+        return [step]
+    s, b, tp = e.shape, e.dtype_bytes, e.tensor_parallel
     k_max = max(e.k, 4)
     table = V * k_max * 8
     how = f"V {V:,} x {k_max} x 8 B"
@@ -93,7 +118,8 @@ def outside_reservation_terms(e: EngineSettings) -> list[Term]:
     search = V * s.hidden * 4 + SEARCH_CHUNK_ROWS * V * 4
     return [Term("engine", "neighbor table", table, ROLLOUT, how + "; beside the reservation"),
             Term("engine", "neighbor search (weight load)", search, ROLLOUT,
-                 f"fp32 keys V x {s.hidden} x 4 B + scores {SEARCH_CHUNK_ROWS:,} x V x 4 B; freed before sleep")]
+                 f"fp32 keys V x {s.hidden} x 4 B + scores {SEARCH_CHUNK_ROWS:,} x V x 4 B; freed before sleep"),
+            step]
 
 
 def asleep_term(enforce_eager: bool, outside: list[Term] = ()) -> Term:

@@ -22,10 +22,9 @@ from ngrpo_ray.config.schema import Config
 from ngrpo_ray.core.mixing_spec import engine_width
 from ngrpo_ray.planning.engine_memory import EngineSettings, asleep_term, engine_terms, outside_reservation_terms
 from ngrpo_ray.planning.model_shape import ModelShape, read_model_shape
-from ngrpo_ray.planning.terms import GIB, RESIDENT, UPDATE, Term, dtype_bytes
+from ngrpo_ray.planning.terms import DEFAULT_GPU_GIB, GIB, RESIDENT, UPDATE, Term, dtype_bytes
 from ngrpo_ray.planning.trainer_memory import TrainerSettings, trainer_terms, update_peak
 
-DEFAULT_GPU_GIB = 80.0
 DEFAULT_GPUS = 8
 
 
@@ -141,14 +140,14 @@ def _check(plan: MemoryPlan) -> None:
             if total > plan.gpu_bytes:
                 big = _largest(kind.terms, phase)
                 plan.failures.append(
-                    f"{kind.name}, {phase} phase: {total / GIB:.1f} GiB > {card:.0f} GiB; largest term: "
+                    f"{kind.name}, {phase} phase: {total / GIB:.1f} GiB > {card:g} GiB; largest term: "
                     f"{big.owner} {big.name} {big.gib:.1f} GiB ({big.formula})")
     need = sum(x.bytes for x in plan.engine_terms)
     if need > plan.engine_reservation:
         big = max(plan.engine_terms, key=lambda x: x.bytes)
         plan.failures.append(
             f"engine: its terms need {need / GIB:.1f} GiB > its reservation {plan.engine_reservation / GIB:.1f} GiB "
-            f"(rollout.gpu_memory_utilization x {card:.0f} GiB); largest term: {big.name} {big.gib:.1f} GiB "
+            f"(rollout.gpu_memory_utilization x {card:g} GiB); largest term: {big.name} {big.gib:.1f} GiB "
             f"({big.formula})")
 
 
@@ -156,7 +155,7 @@ def format_plan(plan: MemoryPlan, title: str = "") -> str:
     s = plan.shape
     card = plan.gpu_bytes / GIB
     lines = [f"memory plan{(' of ' + title) if title else ''}: {plan.layout}, {plan.gpus_needed} GPU(s) needed of "
-             f"{plan.gpus_available} x {card:.0f} GiB",
+             f"{plan.gpus_available} x {card:g} GiB",
              f"model: {s.params() / 1e9:.2f}B parameters, hidden {s.hidden}, intermediate {s.intermediate}, "
              f"{s.layers} layers, {s.heads} heads, {s.kv_heads} kv heads, vocab {s.vocab:,} ({s.source})"]
     lines += [f"note: {n}" for n in plan.notes]
@@ -168,7 +167,7 @@ def format_plan(plan: MemoryPlan, title: str = "") -> str:
             lines.append(f"  {x.owner + ' ' + x.name:<42} {x.gib:>8.2f}  {x.phase:<9} {x.formula}")
         for phase, total in kind.phases.items():
             ok = "fits" if total <= plan.gpu_bytes else "DOES NOT FIT"
-            lines.append(f"  {phase + ' phase peak':<42} {total / GIB:>8.2f}  of {card:.0f} GiB: {ok}")
+            lines.append(f"  {phase + ' phase peak':<42} {total / GIB:>8.2f}  of {card:g} GiB: {ok}")
     lines.append("")
     lines.append(f"inside each engine's reservation ({plan.engine_reservation / GIB:.2f} GiB):")
     for x in plan.engine_terms:

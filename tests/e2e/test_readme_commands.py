@@ -146,7 +146,7 @@ RULES: dict[str, Rule] = {
     "ngrpo demo [--resume]": Rule("synopsis"),
     "ngrpo compare [--methods grpo n-grpo stht] [--seeds 0 1] [--records DIR] [key=value ...]": Rule("synopsis"),
     "ngrpo bench hook-overhead | hook-step | neighbor-table | sync | train-step": Rule("synopsis"),
-    "ngrpo plan [--config PRESET] [key=value ...] [--gpu-memory-gib 80] [--gpus 8]": Rule("synopsis"),
+    "ngrpo plan [--config PRESET] [key=value ...] [--gpu-memory-gib 79.15] [--gpus 8]": Rule("synopsis"),
     # --- skipped, with the reason ---
     "make demo": Rule("skip", "21 minutes; a shortened demo is tests/e2e/test_demo_short.py"),
     "make test": Rule("skip", "the test suite itself"),

@@ -13,12 +13,11 @@ from __future__ import annotations
 
 import pytest
 import torch
-from torch.profiler import ProfilerActivity, profile
-from torch.profiler._memory_profiler import Action, MemoryProfileTimeline
 from transformers import Qwen2Config, Qwen2ForCausalLM
 
 from ngrpo_ray.core.records import ResponseRecord
 from ngrpo_ray.training.logprobs import causal_positions, response_logprobs
+from tests.support.memory_timeline import transient_peak_bytes
 
 V, TEMP = 512, 0.7
 PROMPTS, RESPONSES = (5, 9, 3, 7), (300, 120, 41, 250)  # rows of 305, 129, 44 and 257 tokens: three are padded
@@ -67,23 +66,6 @@ class _PaddingMaskForward:
         self.body.forward = self.forward
 
 
-def _transient_peak_bytes(fn) -> int:
-    """Peak bytes of the CPU tensors created while fn runs (those alive before are not counted)."""
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True, record_shapes=True, with_stack=True) as prof:
-        fn()
-    live = peak = 0
-    sizes: dict = {}
-    for _, action, (key, _version), nbytes in sorted(MemoryProfileTimeline(prof._memory_profile()).timeline,
-                                                   key=lambda e: e[0]):
-        if action == Action.CREATE:
-            live += nbytes
-            sizes[key] = nbytes
-        elif action == Action.DESTROY and key in sizes:
-            live -= sizes.pop(key)
-        peak = max(peak, live)
-    return peak
-
-
 def test_positions_count_through_the_padding():
     ids = torch.zeros(2, 4, dtype=torch.long)
     assert causal_positions(ids).tolist() == [[0, 1, 2, 3], [0, 1, 2, 3]]
@@ -124,9 +106,9 @@ def test_no_square_mask_is_built():
     B, L = len(records), max(int(p.numel()) + len(r) for p, r in zip(prompts, records))
     with torch.no_grad():
         response_logprobs(model, prompts, records, TEMP, chunk_tokens=128)  # warm-up
-        causal = _transient_peak_bytes(lambda: response_logprobs(model, prompts, records, TEMP, chunk_tokens=128))
+        causal = transient_peak_bytes(lambda: response_logprobs(model, prompts, records, TEMP, chunk_tokens=128))
         with _PaddingMaskForward(model.model, prompts, records):
-            masked = _transient_peak_bytes(lambda: response_logprobs(model, prompts, records, TEMP,
+            masked = transient_peak_bytes(lambda: response_logprobs(model, prompts, records, TEMP,
                                                                      chunk_tokens=128))
     # the bool [B, 1, L, L] mask alone is B x L^2 bytes (371 kB here); SDPA adds its float bias on top
     assert masked - causal > B * L * L, (masked, causal, B * L * L)
