@@ -18,6 +18,10 @@ Model (bytes; P parameters, N trainer GPUs, b bytes of the model dtype, DeepSpee
   log-softmax chunk  c x V x (3 x 4 + b): the head's b-byte logits of c response tokens, their fp32 copy, the fp32
                      log-softmax and its gradient; c = min(trainer.logprob_chunk_tokens, the micro-batch's response
                      tokens), so it does not grow with the response length.
+  head gradient      3 x V x h x b in backward when the head runs in more than one chunk (each chunk's backward makes a
+                     [V, h] weight gradient and autograd sums them: the running sum, the next gradient and their sum
+                     are alive at once), 1 x with one chunk; measured on CPU with V = 151,936
+                     (tests/training/test_head_gradient_memory.py)
   CUDA context       1 GiB (context, NCCL buffers, allocator slack)
 The micro-batch holds max(trainer.max_tokens_per_micro_batch, one longest sequence) tokens when the budget is set,
 else trainer.micro_batch_size longest sequences (padded); longest = data.max_prompt_tokens + rollout.max_new_tokens.
@@ -106,6 +110,11 @@ def trainer_terms(t: TrainerSettings) -> list[Term]:
     c = max(1, min(t.logprob_chunk_tokens, t.micro_batch_response_tokens))
     terms.append(Term("trainer", "log-softmax chunk", c * s.vocab * (12 + b), UPDATE,
                       f"{c:,} tokens x V {s.vocab:,} x (3 x 4 + {b}) B"))
+    copies = 3 if t.micro_batch_response_tokens > c else 1
+    terms.append(Term("trainer", "head gradient (backward)", copies * s.vocab * s.hidden * b, UPDATE,
+                      f"{copies} x V {s.vocab:,} x {s.hidden} x {b} B"
+                      + (" (autograd sums the chunks' gradients: the sum, the next one, the result)" if copies > 1
+                         else "")))
     if b == 2 and z == 1:
         # exists only inside step(), when the activations are gone: counted as the larger of the two below (ZeRO-2/3
         # accumulate the gradient partition in fp32 already)

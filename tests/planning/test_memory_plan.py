@@ -158,9 +158,10 @@ def test_plan_matches_the_peak_measured_on_an_h200():
     assert plan.kinds[0].name == "trainer rank"
     peak = plan.kinds[0].phases["update"] - _terms(plan)["CUDA context, NCCL"].bytes
     peak -= plan.shape.params() * 2  # that run accumulated its gradients in bf16 (DeepSpeed's default then), not fp32
-    assert abs(peak / 1e9 - 117.6) / 117.6 < 0.10, peak / 1e9  # 109.6 GB: 93% of the measured peak
-    # the old path also kept a [B, T, V] fp32 copy of the logits for the entropy: with it, 119.6 GB (+1.7%)
-    assert abs((peak + 16_384 * 151_936 * 4) / 1e9 - 117.6) / 117.6 < 0.02
+    assert abs(peak / 1e9 - 117.6) / 117.6 < 0.10, peak / 1e9  # 110.1 GB: 94% of the measured peak
+    # the old path also kept a [B, T, V] fp32 copy of the logits for the entropy: with it, 120.1 GB (+2.1%; +1.7%
+    # before the head's gradient, one [V, h] copy with one chunk, was counted)
+    assert abs((peak + 16_384 * 151_936 * 4) / 1e9 - 117.6) / 117.6 < 0.025
 
 
 def test_the_grpo_soft_thinking_eval_reads_the_best_checkpoint_the_grpo_run_writes():
