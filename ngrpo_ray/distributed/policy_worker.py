@@ -70,6 +70,7 @@ class _PolicyWorker:
 
         from ngrpo_ray.training.deepspeed_config import (
             build_config, build_optimizer, build_scheduler, init_distributed)
+        from ngrpo_ray.training.reference_model import load_reference_model
 
         torch.set_num_threads(max(1, cfg.torch_threads))
         self.cfg = cfg
@@ -91,10 +92,9 @@ class _PolicyWorker:
         self.engine, _, _, _ = deepspeed.initialize(model=model, optimizer=opt, lr_scheduler=sched, config=ds_cfg)
         self.device = next(self.engine.module.parameters()).device
         want_ref = cfg.ref_model if cfg.ref_model is not None else cfg.loss.beta != 0.0
-        self.ref = None
-        if want_ref:
-            self.ref = AutoModelForCausalLM.from_pretrained(cfg.model_path, dtype=dtype).to(self.device).eval()
-            self.ref.requires_grad_(False)
+        # partitioned like the policy under ZeRO-3, a plain copy otherwise
+        self.ref = load_reference_model(cfg.model_path, dtype, self.device, cfg.deepspeed, self.world) if want_ref \
+            else None
         self.weight_group = None  # rank 0 sends: vLLM's TrainerWeightTransferEngine (open_weight_transfer)
         self.weight_client = None
         self.version = 0
@@ -122,9 +122,12 @@ class _PolicyWorker:
             # DeepSpeed's accumulation boundary must match the micro-batches we run per optimizer step
             self.engine.set_train_batch_size(step.micro_batches * self.world)
         local, all_idx = self._local(batch_refs, advantages)
-        metrics = train_on_sequences(self.engine, local, all_idx, step, loss or self.cfg.loss, self.ref,
+        ref = self.ref
+        metrics = train_on_sequences(self.engine, local, all_idx, step, loss or self.cfg.loss,
+                                     ref.module if ref is not None else None,
                                      loss_scale=loss_scale_for_deepspeed(self.world, step.micro_batches),
-                                     grad_norm_fn=self.engine.get_global_grad_norm)
+                                     grad_norm_fn=self.engine.get_global_grad_norm,
+                                     ref_start_pass=ref.start_pass if ref is not None else None)
         metrics["lr"] = float(self.engine.get_lr()[0]) if self.engine.get_lr() else self.cfg.deepspeed.lr
         metrics["train_seconds"] = time.monotonic() - start
         self.version = version if version is not None else self.version + 1

@@ -9,7 +9,8 @@ Model (bytes; P parameters, N trainer GPUs, b bytes of the model dtype, DeepSpee
   optimizer states   8 P / N       (AdamW m and v in fp32; ZeRO-0: 8 P)
   fp32 grad at step  4 P / N       (bf16 ZeRO-1: the partition's fp32 gradient exists during step() only)
   ZeRO-3 gathers     2 x the largest gathered module x b (the one in use and the one prefetched; update only)
-  reference model    P b           (beta > 0: a full copy in the model dtype on every rank, not sharded)
+  reference model    P b           (beta > 0: a copy in the model dtype; ZeRO-3: P b / N, partitioned like the
+                                   policy, training.reference_model)
   activations        per token and layer, what autograd keeps for backward in a HF decoder layer with fused
                      attention: two RMSNorms (their fp32 input copy and b-byte output: 2 (4 + b) h), q, k, v and the
                      attention output and o_proj input (b (3 a d + 2 g d)), the softmax log-sum-exp (4 a), and the
@@ -98,8 +99,12 @@ def trainer_terms(t: TrainerSettings) -> list[Term]:
         terms.append(Term("trainer", "ZeRO-3 gathered modules", 2 * largest * b, UPDATE,
                           f"2 x {largest / 1e6:.0f}M x {b} B (in use + prefetched)"))
     if t.ref_model:
-        terms.append(Term("trainer", "reference model", P * b, RESIDENT,
-                          f"{P / 1e9:.2f}B x {b} B, full copy (algorithm.beta > 0)"))
+        if z == 3:
+            terms.append(Term("trainer", "reference model", P * b / n, RESIDENT,
+                              f"{P / 1e9:.2f}B x {b} B / {n} (algorithm.beta > 0; ZeRO-3, partitioned)"))
+        else:
+            terms.append(Term("trainer", "reference model", P * b, RESIDENT,
+                              f"{P / 1e9:.2f}B x {b} B, full copy (algorithm.beta > 0)"))
     terms.append(Term("trainer", "CUDA context, NCCL", CUDA_CONTEXT_BYTES, RESIDENT, "1 GiB"))
     per_token = activation_bytes_per_token(s, b, t.gradient_checkpointing)
     other = t.micro_batch_tokens * activation_bytes_per_token(s, b, not t.gradient_checkpointing) / GIB

@@ -71,6 +71,21 @@ def build_config(s: DeepSpeedSettings, micro_batches: int, world_size: int) -> d
     return cfg
 
 
+def build_reference_config(s: DeepSpeedSettings, world_size: int) -> dict[str, Any]:
+    """The frozen reference model's config (training.reference_model): the policy's ZeRO stage and dtype, no
+    optimizer; under ZeRO-3 DeepSpeed then partitions its parameters and gathers each module while it runs."""
+    s.validate()
+    return {
+        "train_micro_batch_size_per_gpu": 1,
+        "train_batch_size": world_size,
+        "zero_optimization": {"stage": s.zero_stage},
+        "bf16": {"enabled": s.dtype == "bf16"},
+        "fp16": {"enabled": False},
+        "steps_per_print": 10**9,
+        "wall_clock_breakdown": False,
+    }
+
+
 def build_optimizer(s: DeepSpeedSettings, params) -> torch.optim.Optimizer:
     """A client optimizer (works on CPU without DeepSpeed's compiled CPU-Adam op)."""
     params = [p for p in params if p.requires_grad]

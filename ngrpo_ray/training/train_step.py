@@ -113,8 +113,10 @@ def train_on_sequences(
     ref_model: torch.nn.Module | None = None,
     loss_scale: float = 1.0,
     grad_norm_fn: Callable[[], float | None] | None = None,
+    ref_start_pass: Callable[[], None] | None = None,
 ) -> dict[str, float]:
-    """Run epochs x mini-batches of updates on this rank's ``local`` sequences. Returns globally reduced metrics."""
+    """Run epochs x mini-batches of updates on this rank's ``local`` sequences. Returns globally reduced metrics.
+    ``ref_start_pass``: called before each reference forward pass (training.reference_model under ZeRO-3)."""
     settings.validate()
     rank, world = _world()
     model = engine.module
@@ -147,7 +149,7 @@ def train_on_sequences(
         if ref_model is None:
             raise ValueError(f"loss beta={loss_config.beta} needs a reference model (trainer.ref_model)")
         ref = batched_logprobs(ref_model, local, settings.temperature, settings.pad_id, noise_std=settings.noise_std,
-                               max_tokens=budget, chunk_tokens=chunk_tokens)
+                               max_tokens=budget, chunk_tokens=chunk_tokens, start_pass=ref_start_pass)
     model.train()
     by_index = {s.index: (s, o, ref[i] if ref is not None else None) for i, (s, o) in enumerate(zip(local, old))}
 

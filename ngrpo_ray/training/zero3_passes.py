@@ -30,7 +30,11 @@ def is_zero3(model: torch.nn.Module) -> bool:
 def start_pass(engine: Any) -> None:
     """What the root module's forward pre-hook does under ZeRO-3: end the previous pass's trace (the first ends
     recording, the next ones replay it with prefetch) and start a new one. No-op elsewhere."""
-    offload = getattr(getattr(engine, "optimizer", None), "parameter_offload", None)
+    optimizer = getattr(engine, "optimizer", None)
+    # a training engine's ZeRO-3 optimizer holds the offload; an engine without an optimizer (the reference model) is
+    # given the offload itself as its optimizer
+    offload = getattr(optimizer, "parameter_offload", None) or (
+        optimizer if hasattr(optimizer, "get_param_coordinator") else None)
     if offload is not None:
         offload.get_param_coordinator().reset_step()
 

@@ -131,12 +131,14 @@ def test_train_reports_loss_kl_and_versions_then_sync_matches(env):
 def test_zero3_trains_like_zero2_and_its_sync_reproduces_the_weights(env):
     """Issue 12, done-when 2: ZeRO-3 (partitioned embedding, mixtures rebuilt through the embedding module) gives the
     same update as ZeRO-2 on a batch with mixed steps; the ZeRO-3 run also uses gradient checkpointing, a token
-    budget and 4-token log-prob chunks, so all of them are inside the comparison. Then its weight sync (gathered from
-    the partitions) reproduces the trainer's weights in a receiver exactly."""
+    budget and 4-token log-prob chunks, so all of them are inside the comparison. Both carry the KL term: ZeRO-2's
+    reference is a full copy per rank, ZeRO-3's is partitioned like the policy (training.reference_model), and the
+    second mini-batch's KL (the policy has moved) and its gradient agree. Then its weight sync (gathered from the
+    partitions) reproduces the trainer's weights in a receiver exactly."""
     path, _, prompts, records, _ = env
     ref = ray.put({"prompts": prompts, "records": records})
     adv = torch.tensor([1.0, -1.0, 0.5, -0.5, 0.2])
-    states = {}
+    states, kl = {}, {}
     for stage in (2, 3):
         extra = ({"gradient_checkpointing": True} if stage == 3 else {})
         step = StepSettings(temperature=TEMP, shuffle=False, mini_batches=2,
@@ -147,11 +149,13 @@ def test_zero3_trains_like_zero2_and_its_sync_reproduces_the_weights(env):
                                  # g / sqrt(v) turns reduction-order noise on near-zero gradients into +-lr steps)
                                  deepspeed=DeepSpeedSettings(zero_stage=stage, optimizer="sgd", lr=1.0,
                                                              grad_clip=0.0),
-                                 loss=PolicyLossConfig(loss_type="grpo"), **extra)
+                                 loss=PolicyLossConfig(loss_type="grpo", beta=0.1, kl_estimator="k3"),
+                                 ref_model=True, **extra)
         with TrainerGroup(cfg) as group:
             initial = group.state_dict()
             metrics = group.train([ref], adv, version=1)
             assert metrics["tokens"] == sum(len(r) for r in records) and metrics["optimizer_steps"] == 2.0
+            kl[stage] = metrics["kl_mean"]
             states[stage] = group.state_dict()
             if stage == 3:
                 receiver = ReceiverActor.remote(path)
@@ -170,3 +174,4 @@ def test_zero3_trains_like_zero2_and_its_sync_reproduces_the_weights(env):
     assert moved > 1e-3  # the step really moved the weights (embedding included)
     assert float((states[3]["model.embed_tokens.weight"] - initial["model.embed_tokens.weight"]).abs().max()) > 0
     assert diff / norm < 1e-5, (diff, norm, moved)
+    assert kl[2] > 1e-4 and kl[3] == pytest.approx(kl[2], rel=1e-5), kl

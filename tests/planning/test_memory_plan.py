@@ -142,7 +142,9 @@ def test_zero3_shards_the_weights_of_the_7b():
     plan = plan_memory(load_config("r1_distill_7b_ngrpo"))
     t = _terms(plan, "trainer")
     assert t["weights"].bytes == plan.shape.params() * 2 / 8
+    assert t["reference model"].bytes == plan.shape.params() * 2 / 8  # partitioned like the policy
     assert plan.shape.params() == 7_615_616_512
+    assert plan.engine_reservation == 0.6 * 79.15 * GIB and plan.fits
 
 
 def test_plan_matches_the_peak_measured_on_an_h200():

@@ -173,7 +173,7 @@ def test_gathered_parameters_stay_at_two_heads_once_the_trace_replays(tmp_path):
     """What ZeRO-3 keeps gathered once the trace replays, in units of the head's elements, on a model with the 7B's
     proportions and DeepSpeed's limits scaled alike. Steady state: 2.0 x the head, the memory plan's "ZeRO-3 gathered
     modules" term (2.03 GiB at 7B). The first micro-batch that replays a fresh trace peaks higher (4.38 x here:
-    4.5 GiB at 7B, 2.4 GiB above the term; the 7B preset's update phase leaves 29 GiB); a trace is recorded again
+    4.5 GiB at 7B, 2.4 GiB above the term; the 7B preset's update phase leaves 38 GiB); a trace is recorded again
     whenever a phase's module calls change (an old-logprob pass before the update)."""
     r = _run(PEAK_SCRIPT, tmp_path)
     peaks = r["peaks"]  # per micro-batch (3 per step): recording, first replay, then replays
