@@ -11,6 +11,8 @@ existed before excluded); the masked forward's transient peak exceeds the causal
 
 from __future__ import annotations
 
+import contextlib
+
 import pytest
 import torch
 from transformers import Qwen2Config, Qwen2ForCausalLM
@@ -18,6 +20,7 @@ from transformers import Qwen2Config, Qwen2ForCausalLM
 from ngrpo_ray.core.records import ResponseRecord
 from ngrpo_ray.training.logprobs import causal_positions, response_logprobs
 from tests.support.memory_timeline import transient_peak_bytes
+from tests.support.padding_mask import PaddingMaskForward
 
 V, TEMP = 512, 0.7
 PROMPTS, RESPONSES = (5, 9, 3, 7), (300, 120, 41, 250)  # rows of 305, 129, 44 and 257 tokens: three are padded
@@ -42,30 +45,6 @@ def _batch():
     return prompts, records
 
 
-class _PaddingMaskForward:
-    """Puts HF's padding mask and cumulative positions back into the decoder's forward (the previous trainer)."""
-
-    def __init__(self, body: torch.nn.Module, prompts, records):
-        B, L = len(records), max(int(p.numel()) + len(r) for p, r in zip(prompts, records))
-        self.mask = torch.zeros(B, L, dtype=torch.long)
-        for b, (p, r) in enumerate(zip(prompts, records)):
-            self.mask[b, : int(p.numel()) + len(r)] = 1
-        self.body, self.forward = body, body.forward
-
-    def __enter__(self):
-        positions = (self.mask.cumsum(1) - 1).clamp_min(0)
-
-        def masked(*args, attention_mask=None, position_ids=None, **kwargs):
-            assert attention_mask is None  # the trainer passes none now
-            return self.forward(*args, attention_mask=self.mask, position_ids=positions, **kwargs)
-
-        self.body.forward = masked
-        return self
-
-    def __exit__(self, *exc):
-        self.body.forward = self.forward
-
-
 def test_positions_count_through_the_padding():
     ids = torch.zeros(2, 4, dtype=torch.long)
     assert causal_positions(ids).tolist() == [[0, 1, 2, 3], [0, 1, 2, 3]]
@@ -75,7 +54,7 @@ def test_log_probs_bit_identical_to_the_padding_masked_forward():
     model, (prompts, records) = _model(), _batch()
     with torch.no_grad():
         causal = response_logprobs(model, prompts, records, TEMP, chunk_tokens=128)
-        with _PaddingMaskForward(model.model, prompts, records):
+        with PaddingMaskForward(model.model, prompts, records):
             masked = response_logprobs(model, prompts, records, TEMP, chunk_tokens=128)
     assert torch.equal(causal.mask, masked.mask)
     assert int(causal.mask.sum()) == sum(RESPONSES)
@@ -87,13 +66,9 @@ def test_gradients_equal_to_rounding_to_the_padding_masked_forward():
     grads = []
     for masked in (False, True):
         model = _model().train()
-        ctx = _PaddingMaskForward(model.model, prompts, records) if masked else None
-        if ctx:
-            ctx.__enter__()
-        tb = response_logprobs(model, prompts, records, TEMP, chunk_tokens=128)
-        (tb.logp * tb.mask).sum().backward()
-        if ctx:
-            ctx.__exit__()
+        with PaddingMaskForward(model.model, prompts, records) if masked else contextlib.nullcontext():
+            tb = response_logprobs(model, prompts, records, TEMP, chunk_tokens=128)
+            (tb.logp * tb.mask).sum().backward()
         grads.append([p.grad.clone() for p in model.parameters()])
     for causal, masked in zip(*grads):
         assert (causal - masked).abs().max() <= 1e-6 * masked.abs().max()
@@ -107,7 +82,7 @@ def test_no_square_mask_is_built():
     with torch.no_grad():
         response_logprobs(model, prompts, records, TEMP, chunk_tokens=128)  # warm-up
         causal = transient_peak_bytes(lambda: response_logprobs(model, prompts, records, TEMP, chunk_tokens=128))
-        with _PaddingMaskForward(model.model, prompts, records):
+        with PaddingMaskForward(model.model, prompts, records):
             masked = transient_peak_bytes(lambda: response_logprobs(model, prompts, records, TEMP,
                                                                      chunk_tokens=128))
     # the bool [B, 1, L, L] mask alone is B x L^2 bytes (371 kB here); SDPA adds its float bias on top
