@@ -21,9 +21,10 @@ from dataclasses import dataclass, field
 from ngrpo_ray.config.schema import Config
 from ngrpo_ray.core.mixing_spec import engine_width
 from ngrpo_ray.planning.engine_memory import EngineSettings, asleep_term, engine_terms, outside_reservation_terms
+from ngrpo_ray.planning.headroom import Headroom, format_headroom, max_tokens, utilization_max
 from ngrpo_ray.planning.model_shape import ModelShape, read_model_shape
 from ngrpo_ray.planning.terms import DEFAULT_GPU_GIB, GIB, RESIDENT, UPDATE, Term, dtype_bytes
-from ngrpo_ray.planning.trainer_memory import TrainerSettings, trainer_terms, update_peak
+from ngrpo_ray.planning.trainer_memory import TrainerSettings, activation_bytes_per_token, trainer_terms, update_peak
 
 DEFAULT_GPUS = 8
 
@@ -51,6 +52,8 @@ class MemoryPlan:
     engine_reservation: float
     failures: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    headroom: Headroom | None = None
+    knobs_now: tuple[int | None, float] = (None, 0.0)  # (trainer.max_tokens_per_micro_batch, gpu_memory_utilization)
 
     @property
     def fits(self) -> bool:
@@ -121,8 +124,17 @@ def plan_memory(cfg: Config, gpu_gib: float = DEFAULT_GPU_GIB, gpus: int = DEFAU
         kinds.append(GpuKind("engine", gpus_needed - t.num_workers, [reserve, *outside],
                              {"rollout": reservation + beside}))
     plan = MemoryPlan(cfg.cluster.placement, card, gpus, gpus_needed, t.use_gpu, shape, kinds, engine, reservation,
-                      notes=notes)
+                      notes=notes, knobs_now=(t.max_tokens_per_micro_batch, r.gpu_memory_utilization))
     _check(plan)
+    per_token = activation_bytes_per_token(shape, b, t.gradient_checkpointing)
+    trainer_kinds = [k for k in kinds if "update" in k.phases and any(x.owner == "trainer" for x in k.terms)]
+    engine_kinds = [k for k in kinds if "rollout" in k.phases]
+    plan.headroom = Headroom(
+        max_tokens=min((max_tokens(k.terms, card, per_token) for k in trainer_kinds), default=None),
+        longest_sequence=cfg.data.max_prompt_tokens + r.max_new_tokens,
+        utilization_min=sum(x.bytes for x in engine) / card if engine_kinds else None,
+        utilization_max=min((utilization_max(k.phases["rollout"], reservation, card) for k in engine_kinds),
+                            default=None))
     return plan
 
 
@@ -176,6 +188,8 @@ def format_plan(plan: MemoryPlan, title: str = "") -> str:
     lines.append(f"  {'engine total':<42} {need / GIB:>8.2f}  of {plan.engine_reservation / GIB:.2f} GiB: "
                  f"{'fits' if need <= plan.engine_reservation else 'DOES NOT FIT'}")
     lines.append("")
+    if plan.headroom is not None and plan.enforced:  # a CPU run has no card to fill
+        lines += format_headroom(plan.headroom, *plan.knobs_now)
     if plan.fits:
         lines.append("plan: fits")
     else:

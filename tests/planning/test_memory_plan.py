@@ -3,6 +3,7 @@ by hand, against a meta-device model, and against the peak measured on an H200 (
 
 import dataclasses
 import json
+import math
 
 import pytest
 import torch
@@ -176,3 +177,36 @@ def test_the_grpo_soft_thinking_eval_reads_the_best_checkpoint_the_grpo_run_writ
     assert producing_preset(cfg.model.path) == ("r1_distill_1p5b_grpo", "deepseek-ai/DeepSeek-R1-Distill-Qwen-1.5B")
     grpo = load_config("r1_distill_1p5b_grpo")
     assert Path(cfg.model.path) == checkpoint_root(grpo.trainer.output_dir) / BEST / "trainer" / "hf"
+
+
+@pytest.mark.parametrize("preset", ["r1_distill_1p5b_ngrpo", "r1_distill_7b_ngrpo", "qwen3_1p7b_base_ngrpo"])
+def test_headroom_is_where_the_plan_stops_fitting(preset):
+    """The printed headroom, checked against the plan itself: the largest token budget fits and 1 GiB of activations
+    more does not; the utilization range's ends fit and a step beyond either fails."""
+    plan = plan_memory(load_config(preset))
+    h = plan.headroom
+    cfg = load_config(preset)
+    per_token = activation_bytes_per_token(plan.shape, 2, cfg.trainer.gradient_checkpointing)
+    assert plan_memory(load_config(preset, [f"trainer.max_tokens_per_micro_batch={h.max_tokens}"])).fits
+    over = h.max_tokens + int(GIB / per_token)
+    assert not plan_memory(load_config(preset, [f"trainer.max_tokens_per_micro_batch={over}"])).fits
+    low, high = math.ceil(h.utilization_min * 100) / 100, math.floor(h.utilization_max * 100) / 100
+    for u, fits in ((low, True), (high, True), (low - 0.02, False), (high + 0.02, False)):
+        assert plan_memory(load_config(preset, [f"rollout.gpu_memory_utilization={u}"])).fits == fits, (u, fits)
+
+
+def test_headroom_by_hand_r1_1p5b(capsys):
+    """r1_distill_1p5b_ngrpo on 79.15 GiB: the colocated GPU's update phase without its activations holds the resident
+    state (11.87 GiB), the log-softmax chunk, the head's gradient and the sleeping engine."""
+    plan = plan_memory(load_config("r1_distill_1p5b_ngrpo"))
+    t = _terms(plan)
+    fixed = sum(x.bytes for x in plan.kinds[0].terms if x.phase == "resident") + t["log-softmax chunk"].bytes \
+        + t["head gradient (backward)"].bytes + t["asleep (context, graphs, neighbors)"].bytes
+    per_token = t["activations"].bytes / 69_632
+    assert plan.headroom.max_tokens == int((79.15 * GIB - fixed) // per_token)
+    rollout_rest = plan.kinds[0].phases["rollout"] - 0.6 * 79.15 * GIB
+    assert plan.headroom.utilization_max == pytest.approx(1 - rollout_rest / (79.15 * GIB))
+    assert plan.headroom.utilization_min == pytest.approx(sum(x.bytes for x in plan.engine_terms) / (79.15 * GIB))
+    assert main(["plan", "--config", "r1_distill_1p5b_ngrpo"]) == 0
+    out = capsys.readouterr().out
+    assert f"trainer.max_tokens_per_micro_batch up to {plan.headroom.max_tokens:,}; now 69,632" in out
