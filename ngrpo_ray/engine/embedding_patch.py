@@ -131,6 +131,22 @@ def full_weight(embedding: torch.nn.Module, vocab_size: int) -> torch.Tensor:
     return gathered.index_select(0, order)
 
 
+RING_BUFFERS = ("ngrpo_ids", "ngrpo_cand", "ngrpo_alpha", "ngrpo_slots", "ngrpo_stale", "ngrpo_noise")
+
+
+def keep_ring_out_of_weight_reload() -> None:
+    """vLLM's layerwise reload (the load path of its nccl and ipc weight transfers) takes every buffer of a layer for a
+    weight to wait for: it moves them to the meta device while the weights load, processes the layer once all of them
+    arrived and materializes them again. The ring is never loaded, so the embedding waited for ``finalize`` with its
+    received bytes buffered (1.09 GB at 7B in bf16), and a copy of the ring was materialized (3.2 GB for the STHT
+    noise ring). Its names join vLLM's tensors that are never loaded (``reload.meta``): the embedding is then loaded as
+    soon as its weight arrives and the ring stays where it is (tests/engine/test_layerwise_reload_ring.py)."""
+    from vllm.model_executor.model_loader.reload import meta
+
+    meta.SKIP_LOAD_TENSORS.update(RING_BUFFERS)
+    meta.SKIP_TENSORS.update(RING_BUFFERS)  # built from SKIP_LOAD_TENSORS at import: a set of its own
+
+
 _REGISTERED = False
 
 
@@ -149,4 +165,5 @@ def register_mixing_embedding() -> None:
                            f"{op_registry_oot['VocabParallelEmbedding']}")
     if "VocabParallelEmbedding" not in op_registry_oot:
         VocabParallelEmbedding.register_oot(MixingEmbedding)
+    keep_ring_out_of_weight_reload()  # before the model is built: vLLM records its reload metadata at load
     _REGISTERED = True

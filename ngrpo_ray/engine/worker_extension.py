@@ -26,6 +26,7 @@ import torch
 
 from ngrpo_ray.engine.cpu_weights import keep_cpu_linear_weights, rebuild_cpu_gemm_handlers
 from ngrpo_ray.engine.embedding_patch import MixingEmbedding, full_weight, register_mixing_embedding
+from ngrpo_ray.engine.reload_abort import abort_layerwise_reload
 from ngrpo_ray.engine.refusals import check_worker_setup
 
 register_mixing_embedding()
@@ -161,12 +162,16 @@ class NgrpoWorkerExtension:
     @rpc
     def ngrpo_abandon_weight_update(self) -> dict:
         """Before (re)joining a transfer: an update a dead trainer left half done (started, never finished) would make
-        vLLM refuse the next start_weight_update. The next sync sends every weight again."""
+        vLLM refuse the next start_weight_update, and under vLLM's layerwise reload (nccl, ipc) it left the layers
+        still waiting for weights on the meta device: they get their own tensors back (engine.reload_abort). The next
+        sync sends every weight again."""
         abandoned = bool(getattr(self, "_weight_update_active", False))
+        restored = 0
         if abandoned:
+            restored = abort_layerwise_reload(self.weight_transfer_engine.model)  # the update's target model
             self.weight_transfer_engine.reset_weight_update_target()
             self._weight_update_active = False
-        return {"abandoned": abandoned}
+        return {"abandoned": abandoned, "layers_restored": restored}
 
     @rpc
     def ngrpo_policy_version(self) -> dict:
