@@ -14,6 +14,7 @@ import os
 import subprocess
 import sys
 
+import pytest
 import torch
 from transformers import Qwen2Config, Qwen2ForCausalLM
 
@@ -80,3 +81,40 @@ def test_reference_is_partitioned_under_zero3_with_the_plain_copys_log_probs(tmp
         assert r["big_full"] == [4096 * 64] * 2 and r["big_local"] == [4096 * 32] * 2, r  # half on each rank
         assert r["big_held"] == [0, 0], r  # no gathered copy left behind after the passes
         assert r["tokens"] == (6 + 9 + 12 if rank == 0 else 6) and r["equal"], r
+
+
+@pytest.mark.gpu
+def test_zero3_reference_on_one_gpu_in_bf16_equals_the_plain_copy(tmp_path):
+    """GPU only: the same through DeepSpeed's CUDA path (NCCL, bf16), one rank: log-probs equal the plain copy's."""
+    import deepspeed
+
+    from ngrpo_ray.core.records import ResponseRecord
+    from ngrpo_ray.training.deepspeed_config import DeepSpeedSettings
+    from ngrpo_ray.training.logprobs import batched_logprobs
+    from ngrpo_ray.training.reference_model import load_reference_model
+    from ngrpo_ray.training.train_sequence import TrainSequence
+
+    os.environ.update({"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1"})
+    os.environ.setdefault("MASTER_PORT", "29533")
+    deepspeed.init_distributed(dist_backend="nccl")  # a no-op when an earlier gpu test made the group
+    V = 151_936
+    torch.manual_seed(0)
+    cfg = Qwen2Config(vocab_size=V, hidden_size=256, intermediate_size=512, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False)
+    Qwen2ForCausalLM(cfg).to(torch.bfloat16).save_pretrained(tmp_path / "model")
+    device = torch.device("cuda")
+    ref = load_reference_model(str(tmp_path / "model"), torch.bfloat16, device, DeepSpeedSettings(3, "bf16"), 1)
+    plain = load_reference_model(str(tmp_path / "model"), torch.bfloat16, device, DeepSpeedSettings(2, "bf16"), 1)
+    g = torch.Generator().manual_seed(3)
+    seqs = []
+    for i, (P, T) in enumerate([(64, 700), (32, 300)]):
+        rec = ResponseRecord(response_ids=torch.randint(2, V, (T,), generator=g), logprobs=torch.zeros(T),
+                             mixed_mask=torch.rand(T, generator=g) < 0.2,
+                             cand_ids=torch.randint(2, V, (T, 3), generator=g),
+                             alpha=torch.softmax(torch.randn(T, 3, generator=g), -1))
+        seqs.append(TrainSequence(prompt_ids=torch.randint(2, V, (P,), generator=g), record=rec,
+                                  advantage=torch.tensor(0.0), index=i))
+    got = batched_logprobs(ref.module, seqs, 0.7, 0, chunk=2, chunk_tokens=256, start_pass=ref.start_pass)
+    want = batched_logprobs(plain.module, seqs, 0.7, 0, chunk=2, chunk_tokens=256)
+    assert ref.engine is not None and next(ref.module.parameters()).ds_tensor.is_cuda
+    assert all(torch.equal(a, b) for a, b in zip(got, want))
