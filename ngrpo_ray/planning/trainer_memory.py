@@ -8,7 +8,9 @@ Model (bytes; P parameters, N trainer GPUs, b bytes of the model dtype, DeepSpee
                                    + one reduce bucket of 5e8 elements x b
   optimizer states   8 P / N       (AdamW m and v in fp32; ZeRO-0: 8 P)
   fp32 grad at step  4 P / N       (bf16 ZeRO-1: the partition's fp32 gradient exists during step() only)
-  ZeRO-3 gathers     2 x the largest gathered module x b (the one in use and the one prefetched; update only)
+  ZeRO-3 gathers     (min(P, stage3_max_live_parameters) + the largest module) x b: what the prefetcher may hold
+                     beside the module in use (update only; measured on a CPU model with the 7B's proportions,
+                     tests/training/test_zero3_trace.py)
   reference model    P b           (beta > 0: a copy in the model dtype; ZeRO-3: P b / N, partitioned like the
                                    policy, training.reference_model)
   activations        per token and layer, what autograd keeps for backward in a HF decoder layer with fused
@@ -36,6 +38,7 @@ from ngrpo_ray.planning.model_shape import ModelShape
 from ngrpo_ray.planning.terms import GIB, RESIDENT, UPDATE, Term
 
 REDUCE_BUCKET_ELEMENTS = 500_000_000  # DeepSpeed's default reduce_bucket_size (elements)
+ZERO3_MAX_LIVE_PARAMETERS = 1_000_000_000  # DeepSpeed's default stage3_max_live_parameters (training sets none)
 CUDA_CONTEXT_BYTES = 1.0 * GIB
 
 
@@ -94,10 +97,12 @@ def trainer_terms(t: TrainerSettings) -> list[Term]:
                       f"{P / 1e9:.2f}B x 8 B / {opt_div}"))
     if z == 3:
         largest = max(s.layer_params(), s.vocab * s.hidden)
+        live = min(P, ZERO3_MAX_LIVE_PARAMETERS)
         # gathered for the forward and backward only: released after the step, and the weight sync gathers one
         # parameter at a time
-        terms.append(Term("trainer", "ZeRO-3 gathered modules", 2 * largest * b, UPDATE,
-                          f"2 x {largest / 1e6:.0f}M x {b} B (in use + prefetched)"))
+        terms.append(Term("trainer", "ZeRO-3 gathered modules", (live + largest) * b, UPDATE,
+                          f"({live / 1e6:,.0f}M prefetched, DeepSpeed's live limit + {largest / 1e6:.0f}M in use) "
+                          f"x {b} B"))
     if t.ref_model:
         if z == 3:
             terms.append(Term("trainer", "reference model", P * b / n, RESIDENT,

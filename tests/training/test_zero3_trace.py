@@ -141,14 +141,18 @@ def watching_begin(engine):
 
 train_step.begin_micro_batch = watching_begin
 torch.manual_seed(0)
-# the 7B's proportions: a layer is 0.43 x the head (233M vs 545M elements), DeepSpeed's limits (1e9) 1.83 x the head
+# the 7B's proportions: a layer is 0.43 x the head (233M vs 545M elements); DeepSpeed's thresholds scaled alike: the
+# live and reuse limits (1e9) 1.83 x the head, the prefetch bucket (5e7) 0.09 x, the persistence threshold (1e5,
+# under which a parameter stays gathered for good: at 7B only norms and biases) 48 elements
 model = Qwen2ForCausalLM(Qwen2Config(vocab_size=V, hidden_size=D, intermediate_size=512, num_hidden_layers=8,
                                      num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False))
 model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 s = DeepSpeedSettings(zero_stage=3, dtype="fp32", optimizer="sgd", lr=0.1)
 cfg = build_config(s, 1, 1)
 cfg["zero_optimization"].update({"stage3_max_reuse_distance": int(1.83 * HEAD),
-                                 "stage3_max_live_parameters": int(1.83 * HEAD)})
+                                 "stage3_max_live_parameters": int(1.83 * HEAD),
+                                 "stage3_prefetch_bucket_size": int(5e7 / 545e6 * HEAD),
+                                 "stage3_param_persistence_threshold": int(1e5 / 545e6 * HEAD)})
 engine, *_ = deepspeed.initialize(model=model, optimizer=build_optimizer(s, model.parameters()), config=cfg)
 g = torch.Generator().manual_seed(1)
 seqs = []
@@ -169,15 +173,16 @@ print(json.dumps({"peaks": [round(x, 2) for x in per_micro_batch[1:]], "layer": 
 """
 
 
-def test_gathered_parameters_stay_at_two_heads_once_the_trace_replays(tmp_path):
+def test_gathered_parameters_stay_within_the_live_limit_and_the_head(tmp_path):
     """What ZeRO-3 keeps gathered once the trace replays, in units of the head's elements, on a model with the 7B's
-    proportions and DeepSpeed's limits scaled alike. Steady state: 2.0 x the head, the memory plan's "ZeRO-3 gathered
-    modules" term (2.03 GiB at 7B). The first micro-batch that replays a fresh trace peaks higher (4.38 x here:
-    4.5 GiB at 7B, 2.4 GiB above the term; the 7B preset's update phase leaves 38 GiB); a trace is recorded again
-    whenever a phase's module calls change (an old-logprob pass before the update)."""
+    proportions and DeepSpeed's thresholds scaled alike: 2.82 x the head in every replayed micro-batch, its live limit
+    (1.83 x) of prefetched modules beside the head in use. The memory plan's "ZeRO-3 gathered modules" term is that
+    bound, 2.88 GiB at 7B. (With the persistence threshold left unscaled, every layer of this small model stayed
+    gathered for good and only the head and embedding were fetched: 2.0 x, and 4.38 x in the first replay. That was
+    the measurement the plan used before.)"""
     r = _run(PEAK_SCRIPT, tmp_path)
-    peaks = r["peaks"]  # per micro-batch (3 per step): recording, first replay, then replays
+    peaks = r["peaks"]  # per micro-batch (3 per step): recording, then replays
     assert r["layer"] == 0.42 and len(peaks) == 9, r
     assert peaks[0] == 1.0  # recording: one module at a time, the head the largest
-    assert peaks[1] <= 4.5  # the first replay
-    assert max(peaks[2:]) == 2.0, peaks  # steady state: what the plan counts
+    assert max(peaks[1:]) <= 1.83 + 1.0, peaks  # replays: the live limit + the module in use
+    assert min(peaks[1:]) >= 2.5, peaks  # and the prefetcher does fill it
