@@ -127,7 +127,7 @@ def plan_memory(cfg: Config, gpu_gib: float = DEFAULT_GPU_GIB, gpus: int = DEFAU
                       notes=notes, knobs_now=(t.max_tokens_per_micro_batch, r.gpu_memory_utilization))
     _check(plan)
     per_token = activation_bytes_per_token(shape, b, t.gradient_checkpointing)
-    trainer_kinds = [k for k in kinds if "update" in k.phases and any(x.owner == "trainer" for x in k.terms)]
+    trainer_kinds = [k for k in kinds if "update" in k.phases]  # engine-only GPUs have no update phase
     engine_kinds = [k for k in kinds if "rollout" in k.phases]
     plan.headroom = Headroom(
         max_tokens=min((max_tokens(k.terms, card, per_token) for k in trainer_kinds), default=None),

@@ -17,10 +17,10 @@ import pytest
 import torch
 from transformers import Qwen2Config, Qwen2ForCausalLM
 
-from ngrpo_ray.core.records import ResponseRecord
 from ngrpo_ray.training.logprobs import causal_positions, response_logprobs
 from tests.support.memory_timeline import transient_peak_bytes
 from tests.support.padding_mask import PaddingMaskForward
+from tests.support.ragged_batch import ragged_batch
 
 V, TEMP = 512, 0.7
 PROMPTS, RESPONSES = (5, 9, 3, 7), (300, 120, 41, 250)  # rows of 305, 129, 44 and 257 tokens: three are padded
@@ -34,15 +34,7 @@ def _model() -> torch.nn.Module:
 
 
 def _batch():
-    g = torch.Generator().manual_seed(1)
-    prompts, records = [], []
-    for p, t in zip(PROMPTS, RESPONSES):
-        prompts.append(torch.randint(2, V, (p,), generator=g))
-        records.append(ResponseRecord(response_ids=torch.randint(2, V, (t,), generator=g), logprobs=torch.zeros(t),
-                                      mixed_mask=torch.rand(t, generator=g) < 0.3,
-                                      cand_ids=torch.randint(2, V, (t, 3), generator=g),
-                                      alpha=torch.softmax(torch.randn(t, 3, generator=g), -1)))
-    return prompts, records
+    return ragged_batch(PROMPTS, RESPONSES, V, mixed_fraction=0.3)
 
 
 def test_positions_count_through_the_padding():

@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from tests.support.padding_mask import PaddingMaskForward
+from tests.support.ragged_batch import ragged_batch
 
 pytestmark = pytest.mark.gpu
 
@@ -33,17 +34,7 @@ def _model(dtype):
 
 
 def _batch():
-    from ngrpo_ray.core.records import ResponseRecord
-
-    g = torch.Generator().manual_seed(1)
-    prompts, records = [], []
-    for t in RESPONSES:
-        prompts.append(torch.randint(2, V, (PROMPT,), generator=g))
-        records.append(ResponseRecord(response_ids=torch.randint(2, V, (t,), generator=g), logprobs=torch.zeros(t),
-                                      mixed_mask=torch.rand(t, generator=g) < 0.1,
-                                      cand_ids=torch.randint(2, V, (t, 3), generator=g),
-                                      alpha=torch.softmax(torch.randn(t, 3, generator=g), -1)))
-    return prompts, records
+    return ragged_batch([PROMPT] * len(RESPONSES), RESPONSES, V, mixed_fraction=0.1)
 
 
 def _forward_backward(model, prompts, records):

@@ -88,11 +88,11 @@ def test_zero3_reference_on_one_gpu_in_bf16_equals_the_plain_copy(tmp_path):
     """GPU only: the same through DeepSpeed's CUDA path (NCCL, bf16), one rank: log-probs equal the plain copy's."""
     import deepspeed
 
-    from ngrpo_ray.core.records import ResponseRecord
     from ngrpo_ray.training.deepspeed_config import DeepSpeedSettings
     from ngrpo_ray.training.logprobs import batched_logprobs
     from ngrpo_ray.training.reference_model import load_reference_model
     from ngrpo_ray.training.train_sequence import TrainSequence
+    from tests.support.ragged_batch import ragged_batch
 
     os.environ.update({"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1"})
     os.environ.setdefault("MASTER_PORT", "29533")
@@ -105,15 +105,9 @@ def test_zero3_reference_on_one_gpu_in_bf16_equals_the_plain_copy(tmp_path):
     device = torch.device("cuda")
     ref = load_reference_model(str(tmp_path / "model"), torch.bfloat16, device, DeepSpeedSettings(3, "bf16"), 1)
     plain = load_reference_model(str(tmp_path / "model"), torch.bfloat16, device, DeepSpeedSettings(2, "bf16"), 1)
-    g = torch.Generator().manual_seed(3)
-    seqs = []
-    for i, (P, T) in enumerate([(64, 700), (32, 300)]):
-        rec = ResponseRecord(response_ids=torch.randint(2, V, (T,), generator=g), logprobs=torch.zeros(T),
-                             mixed_mask=torch.rand(T, generator=g) < 0.2,
-                             cand_ids=torch.randint(2, V, (T, 3), generator=g),
-                             alpha=torch.softmax(torch.randn(T, 3, generator=g), -1))
-        seqs.append(TrainSequence(prompt_ids=torch.randint(2, V, (P,), generator=g), record=rec,
-                                  advantage=torch.tensor(0.0), index=i))
+    prompts, records = ragged_batch((64, 32), (700, 300), V, mixed_fraction=0.2, seed=3)
+    seqs = [TrainSequence(prompt_ids=p, record=r, advantage=torch.tensor(0.0), index=i)
+            for i, (p, r) in enumerate(zip(prompts, records))]
     got = batched_logprobs(ref.module, seqs, 0.7, 0, chunk=2, chunk_tokens=256, start_pass=ref.start_pass)
     want = batched_logprobs(plain.module, seqs, 0.7, 0, chunk=2, chunk_tokens=256)
     assert ref.engine is not None and next(ref.module.parameters()).ds_tensor.is_cuda
