@@ -178,13 +178,14 @@ def _dispatch(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
         return 0
     cfg = load_config(args.config, args.overrides)
     if args.command == "plan":
-        return _plan(cfg, args, enforce=cfg.trainer.use_gpu)
+        return _plan(cfg, args, enforce=cfg.trainer.use_gpu)[0]
     if args.command == "train":
-        if _plan(cfg, args, enforce=cfg.trainer.use_gpu, quiet_fit=not cfg.trainer.use_gpu) != 0:
+        refused, memory_plan = _plan(cfg, args, enforce=cfg.trainer.use_gpu, quiet_fit=not cfg.trainer.use_gpu)
+        if refused:
             return 1
         from ngrpo_ray.distributed.driver import train
 
-        train(cfg, resume=args.resume)
+        train(cfg, resume=args.resume, memory_plan=memory_plan)  # the printed plan goes to MLflow too
         return 0
     if args.command == "eval":
         from ngrpo_ray.evaluation.run import evaluate
@@ -200,23 +201,24 @@ def _dispatch(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     return 2
 
 
-def _plan(cfg, args: argparse.Namespace, enforce: bool, quiet_fit: bool = False) -> int:
-    """Print the capacity plan; 1 when a GPU run cannot fit (`ngrpo train` then starts nothing)."""
+def _plan(cfg, args: argparse.Namespace, enforce: bool, quiet_fit: bool = False):
+    """Print the capacity plan; (1, plan) when a GPU run cannot fit (`ngrpo train` then starts nothing), else
+    (0, plan); the plan is None where it cannot be made (no config.json for the model)."""
     from ngrpo_ray.planning import format_plan, plan_memory
 
     try:
         plan = plan_memory(cfg, gpu_gib=args.gpu_memory_gib, gpus=args.gpus)
     except FileNotFoundError as err:
         print(f"memory plan: not possible ({err})", file=sys.stderr)
-        return 1 if args.command == "plan" else 0
+        return (1 if args.command == "plan" else 0), None
     if not quiet_fit or not plan.fits:
         print(format_plan(plan, str(args.config)))
     if enforce and not plan.fits:
         hint = "--gpu-memory-gib sets the card" + ("; the table above is `ngrpo plan`'s" if args.command == "train"
                                                    else "")
         print("refused: " + "; ".join(plan.failures) + f" ({hint})", file=sys.stderr)
-        return 1
-    return 0
+        return 1, plan
+    return 0, plan
 
 
 def _bench(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:

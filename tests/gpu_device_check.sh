@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The gpu-marked tests that a CUDA machine without Ray, vLLM or a package registry can run: the trainer step at the
 # paper's shapes (ZeRO-2 and ZeRO-3, bf16), the full fp32 neighbor-table build at the R1 vocabulary, and the trainer's
-# forward without a padding mask (flash kernel, memory) and the ZeRO-3 reference model. The engine's
+# forward without a padding mask (flash kernel, memory), the ZeRO-3 reference model and the trainer's peak-memory metrics. The engine's
 # gpu tests (sleep/wake, vLLM's ipc and nccl weight transfer) need vLLM and skip or are left out here.
 #
 # Here:   make gpu-wheels                      (DeepSpeed and what it needs, as wheels in .whl/)
@@ -25,5 +25,5 @@ torch.__version__, 'cuda', torch.cuda.is_available(), 'transformers', transforme
 deepspeed.__version__)"
     python3 -m pytest -m gpu -v -s -p no:cacheprovider -o addopts="" \
         tests/engine/test_neighbor_tables.py tests/engine/test_sleep_wake_gpu.py tests/distributed/test_trainer_gpu.py \
-        tests/training/test_causal_forward_gpu.py tests/training/test_reference_model.py
+        tests/training/test_causal_forward_gpu.py tests/training/test_reference_model.py tests/training/test_peak_memory.py
 } 2>&1 | tee "$out/gpu_check.log"

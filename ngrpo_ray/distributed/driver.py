@@ -28,11 +28,12 @@ from ngrpo_ray.training.advantage_step import compute_advantages
 from ngrpo_ray.training.iteration_metrics import iteration_metrics
 
 
-def train(cfg: Config, resume: bool = False, log=print, stop_after: int | None = None) -> dict:
-    """Run (or resume) training. `stop_after` ends cleanly after that many iterations in total (tests, demos)."""
+def train(cfg: Config, resume: bool = False, log=print, stop_after: int | None = None, memory_plan=None) -> dict:
+    """Run (or resume) training. `stop_after` ends cleanly after that many iterations in total (tests, demos);
+    `memory_plan`: the capacity plan `ngrpo train` printed (else the session makes it for the default card)."""
     from tqdm import tqdm
 
-    session = Session(cfg, resume, log)
+    session = Session(cfg, resume, log, memory_plan)
     status = "FAILED"
     total = session.total_iterations()
     end = total if stop_after is None else min(total, stop_after)

@@ -11,6 +11,7 @@ from ngrpo_ray.distributed.placement import PlacementPlan
 from ngrpo_ray.distributed.rollout_fleet import RolloutFleet
 from ngrpo_ray.distributed.trainer_group import TrainerGroup
 from ngrpo_ray.distributed.weight_sync import GLOO_BACKEND
+from ngrpo_ray.training.peak_memory import max_over_ranks
 
 
 class PolicySync:
@@ -44,7 +45,7 @@ class PolicySync:
             for engine in restarted:
                 self.fleet.record_restart(engine, "between_rollouts", version, version, t0)
         timeout = self.cfg.cluster.sync_timeout_s
-        sent = self.trainer.wait(self.trainer.start_sync(version), timeout_s=timeout)[0]
+        sent = max_over_ranks(self.trainer.wait(self.trainer.start_sync(version), timeout_s=timeout))
         if self.plan.sleep_engines:
             self.fleet.wake_up(["kv_cache"])  # the trainer emptied its CUDA cache after the sync: room for it
         self.fleet.serving_version = int(version)  # an asynchronous chunk re-issued from now on draws with it

@@ -16,6 +16,7 @@ import torch
 from ngrpo_ray.core.losses import PolicyLossConfig
 from ngrpo_ray.core.records import ResponseRecord
 from ngrpo_ray.distributed.trainer_config import TrainerGroupConfig, TrainerGroupError
+from ngrpo_ray.training.peak_memory import PhasePeak
 from ngrpo_ray.training.train_sequence import TrainSequence
 from ngrpo_ray.training.train_step import StepSettings
 
@@ -123,11 +124,13 @@ class _PolicyWorker:
             self.engine.set_train_batch_size(step.micro_batches * self.world)
         local, all_idx = self._local(batch_refs, advantages)
         ref = self.ref
-        metrics = train_on_sequences(self.engine, local, all_idx, step, loss or self.cfg.loss,
-                                     ref.module if ref is not None else None,
-                                     loss_scale=loss_scale_for_deepspeed(self.world, step.micro_batches),
-                                     grad_norm_fn=self.engine.get_global_grad_norm,
-                                     ref_start_pass=ref.start_pass if ref is not None else None)
+        with PhasePeak(self.device, "update") as peak:
+            metrics = train_on_sequences(self.engine, local, all_idx, step, loss or self.cfg.loss,
+                                         ref.module if ref is not None else None,
+                                         loss_scale=loss_scale_for_deepspeed(self.world, step.micro_batches),
+                                         grad_norm_fn=self.engine.get_global_grad_norm,
+                                         ref_start_pass=ref.start_pass if ref is not None else None)
+        metrics.update(peak.metrics())
         metrics["lr"] = float(self.engine.get_lr()[0]) if self.engine.get_lr() else self.cfg.deepspeed.lr
         metrics["train_seconds"] = time.monotonic() - start
         self.version = version if version is not None else self.version + 1
@@ -230,11 +233,12 @@ class _PolicyWorker:
             raise TrainerGroupError("sync_weights before open_weight_transfer")
         start = time.monotonic()
         self.weight_client.version = int(version)
-        self.weight_group.send_weights()
+        with PhasePeak(self.device, "sync") as peak:
+            self.weight_group.send_weights()
         self.version = version
         self._hand_back_gpu_cache()
         stats = {"bytes": sum(math.prod(m.shape) * m.dtype.itemsize for m in self.weight_group.source.metadata()),
-                 **(getattr(self.weight_group, "last_stats", None) or {})}
+                 **(getattr(self.weight_group, "last_stats", None) or {}), **peak.metrics()}
         return {**stats, "version": int(version), "seconds": time.monotonic() - start,
                 "engines": list(self.weight_client.engine_stats) if self.rank == 0 else []}
 

@@ -110,7 +110,15 @@ class RolloutEngineImpl:
             stats = check(self.llm.collective_rpc("ngrpo_stats", timeout=60))
         return {"ok": True, "policy_version": self.policy_version, "model": self.spec.model,
                 "incarnation": self.incarnation, "engine_pid": os.getpid(), "engine_core": self._engine_core_kind(),
-                "start_seconds": self.start_seconds, **{k: v for k, v in stats.items() if k != "ok"}}
+                "start_seconds": self.start_seconds, "kv_cache_tokens": self._kv_cache_tokens(),
+                **{k: v for k, v in stats.items() if k != "ok"}}
+
+    def _kv_cache_tokens(self) -> int | None:
+        """The tokens vLLM's KV cache holds (what its reservation left after the weights and its profile run)."""
+        engine = getattr(self.llm, "llm_engine", None)
+        tokens = getattr(getattr(engine, "vllm_config", None), "cache_config", None)
+        tokens = getattr(tokens, "kv_cache_size_tokens", None)
+        return None if tokens is None else int(tokens)
 
     def _engine_core_kind(self) -> str | None:
         """vLLM's client class: InprocClient when the engine core runs in this actor (build_llm's sole_engine)."""

@@ -68,6 +68,7 @@ class RolloutFleet:
         ]
         health = ray.get([e.health.remote() for e in self.engines])  # fail here, clearly, if one cannot start
         self.engine_ids = [h["incarnation"] for h in health]
+        self.start_health = health  # each engine's first report (its KV cache size, start time)
         self.prompts_served = [0] * num_engines  # prompts issued per engine (a re-issued chunk counts again)
         self.restart_timeout_s = restart_timeout_s
         self.incarnations = [0] * num_engines  # restarts seen per engine

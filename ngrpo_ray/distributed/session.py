@@ -19,6 +19,7 @@ from ngrpo_ray.distributed.reward_scorer import SCORER_CPUS, RewardScorer
 from ngrpo_ray.distributed.rollout_fleet import RolloutFleet
 from ngrpo_ray.distributed.trainer_group import TrainerGroup
 from ngrpo_ray.models.offline import resolve_model, resolve_tokenizer
+from ngrpo_ray.planning import format_plan, plan_memory, plan_params
 from ngrpo_ray.tracking.mlflow_run import MlflowRun, tracking_uri_for
 from ngrpo_ray.training.iteration_log import IterationLog
 from ngrpo_ray.training.prompt_order import PromptOrder
@@ -28,8 +29,9 @@ from ngrpo_ray.training.run_state import RunState
 class Session:
     """Cluster actors, data, the MLflow run, and the run's state."""
 
-    def __init__(self, cfg: Config, resume: bool = False, log=print):
+    def __init__(self, cfg: Config, resume: bool = False, log=print, memory_plan=None):
         self.cfg, self.log = cfg, log
+        self.memory_plan = memory_plan if memory_plan is not None else _memory_plan(cfg, log)
         # One plan seats every trainer rank and engine; a layout the cluster can never hold fails here, in seconds,
         # before data, models or an MLflow run are touched.
         self.plan = placement.plan_placement(cfg)
@@ -61,7 +63,8 @@ class Session:
         self.val_set = build_prompt_set(cfg, cfg.data.validation, self.tokenizer) if cfg.data.validation else None
 
     def _open_mlflow(self) -> None:
-        """The MLflow run (the checkpoint's on resume) with the config and the placement plan; a new run's state."""
+        """The MLflow run (the checkpoint's on resume) with the config, the placement plan and the memory plan; a new
+        run's state."""
         cfg = self.cfg
         self.mlflow = MlflowRun(tracking_uri_for(self.out, cfg.tracking.tracking_uri), cfg.tracking.experiment,
                                 run_name=cfg.tracking.run_name or self.out.name,
@@ -77,6 +80,11 @@ class Session:
         placement.write_plan(self.plan, plan_file)
         self.mlflow.log_artifact(plan_file)
         self.mlflow.log_params(placement.plan_params(self.plan))
+        if self.memory_plan is not None:  # the plan's figures beside the measured memory/* metrics
+            memory_file = self.out / "memory_plan.txt"
+            memory_file.write_text(format_plan(self.memory_plan, cfg.tracking.run_name or self.out.name) + "\n")
+            self.mlflow.log_artifact(memory_file)
+            self.mlflow.log_params(plan_params(self.memory_plan))
 
     def _start_actors(self) -> None:
         cfg = self.cfg
@@ -98,6 +106,9 @@ class Session:
                                   restart_timeout_s=cfg.cluster.engine_restart_timeout_s,
                                   actor_options=reservation.engine_actor_options(self.plan, self.engine_pg,
                                                                                  self.trainer.workers))
+        kv_tokens = [h["kv_cache_tokens"] for h in self.fleet.start_health if h.get("kv_cache_tokens") is not None]
+        if kv_tokens:  # beside the plan's memory_plan.engine_batch_kv_tokens: fewer means preemptions
+            self.mlflow.log_params({"engine.kv_cache_tokens": min(kv_tokens)})
         self.restarts = RestartLog(self.fleet, self.mlflow, self.out)
         self.sync = PolicySync(cfg, self.plan, self.trainer, self.fleet, self.log)
         self.fleet.resync = self.sync.resync_engines
@@ -122,3 +133,13 @@ class Session:
             except Exception as exc:  # noqa: BLE001 - shutting down; report, keep closing the rest
                 self.log(f"warning: shutdown step failed: {exc!r}")
         self.mlflow.finish(status)
+
+
+def _memory_plan(cfg: Config, log):
+    """The capacity plan for the default card (what `ngrpo train` prints), or None where the model's config.json
+    cannot be read before the session resolves it."""
+    try:
+        return plan_memory(cfg)
+    except FileNotFoundError as err:
+        log(f"memory plan: not possible ({err})")
+        return None

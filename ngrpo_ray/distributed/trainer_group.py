@@ -35,6 +35,7 @@ from ngrpo_ray.distributed.command_channel import _CommandChannel
 from ngrpo_ray.distributed.policy_worker import _worker_loop
 from ngrpo_ray.distributed.trainer_config import TrainerGroupConfig, TrainerGroupError, TrainerRestarted
 from ngrpo_ray.distributed.weight_sync import choose_sync_backend
+from ngrpo_ray.training.peak_memory import max_over_ranks
 from ngrpo_ray.training.train_step import StepSettings
 
 
@@ -179,7 +180,7 @@ class TrainerGroup:
             advantages = ray.put(advantages)
         handle = self.submit("train", batch_refs=list(batch_refs), advantages=advantages, version=version,
                              loss=loss, step=step)
-        return self.wait(handle)[0]
+        return max_over_ranks(self.wait(handle))  # the loss metrics are global already; memory is per rank
 
     def logprobs(self, batch_refs: Sequence[ray.ObjectRef], use_records: bool = True) -> list[torch.Tensor]:
         """The trainer's log-probs of every response, in batch order (each rank computes its shard)."""

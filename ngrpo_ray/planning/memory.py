@@ -54,6 +54,8 @@ class MemoryPlan:
     notes: list[str] = field(default_factory=list)
     headroom: Headroom | None = None
     knobs_now: tuple[int | None, float] = (None, 0.0)  # (trainer.max_tokens_per_micro_batch, gpu_memory_utilization)
+    trainer_update_bytes: float = 0.0  # one trainer rank's own update peak: its resident and transient terms
+    engine_batch_tokens: int = 0  # the KV cache tokens of one engine's rollout batch (what the KV term counts)
 
     @property
     def fits(self) -> bool:
@@ -124,7 +126,9 @@ def plan_memory(cfg: Config, gpu_gib: float = DEFAULT_GPU_GIB, gpus: int = DEFAU
         kinds.append(GpuKind("engine", gpus_needed - t.num_workers, [reserve, *outside],
                              {"rollout": reservation + beside}))
     plan = MemoryPlan(cfg.cluster.placement, card, gpus, gpus_needed, t.use_gpu, shape, kinds, engine, reservation,
-                      notes=notes, knobs_now=(t.max_tokens_per_micro_batch, r.gpu_memory_utilization))
+                      notes=notes, knobs_now=(t.max_tokens_per_micro_batch, r.gpu_memory_utilization),
+                      trainer_update_bytes=resident + peak,
+                      engine_batch_tokens=settings.sequences * settings.sequence_tokens)
     _check(plan)
     per_token = activation_bytes_per_token(shape, b, t.gradient_checkpointing)
     trainer_kinds = [k for k in kinds if "update" in k.phases]  # engine-only GPUs have no update phase
@@ -136,6 +140,23 @@ def plan_memory(cfg: Config, gpu_gib: float = DEFAULT_GPU_GIB, gpus: int = DEFAU
         utilization_max=min((utilization_max(k.phases["rollout"], reservation, card) for k in engine_kinds),
                             default=None))
     return plan
+
+
+def plan_params(plan: MemoryPlan) -> dict[str, str]:
+    """The plan's figures (GiB) as MLflow params of the training run, beside what it measures: a trainer rank's own
+    update peak is what `memory/update_peak_allocated_gib` measures on a GPU (training.peak_memory); the per-GPU
+    phase peaks add the colocated engine's share; the KV tokens of one engine's rollout batch face the engines'
+    `engine.kv_cache_tokens` (vLLM's KV cache, sized from what its reservation left: fewer means preemptions)."""
+    gib = lambda x: f"{x / GIB:.2f}"  # noqa: E731
+    params = {"memory_plan.card_gib": f"{plan.gpu_bytes / GIB:g}", "memory_plan.fits": str(plan.fits),
+              "memory_plan.trainer_update_gib": gib(plan.trainer_update_bytes),
+              "memory_plan.engine_reservation_gib": gib(plan.engine_reservation),
+              "memory_plan.engine_terms_gib": gib(sum(x.bytes for x in plan.engine_terms)),
+              "memory_plan.engine_batch_kv_tokens": str(plan.engine_batch_tokens)}
+    for kind in plan.kinds:
+        slug = kind.name.replace(" + ", "_and_").replace(" ", "_")
+        params.update({f"memory_plan.{slug}.{phase}_gib": gib(total) for phase, total in kind.phases.items()})
+    return params
 
 
 def _largest(terms: list[Term], phase: str) -> Term:

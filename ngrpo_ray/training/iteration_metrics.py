@@ -36,6 +36,8 @@ def iteration_metrics(scored: Any, adv_info: dict, train_metrics: dict, sent: An
     for key, value in train_metrics.items():
         if isinstance(value, (int, float)):  # "mismatch/...", "rollout_correction/..." keep their own section
             metrics[key if "/" in key else f"train/{key}"] = float(value)
+    if isinstance(sent, dict):  # the trainer ranks' peak memory during the sync (training.peak_memory)
+        metrics.update({k: float(v) for k, v in sent.items() if k.startswith("memory/")})
     if recv_stats and isinstance(recv_stats[0], dict) and "engine_load_seconds" in recv_stats[0]:
         metrics["sync/engine_load_s"] = float(recv_stats[0]["engine_load_seconds"])
     return metrics

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from ngrpo_ray.config import load_config
+from ngrpo_ray.planning import plan_memory, plan_params
 from ngrpo_ray.training.dynamic_sampling import refill_prompts
 from ngrpo_ray.training.prompt_order import PromptOrder
 from tests.support.faults import inject_faults
@@ -158,11 +159,27 @@ def test_three_iterations_two_workers_log_everything(tiny_model, tmp_path, capsy
     assert plan["roles"] == ([["trainer 0"], ["trainer 1", "engine 0 tp 0"]] if layout == "colocated"
                              else [["engine 0 tp 0", "engine 0 tp 1"], ["trainer 0"], ["trainer 1"]])
     assert rec.run.data.params["rollout.tensor_parallel_size"] == ("2" if layout == "disaggregated" else "1")
+    _memory_checks(rec, cfg, capsys)
     plots = rec.artifacts("plots")
     assert {"plots/reward.png", "plots/timing.png", "plots/mixing.png", "plots/validation.png"} <= plots
     assert (out / "checkpoints" / "iter_000003" / "trainer" / "hf" / "config.json").exists()
     for check in more_checks:
         check(rec, cfg, out)
+
+
+def _memory_checks(rec, cfg, capsys) -> None:
+    """The memory plan's figures as params (`ngrpo plan`'s numbers, its table as an artifact), the trainer ranks'
+    measured peaks of the update and the sync every iteration (on CPU the resident high-water mark of the larger
+    rank: a whole Python process with torch and DeepSpeed), and the size vLLM gave the engine's KV cache."""
+    params = rec.run.data.params
+    assert {k: v for k, v in params.items() if k.startswith("memory_plan.")} == plan_params(plan_memory(cfg))
+    assert "memory_plan.txt" in rec.artifacts()
+    peaks = {phase: [v for _, v in rec.history(f"memory/{phase}_peak_resident_gib")] for phase in ("update", "sync")}
+    with capsys.disabled():
+        print(f"\ntrainer peak resident GiB per iteration: {peaks}; engine KV cache tokens "
+              f"{params['engine.kv_cache_tokens']}")
+    assert all(len(v) == 3 and all(0.2 < x < 12 for x in v) for v in peaks.values()), peaks
+    assert int(params["engine.kv_cache_tokens"]) > 0
 
 
 def _prompts_seen(out: Path, cfg) -> list[dict]:

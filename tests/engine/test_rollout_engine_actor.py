@@ -34,6 +34,7 @@ def test_actor_generate_refit_health_shutdown(ray_local, tiny_models):
         # on CPU the actor hosts vLLM's engine core itself: no spawned engine-core and worker processes to import
         # vLLM again (the actor started in about a third of the time)
         assert health["engine_core"] == "InprocClient"
+        assert health["kv_cache_tokens"] == _kv_tokens(tiny_models["llama"], 0.125 * 2**30)
         prompts = [[2 + i, 3 + i, 4 + i] for i in range(4)]
         sampling = {"temperature": TEMPERATURE, "max_tokens": 16}
         ref = engine.generate.remote(prompts, sampling, MixingParams(rho=0.5, k=3), 0, 2)
@@ -58,3 +59,16 @@ def test_actor_generate_refit_health_shutdown(ray_local, tiny_models):
     finally:
         assert ray.get(engine.shutdown.remote(), timeout=120)
         ray.kill(engine)
+
+
+def _kv_tokens(model_path: str, nbytes: float, block_size: int = 128) -> int:
+    """The tokens a KV cache of ``nbytes`` holds, in whole blocks: K and V of every layer's kv heads, in the model's
+    dtype (what the training run logs as engine.kv_cache_tokens)."""
+    import json
+    from pathlib import Path
+
+    c = json.loads((Path(model_path) / "config.json").read_text())
+    head_dim = c.get("head_dim") or c["hidden_size"] // c["num_attention_heads"]
+    per_token = c["num_hidden_layers"] * 2 * c["num_key_value_heads"] * head_dim * torch.finfo(
+        getattr(torch, c.get("torch_dtype") or c.get("dtype") or "float32")).bits // 8
+    return int(nbytes) // (per_token * block_size) * block_size

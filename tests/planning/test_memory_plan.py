@@ -11,11 +11,11 @@ import torch
 from ngrpo_ray.cli import main
 from ngrpo_ray.config import load_config
 from ngrpo_ray.config.load import PRESET_DIR
-from ngrpo_ray.planning import plan_memory
+from ngrpo_ray.planning import plan_memory, plan_params
 from ngrpo_ray.planning.engine_memory import EngineSettings, outside_reservation_terms
 from ngrpo_ray.planning.model_shape import SHAPES_DIR, ModelShape, read_model_shape
 from ngrpo_ray.planning.terms import GIB
-from ngrpo_ray.planning.trainer_memory import activation_bytes_per_token
+from ngrpo_ray.planning.trainer_memory import activation_bytes_per_token, update_peak
 
 PRESETS = sorted(p.stem for p in PRESET_DIR.glob("*.yaml"))
 GPU_PRESETS = [p for p in PRESETS if load_config(p).trainer.use_gpu and p != "paper_base"]
@@ -117,6 +117,24 @@ def test_terms_by_hand_r1_1p5b():
     assert plan.gpu_bytes == card
     assert plan.kinds[0].phases["rollout"] == (resident + 0.6 * card + 151_936 * 4 * 8 + 151_936 * 2048 * 4
                                                + 2 * 256 * 151_936 * 4)
+
+
+def test_plan_params_are_the_figures_a_run_measures_against_r1_1p5b():
+    """What a training run logs to MLflow beside its measured memory/* metrics and vLLM's KV cache size."""
+    plan = plan_memory(load_config("r1_distill_1p5b_ngrpo"))
+    shared, trainer_only = plan.kinds  # 7 GPUs hold a trainer rank and an engine, the 8th a trainer rank alone
+    assert (shared.count, trainer_only.count) == (7, 1)
+    own = sum(x.bytes for x in trainer_only.terms if x.phase == "resident") + update_peak(trainer_only.terms)
+    assert plan.trainer_update_bytes == own == trainer_only.phases["update"]
+    assert plan_params(plan) == {
+        "memory_plan.card_gib": "79.15", "memory_plan.fits": "True",
+        "memory_plan.trainer_update_gib": f"{own / GIB:.2f}",
+        "memory_plan.engine_reservation_gib": f"{0.6 * 79.15:.2f}",
+        "memory_plan.engine_terms_gib": f"{sum(x.bytes for x in plan.engine_terms) / GIB:.2f}",
+        "memory_plan.engine_batch_kv_tokens": str(40 * 12_288),  # the KV term's 40 sequences of 4,096 + 8,192
+        "memory_plan.trainer_rank_and_engine.rollout_gib": f"{shared.phases['rollout'] / GIB:.2f}",
+        "memory_plan.trainer_rank_and_engine.update_gib": f"{shared.phases['update'] / GIB:.2f}",
+        "memory_plan.trainer_rank.update_gib": f"{own / GIB:.2f}"}
 
 
 def test_a_tensor_parallel_rank_holds_the_gathered_embedding_beside_its_reservation():
