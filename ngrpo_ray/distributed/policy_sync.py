@@ -9,6 +9,7 @@ from typing import Any, Callable
 from ngrpo_ray.config import Config
 from ngrpo_ray.distributed.placement import PlacementPlan
 from ngrpo_ray.distributed.rollout_fleet import RolloutFleet
+from ngrpo_ray.distributed.trainer_config import TrainerGroupError, TrainerRestarted
 from ngrpo_ray.distributed.trainer_group import TrainerGroup
 from ngrpo_ray.distributed.weight_sync import GLOO_BACKEND
 from ngrpo_ray.training.peak_memory import max_over_ranks
@@ -34,7 +35,8 @@ class PolicySync:
     def sync_weights(self, version: int) -> tuple[Any, list]:
         """Send the trainer's weights to every engine as `version`; returns (trainer stats, engine stats).
         Engines Ray restarted since the last look (say, killed during the train step) left the sync group: it is
-        rebuilt first, and the restart recorded."""
+        rebuilt first, and the restart recorded. An engine that dies during the sync fails it; once Ray has restarted
+        it, the group is rebuilt and the whole sync sent again (the other engines may hold part of the new weights)."""
         t0 = time.perf_counter()
         restarted = self.fleet.find_restarted()  # health() reads nothing from a sleeping engine's GPU
         if self.plan.sleep_engines:  # colocated on GPU: weights back for the load; the KV cache only after it
@@ -45,7 +47,28 @@ class PolicySync:
             for engine in restarted:
                 self.fleet.record_restart(engine, "between_rollouts", version, version, t0)
         timeout = self.cfg.cluster.sync_timeout_s
-        sent = max_over_ranks(self.trainer.wait(self.trainer.start_sync(version), timeout_s=timeout))
+        try:
+            sent = max_over_ranks(self.trainer.wait(self.trainer.start_sync(version), timeout_s=timeout))
+        except TrainerRestarted:
+            raise  # a trainer worker died: the driver restores the last checkpoint
+        except TrainerGroupError as failure:
+            try:
+                self.trainer.close_weight_sync()  # engines still receiving stop waiting on rank 0
+            except TrainerGroupError as stuck:
+                # rank 0 did not come back from the failed send: an NCCL broadcast to a dead engine never returns
+                raise TrainerGroupError(
+                    f"the weight sync to version {version} failed ({str(failure).splitlines()[0][:200]}) and the "
+                    f"trainer did not answer afterwards ({stuck}); the checkpoints hold the run: resume it with "
+                    "--resume") from failure
+            restarted = self.fleet.find_restarted()
+            if not restarted:
+                raise
+            self.log(f"engine(s) {restarted} died during the weight sync to version {version} "
+                     f"({str(failure).splitlines()[0][:200]}); rebuilding the group and sending again")
+            self.open_weight_sync()
+            for engine in restarted:
+                self.fleet.record_restart(engine, "during_sync", version, version, t0)
+            sent = max_over_ranks(self.trainer.wait(self.trainer.start_sync(version), timeout_s=timeout))
         if self.plan.sleep_engines:
             self.fleet.wake_up(["kv_cache"])  # the trainer emptied its CUDA cache after the sync: room for it
         self.fleet.serving_version = int(version)  # an asynchronous chunk re-issued from now on draws with it

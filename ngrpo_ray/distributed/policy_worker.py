@@ -233,8 +233,14 @@ class _PolicyWorker:
             raise TrainerGroupError("sync_weights before open_weight_transfer")
         start = time.monotonic()
         self.weight_client.version = int(version)
+        source = self.weight_group.source
+        source.begin()
         with PhasePeak(self.device, "sync") as peak:
-            self.weight_group.send_weights()
+            try:
+                self.weight_group.send_weights()
+            except Exception:
+                source.finish()  # the gathers the sender skipped: the other ranks are waiting in them (ZeRO-3)
+                raise
         self.version = version
         self._hand_back_gpu_cache()
         stats = {"bytes": sum(math.prod(m.shape) * m.dtype.itemsize for m in self.weight_group.source.metadata()),

@@ -208,6 +208,12 @@ class TrainerGroup:
         self.sync_backend = backend
         return backend
 
+    def close_weight_sync(self, timeout_s: float = 120.0) -> None:
+        """Every rank closes its side of the weight transfer; an engine still waiting in it (a sync that failed on
+        another engine) then sees its group gone instead of waiting out the sync timeout."""
+        self.wait(self.submit("close_weight_transfer"), timeout_s=timeout_s)
+        self.sync_backend = None
+
     def start_sync(self, version: int):
         """Begin a sync on every rank (all gather under ZeRO-3; rank 0 sends and drives the engines); pair with
         ``wait``: rank 0's reply holds the engines' stats under "engines"."""

@@ -19,17 +19,36 @@ from ngrpo_ray.engine.gloo_transfer import GlooTrainerInitInfo, register_gloo_ba
 class TrainerWeightSource(WeightSource):
     """The DeepSpeed module's parameters (tied ones once, as ``named_parameters`` lists them) in the training dtype
     (the engine's loaders cast if its dtype differs). Under ZeRO-3 each parameter is gathered while it is read, so
-    the yielded tensor is ``transient``: a sender must be done with it before it asks for the next."""
+    the yielded tensor is ``transient``: a sender must be done with it before it asks for the next.
+
+    The gathers are collectives of every trainer rank, so a sender that stopped early (an engine died mid-sync) must
+    still run the rest of them, or the other ranks wait in a gather for good: ``begin`` before a sync, and ``finish``
+    after a failed one runs the pass to its end without sending."""
 
     def __init__(self, module: torch.nn.Module, zero3: bool = False):
         self.module, self.zero3 = module, zero3
         self.transient = zero3
+        self._pass: Iterator[tuple[str, torch.Tensor]] | None = None  # this sync's pass, kept to finish it
 
     def metadata(self) -> list[ParamMeta]:
         return [ParamMeta(n, p.dtype, tuple(p.ds_shape) if hasattr(p, "ds_shape") else tuple(p.shape))
                 for n, p in self.module.named_parameters()]
 
+    def begin(self) -> None:
+        self._pass = None
+
     def __iter__(self) -> Iterator[tuple[str, torch.Tensor]]:
+        self._pass = self._parameters()
+        return self._pass
+
+    def finish(self) -> int:
+        """Run what is left of this sync's pass (all of it if the sender never started); returns how many parameters
+        that was."""
+        rest = self._pass if self._pass is not None else self._parameters()
+        self._pass = None
+        return sum(1 for _ in rest)
+
+    def _parameters(self) -> Iterator[tuple[str, torch.Tensor]]:
         for name, p in self.module.named_parameters():
             with gathered([p], self.zero3), torch.no_grad():
                 yield name, p.detach()

@@ -6,8 +6,11 @@ included; what the colocated engine cannot have). On a CPU, the process's reside
 reset at the phase's start by writing 5 to /proc/self/clear_refs): every page the process touched, Python and its
 libraries included, comparable across iterations but not to a GPU plan.
 
-Metric names: ``memory/<phase>_peak_allocated_gib`` and ``memory/<phase>_peak_reserved_gib`` (CUDA), or
-``memory/<phase>_peak_resident_gib`` (CPU). Ranks differ (rank 0 sends the weights); the trainer group logs the
+On a GPU also the device's used memory when the phase begins, every process's (CUDA's free/total): in a colocated
+update that is this rank's resident state beside what the sleeping engine kept, the plan's "asleep" term.
+
+Metric names: ``memory/<phase>_peak_allocated_gib``, ``memory/<phase>_peak_reserved_gib`` and
+``memory/<phase>_device_used_at_start_gib`` (CUDA), or ``memory/<phase>_peak_resident_gib`` (CPU). Ranks differ (rank 0 sends the weights); the trainer group logs the
 largest (``max_over_ranks``).
 """
 
@@ -57,6 +60,8 @@ class PhasePeak:
         if self.cuda:
             torch.cuda.synchronize(self.device)
             torch.cuda.reset_peak_memory_stats(self.device)
+            free, total = torch.cuda.mem_get_info(self.device)
+            self._device_used_at_start = (total - free) / GIB
         else:
             self._resettable = reset_resident_peak()
         return self
@@ -66,7 +71,8 @@ class PhasePeak:
         if self.cuda:
             torch.cuda.synchronize(self.device)
             self._measured = {name + "allocated_gib": torch.cuda.max_memory_allocated(self.device) / GIB,
-                              name + "reserved_gib": torch.cuda.max_memory_reserved(self.device) / GIB}
+                              name + "reserved_gib": torch.cuda.max_memory_reserved(self.device) / GIB,
+                              f"{PREFIX}{self.phase}_device_used_at_start_gib": self._device_used_at_start}
         elif self._resettable and (peak := resident_peak_bytes()) is not None:
             self._measured = {name + "resident_gib": peak / GIB}
 

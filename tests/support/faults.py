@@ -21,16 +21,23 @@ BUILDER_MODULE = "ngrpo_ray.distributed.session"
 
 
 def inject_faults(monkeypatch, engine_kills: Sequence[tuple[int, int, str]] = (),
-                  trainer_kills: Sequence[tuple[int, int]] = (), interrupts: Sequence[int] = ()) -> None:
+                  trainer_kills: Sequence[tuple[int, int]] = (), interrupts: Sequence[int] = (),
+                  sync_kills: Sequence[tuple[int, int]] = ()) -> None:
     """engine_kills: (iteration, engine, phase), iteration 1-based as the fleet's `iteration`; phase "rollout": right
     after that iteration's chunks were issued (the engine dies mid-rollout), "train": once the rollout was collected,
     while the trainer updates. trainer_kills: (policy_version, rank): that rank's process is SIGKILLed (as the kernel's
     OOM killer would) right after the update to that policy version was sent. interrupts: policy versions at whose
-update the driver process gets SIGTERM (as from `ray job stop`), right after the update was sent. Each fault fires
-once."""
+update the driver process gets SIGTERM (as from `ray job stop`), right after the update was sent. sync_kills:
+(policy_version, engine): that engine is killed (Ray restarts it) as the weight sync of that version begins, so rank
+0 starts sending to a group with a dead member. Each fault fires once."""
     fired: set = set()
+    fleets: list = []  # the run's fleet, for the trainer's sync faults
 
     class EngineKillingFleet(RolloutFleet):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            fleets.append(self)
+
         def _kill(self, phase: str) -> None:
             for fault in engine_kills:
                 iteration, engine, at = fault
@@ -50,6 +57,11 @@ once."""
 
     class WorkerKillingTrainer(TrainerGroup):
         def submit(self, op, ranks=None, **kwargs):
+            for fault in sync_kills:
+                version, engine = fault
+                if op == "sync_weights" and fault not in fired and kwargs.get("version") == version:
+                    fired.add(fault)
+                    ray.kill(fleets[-1].engines[engine], no_restart=False)
             handle = super().submit(op, ranks, **kwargs)
             for fault in trainer_kills:
                 version, rank = fault

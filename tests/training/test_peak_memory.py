@@ -41,10 +41,12 @@ def test_max_over_ranks_keeps_rank_0_and_the_largest_memory():
 def test_cuda_phase_peak_counts_the_allocator():
     device = torch.device("cuda", torch.cuda.current_device())
     torch.cuda.empty_cache()
-    before = torch.cuda.memory_allocated(device)
+    before, reserved_before = torch.cuda.memory_allocated(device), torch.cuda.memory_reserved(device)
     with PhasePeak(device, "update") as peak:
         block = torch.empty(1 << 30, dtype=torch.uint8, device=device)  # 1 GiB: the allocator rounds to 512 B
         del block
     m = peak.metrics()
     assert m["memory/update_peak_allocated_gib"] * GIB - before == GIB
     assert m["memory/update_peak_reserved_gib"] >= m["memory/update_peak_allocated_gib"]
+    # the device's used memory at the start: at least what this process had reserved then (the CUDA context too)
+    assert m["memory/update_device_used_at_start_gib"] * GIB >= reserved_before
