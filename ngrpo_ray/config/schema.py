@@ -161,7 +161,8 @@ class ClusterConfig:
     num_cpus: Optional[int] = None  # local cluster only
     placement: Literal["colocated", "disaggregated"] = "disaggregated"
     placement_timeout_s: float = 600.0
-    sync_backend: Literal["auto", "gloo", "nccl"] = "auto"  # auto: nccl on GPU runs, gloo on CPU; nccl needs GPUs
+    # auto: CUDA IPC to colocated GPU engines, nccl to disaggregated ones, gloo on CPU; nccl needs GPUs
+    sync_backend: Literal["auto", "gloo", "nccl"] = "auto"
     sync_timeout_s: float = 120.0
     sync_bucket_mb: int = 64
     engine_max_restarts: int = 2  # Ray restarts a dead rollout engine this often; its chunk is re-issued

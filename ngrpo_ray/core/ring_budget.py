@@ -5,7 +5,7 @@ its records are read; more mixed steps than slots in one call overwrite records 
 refuses the call after it ran. A response has at most ``max_tokens`` steps and each mixes with probability ``rho``
 (rho 1 for the baselines that perturb every step), so a prompt's group needs about ``group_size x max_tokens x rho``
 slots when every response runs to the cap. At the paper's evaluation (math500: 500 prompts x 32 samples, 8,192
-tokens, rho 0.1, 7 engines) one call per engine would ask for 1.9M slots of the default 1,048,576; the fleet splits
+tokens, rho 0.1, 8 engines) one call per engine would ask for 1.7M slots of the default 1,048,576; the fleet splits
 such a call into enough chunks instead.
 """
 

@@ -11,6 +11,7 @@ from ngrpo_ray.core.losses import PolicyLossConfig
 from ngrpo_ray.core.mixing_params import MixingParams
 from ngrpo_ray.core.rollout_correction import RolloutCorrection
 from ngrpo_ray.distributed.trainer_config import TrainerGroupConfig
+from ngrpo_ray.distributed.placement import engines_on_trainer_gpus
 from ngrpo_ray.distributed.weight_sync import choose_sync_backend
 from ngrpo_ray.models.vocabulary import token_ids_of
 from ngrpo_ray.training.deepspeed_config import DeepSpeedSettings
@@ -60,7 +61,9 @@ def engine_spec(cfg: Config, model_path: str, max_prompt_tokens: int) -> dict:
         "dtype": "float32" if cfg.model.dtype == "float32" else cfg.model.dtype,
         "tensor_parallel_size": r.tensor_parallel_size,  # vocab-parallel mixing embedding (engine.embedding_patch)
         # the trainer sends its weights through vLLM's weight-transfer API with this backend
-        "weight_transfer_backend": choose_sync_backend(cfg.cluster.sync_backend, cfg.trainer.use_gpu),
+        "weight_transfer_backend": choose_sync_backend(
+            cfg.cluster.sync_backend, cfg.trainer.use_gpu,
+            same_gpu=engines_on_trainer_gpus(cfg.cluster.placement, cfg.trainer.use_gpu)),
     }
     if cfg.trainer.use_gpu:
         # colocated: the engine shares a trainer rank's GPU and sleeps (frees it) during the update

@@ -8,7 +8,8 @@ The plan (`plan_placement`) decides every seat; the driver prints it at start an
   ranks' GPUs: they claim no Ray resources of their own (their share is inside the host rank's bundle), are pinned to
   the host's node, and see only the host's GPU (CUDA_VISIBLE_DEVICES); a tensor-parallel engine sees its hosts' GPUs,
   one per rank, which must share a node. Engines sleep (vLLM sleep mode, level 1) during the update. Filling GPUs
-  from the last one keeps trainer rank 0's GPU engine-free until every GPU hosts one.
+  from the last one gives trainer rank 0's GPU (rank 0 also drives the weight sync) an engine only when every GPU
+  hosts one.
 - "disaggregated": one bundle per engine, `{"CPU": engine_cpus x TP, "GPU": TP}`, in a placement group of the
   engines' own, and trainer bundles `{"CPU": trainer_cpus, "GPU": 1}`; any split the user sets. A bundle never spans
   nodes, so a split engine's ranks share one node (NVLink), and the engine actor claims the whole bundle: vLLM's
@@ -21,9 +22,12 @@ an existing one. So the plan hands Ray Train its `resources_per_worker` and stra
 are seated next to the trainer ranks after the group starts. `plan.bundles` is the whole layout (what the autoscaler
 is asked for, in total); `reserve_layout` reserves it in one group, which the layout tests use to check every seat.
 
-The weight-sync group is trainer rank 0 + every engine rank. One NCCL group may never hold two members on one device:
-an engine on rank 0's own GPU must get weights by CUDA IPC (`transport == "ipc"`, vLLM's ipc weight transfer), and a
-fleet whose engines need ipc and nccl at once is not wired yet, so such a plan is refused on GPU. On CPU (gloo, no devices) the rule holds trivially and the plan says so.
+Weights reach colocated engines by CUDA IPC (`transport == "ipc"`, vLLM's ipc weight transfer, the peers' way): every
+trainer rank exposes its copy of each tensor on its own GPU, the handles are all-gathered over the trainer's group and
+rank 0 ships them to every engine, whose workers each open the handle of their own GPU. So any GPU, rank 0's
+included, can host an engine or a tensor-parallel shard of one. Disaggregated engines get NCCL from trainer rank 0;
+one NCCL group may never hold two members on one device (`check_sync_devices`). One fleet has one transport. On CPU
+(gloo, no devices) the rules hold trivially and the plan says so.
 
 A layout the cluster can never hold fails at once (`check_capacity`): GPUs and CPUs asked against what the cluster can
 have, which is the autoscaler's maximum (node types' max_workers x resources) when Ray knows it, else the current
@@ -154,7 +158,7 @@ def plan_placement(cfg: Config, trainer_cpus: float = DEFAULT_TRAINER_CPUS) -> P
         engine_slots = [[Slot(e, engine_bundle["CPU"], engine_bundle.get("GPU", 0.0)) if r == 0
                          else Slot(e, 0.0, 0.0, gpu_index=r) for r in range(tp)] for e in range(n_eng)]
         trainer_slots = [Slot(n_eng + i, trainer_resources["CPU"], gpu) for i in range(workers)]
-    transports = [_transport(uses_gpu, seats, trainer_slots[0], cfg.cluster.sync_backend) for seats in engine_slots]
+    transports = [_transport(uses_gpu, cfg.cluster.placement, cfg.cluster.sync_backend)] * n_eng
     if not uses_gpu:
         notes.append("CPU: the weight-sync group is gloo between processes; no device is shared")
     # PACK: fill as few nodes as possible (fast NCCL inside a node) but spill to more nodes when needed.
@@ -165,33 +169,43 @@ def plan_placement(cfg: Config, trainer_cpus: float = DEFAULT_TRAINER_CPUS) -> P
     return plan
 
 
-def _transport(uses_gpu: bool, seats: list[Slot], rank0: Slot, sync_backend: str = "auto") -> str:
+def engines_on_trainer_gpus(placement: str, use_gpu: bool) -> bool:
+    """Colocated on GPU: every engine rank is a guest on a trainer rank's GPU, so CUDA IPC can carry its weights (the
+    plan's transports, the engines' vLLM weight-transfer backend and the trainer's all follow from it)."""
+    return bool(use_gpu) and placement == "colocated"
+
+
+def _transport(uses_gpu: bool, placement: str, sync_backend: str = "auto") -> str:
     if not uses_gpu or sync_backend == "gloo":  # gloo goes through host memory: any seat works
         return "gloo"
-    return "ipc" if any(s.bundle_index == rank0.bundle_index for s in seats) else "nccl"
+    if sync_backend == "nccl":
+        return "nccl"
+    return "ipc" if engines_on_trainer_gpus(placement, uses_gpu) else "nccl"
 
 
 def check_sync_devices(plan: PlacementPlan) -> None:
-    """The NCCL weight-sync group (trainer rank 0 + engine ranks on nccl) never holds two members on one GPU; an
-    engine on rank 0's GPU needs vLLM's CUDA IPC transport, and a fleet mixing ipc and nccl is not wired yet."""
+    """One transport per fleet. CUDA IPC needs every engine rank on a trainer rank's GPU (it opens the handle that
+    GPU's trainer rank exposed); the NCCL weight-sync group (trainer rank 0 + engine ranks) never holds two members on
+    one GPU."""
     if not plan.uses_gpu:
         return
+    if len(set(plan.transports)) > 1:
+        raise PlacementInfeasibleError(
+            f"one fleet receives weights one way; the plan mixes {sorted(set(plan.transports))}")
     members = [("trainer 0", _device(plan.trainer_slots[0]))]
     for e, (seats, transport) in enumerate(zip(plan.engine_slots, plan.transports)):
-        if transport == "ipc":
-            raise PlacementInfeasibleError(
-                f"engine {e} shares trainer rank 0's GPU (bundle {seats[0].bundle_index}): it must receive weights "
-                "by CUDA IPC (vLLM's ipc weight transfer), while the fleet's other engines use nccl, and one fleet "
-                "with two transports is not wired yet. Use fewer engine ranks than trainer GPUs "
-                "(rollout.num_engines x rollout.tensor_parallel_size < trainer.num_workers) or "
-                "cluster.placement=disaggregated")
+        if transport == "ipc" and any(s.host_rank is None for s in seats):
+            raise PlacementInfeasibleError(f"engine {e} is not on a trainer rank's GPU: CUDA IPC (vLLM's ipc weight "
+                                           "transfer) needs cluster.placement=colocated")
         if transport == "nccl":
             members += [(f"engine {e} tp {r}", _device(s)) for r, s in enumerate(seats)]
     seen: dict[tuple[int, int], str] = {}
     for who, device in members:
         if device in seen:
-            raise AssertionError(f"placement plan puts {seen[device]} and {who} of the NCCL weight-sync group on "
-                                 f"one GPU (bundle {device[0]}, GPU {device[1]} of it)")
+            raise PlacementInfeasibleError(
+                f"{who} shares a GPU (bundle {device[0]}, GPU {device[1]} of it) with {seen[device]}: one NCCL group "
+                "may not hold two members on one device. Colocated engines receive weights by CUDA IPC with "
+                "cluster.sync_backend=auto, or use fewer engine ranks than trainer GPUs")
         seen[device] = who
 
 

@@ -7,7 +7,7 @@ import time
 from typing import Any, Callable
 
 from ngrpo_ray.config import Config
-from ngrpo_ray.distributed.placement import PlacementPlan
+from ngrpo_ray.distributed.placement import PlacementPlan, engines_on_trainer_gpus
 from ngrpo_ray.distributed.rollout_fleet import RolloutFleet
 from ngrpo_ray.distributed.trainer_config import TrainerGroupError, TrainerRestarted
 from ngrpo_ray.distributed.trainer_group import TrainerGroup
@@ -25,6 +25,8 @@ class PolicySync:
         previous one."""
         backend = self.trainer.open_weight_sync(self.fleet.engines, timeout_s=self.cfg.cluster.sync_timeout_s,
                                                 bucket_mb=self.cfg.cluster.sync_bucket_mb,
+                                                same_gpu=engines_on_trainer_gpus(self.cfg.cluster.placement,
+                                                                                 self.cfg.trainer.use_gpu),
                                                 engine_tp=self.cfg.rollout.tensor_parallel_size)
         detail = ""
         if backend == GLOO_BACKEND:  # say whether the bytes go through shared memory, or by gloo and why

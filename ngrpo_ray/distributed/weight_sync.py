@@ -43,16 +43,18 @@ def listening_store(host: str, timeout_s: float) -> dist.TCPStore:
 
 
 def choose_sync_backend(setting: str, use_gpu: bool, same_gpu: bool = False) -> str:
-    """cluster.sync_backend -> the vLLM weight-transfer backend: "auto" is ``nccl`` on GPU runs (``ipc`` for an engine
-    on trainer rank 0's own GPU, ``same_gpu``) and ours, ``ngrpo_gloo``, on CPU; "gloo" on a GPU run sends through host
-    memory (slower, but needs no NCCL between trainer and engines); "nccl" needs GPUs (refused at config time
-    otherwise, config.load.validate)."""
+    """cluster.sync_backend -> the vLLM weight-transfer backend: "auto" is ``nccl`` on GPU runs (``ipc`` when every
+    engine sits on a trainer rank's GPU, ``same_gpu``: the colocated layout) and ours, ``ngrpo_gloo``, on CPU; "gloo"
+    on a GPU run sends through host memory (slower, but needs no NCCL between trainer and engines); "nccl" needs GPUs
+    (refused at config time otherwise, config.load.validate)."""
     if setting not in ("auto", "gloo", "nccl"):
         raise ValueError(f"cluster.sync_backend must be 'auto', 'gloo' or 'nccl', got {setting!r}")
     if setting == "nccl" and not use_gpu:
         raise ValueError("cluster.sync_backend 'nccl' needs GPUs (trainer.use_gpu: true)")
     if setting == "gloo" or not use_gpu:
         return GLOO_BACKEND
+    if setting == "nccl":
+        return "nccl"
     return "ipc" if same_gpu else "nccl"
 
 

@@ -161,6 +161,11 @@ def build_llm(spec: EngineSpec, hooked: bool = True, tokenizer: Any | None = Non
     code in either layout. GPU engines keep vLLM's own layout (the engine core in its own process overlaps the
     scheduler with the device), and two in-process engines cannot share one process."""
     os.environ.setdefault("VLLM_USE_V2_MODEL_RUNNER", "0")
+    if spec.weight_transfer_backend == "ipc":
+        # vLLM's ipc transfer hands raw CUDA IPC handles (tuples of torch types) to collective_rpc, whose msgpack
+        # encoder pickles them only with this set; the engine core and workers it spawns inherit it. Its RPC stays
+        # inside this host (the engine's own processes).
+        os.environ["VLLM_ALLOW_INSECURE_SERIALIZATION"] = "1"
     from vllm import LLM
 
     if hooked:  # before the engine starts: a missing tokenizer fails fast

@@ -10,8 +10,8 @@ On a GPU also the device's used memory when the phase begins, every process's (C
 update that is this rank's resident state beside what the sleeping engine kept, the plan's "asleep" term.
 
 Metric names: ``memory/<phase>_peak_allocated_gib``, ``memory/<phase>_peak_reserved_gib`` and
-``memory/<phase>_device_used_at_start_gib`` (CUDA), or ``memory/<phase>_peak_resident_gib`` (CPU). Ranks differ (rank 0 sends the weights); the trainer group logs the
-largest (``max_over_ranks``).
+``memory/<phase>_device_used_at_start_gib`` (CUDA), or ``memory/<phase>_peak_resident_gib`` (CPU). Ranks differ
+(rank 0 sends the weights); the trainer group logs the largest (``max_over_ranks``).
 """
 
 from __future__ import annotations

@@ -73,15 +73,22 @@ def test_colocated_engines_are_guests_on_the_last_trainer_gpus():
     assert plan.trainer_slots == [Slot(i, 3.0, 1.0) for i in range(4)]
     assert plan.engine_slots == [[Slot(2, 0.0, 0.0, host_rank=2)], [Slot(3, 0.0, 0.0, host_rank=3)]]
     assert plan.roles == [["trainer 0"], ["trainer 1"], ["trainer 2", "engine 0 tp 0"], ["trainer 3", "engine 1 tp 0"]]
-    assert plan.transports == ["nccl", "nccl"]  # neither shares trainer rank 0's GPU
+    assert plan.transports == ["ipc", "ipc"]  # each engine reads its own GPU's trainer rank's copy
     assert plan.sleep_engines
     assert "bundle 2 {CPU: 3, GPU: 1}: trainer 2, engine 0 tp 0" in plan.describe()
 
 
-def test_colocated_engine_on_rank0_gpu_needs_ipc_and_is_refused_on_gpu_only():
-    with pytest.raises(placement.PlacementInfeasibleError, match="CUDA IPC"):
+def test_colocated_engines_on_every_gpu_get_ipc_and_nccl_there_is_refused():
+    plan = placement.plan_placement(_cfg("cluster.placement=colocated", "trainer.use_gpu=true", "trainer.num_workers=2",
+                                         "rollout.num_engines=2"))
+    assert plan.roles == [["trainer 0", "engine 0 tp 0"], ["trainer 1", "engine 1 tp 0"]]
+    assert plan.transports == ["ipc", "ipc"]
+    # NCCL by name: engine 0 would be a second member of the sync group on trainer rank 0's GPU
+    with pytest.raises(placement.PlacementInfeasibleError, match="one NCCL group may not hold two members"):
         placement.plan_placement(_cfg("cluster.placement=colocated", "trainer.use_gpu=true", "trainer.num_workers=2",
-                                      "rollout.num_engines=2"))
+                                      "rollout.num_engines=2", "cluster.sync_backend=nccl"))
+    assert placement.plan_placement(_cfg("cluster.placement=colocated", "trainer.use_gpu=true", "trainer.num_workers=2",
+                                         "rollout.num_engines=1", "cluster.sync_backend=nccl")).transports == ["nccl"]
     # On CPU there is no device to share: the gloo group is fine, and the plan says why.
     plan = placement.plan_placement(_cfg("cluster.placement=colocated", "trainer.num_workers=2",
                                          "rollout.num_engines=2", "rollout.engine_cpus=0.5"))
@@ -116,14 +123,13 @@ def test_cpu_default_plan_is_one_engine_bundle_and_one_trainer_worker():
 
 
 def test_paper_presets_plan_eight_shared_gpus():
-    # The 1.5B/7B presets (colocated, 8 trainer workers, 7 engines) ask for 8 GPUs in all, not 8 + engines.
+    # The 1.5B/7B presets (colocated, 8 trainer workers, 8 engines) ask for 8 GPUs in all, not 8 + engines.
     for name in ("r1_distill_1p5b_ngrpo", "r1_distill_7b_ngrpo"):
         plan = placement.plan_placement(load_config(name))
         assert plan.placement == "colocated"
         assert plan.gpus == 8.0 and len(plan.bundles) == 8
-        assert plan.roles[0] == ["trainer 0"]  # rank 0's GPU is engine-free: every engine syncs over NCCL
-        assert plan.roles[1:] == [[f"trainer {i + 1}", f"engine {i} tp 0"] for i in range(7)]
-        assert plan.transports == ["nccl"] * 7
+        assert plan.roles == [[f"trainer {i}", f"engine {i} tp 0"] for i in range(8)]  # every GPU hosts an engine
+        assert plan.transports == ["ipc"] * 8
 
 
 @pytest.fixture(scope="module")

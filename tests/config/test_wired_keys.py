@@ -34,9 +34,10 @@ def test_sync_backend_choice():
     # the names are vLLM weight-transfer backends: ours for CPU (ngrpo_gloo), vLLM's nccl / ipc on GPU
     assert choose_sync_backend("auto", use_gpu=False) == "ngrpo_gloo"
     assert choose_sync_backend("auto", use_gpu=True) == "nccl"
-    assert choose_sync_backend("auto", use_gpu=True, same_gpu=True) == "ipc"  # an engine on rank 0's own GPU
+    assert choose_sync_backend("auto", use_gpu=True, same_gpu=True) == "ipc"  # colocated: engines on trainer GPUs
     assert choose_sync_backend("gloo", use_gpu=True) == "ngrpo_gloo"  # host-memory transport on a GPU run
     assert choose_sync_backend("nccl", use_gpu=True) == "nccl"
+    assert choose_sync_backend("nccl", use_gpu=True, same_gpu=True) == "nccl"  # asked for by name
     with pytest.raises(ValueError, match="needs GPUs"):
         choose_sync_backend("nccl", use_gpu=False)
 
@@ -51,6 +52,22 @@ def test_sync_backend_reaches_the_trainer_group_and_nccl_without_gpus_is_refused
     # and the engines are built with the matching vLLM weight_transfer_config
     assert components.engine_spec(cfg, "model", 64)["weight_transfer_backend"] == "ngrpo_gloo"
     assert components.engine_spec(gpu, "model", 64)["weight_transfer_backend"] == "nccl"
+
+
+@pytest.mark.parametrize("layout", ["colocated", "disaggregated"])
+def test_the_plan_the_engines_and_the_trainer_agree_on_the_weight_transfer(layout):
+    """Colocated on GPU every engine gets vLLM's ipc transfer (its weights from its own GPU's trainer rank), apart
+    they get nccl: the plan's transport, the engines' vLLM weight_transfer_config and the trainer's backend match."""
+    from ngrpo_ray.distributed.placement import engines_on_trainer_gpus, plan_placement
+
+    cfg = load_config("r1_distill_1p5b_ngrpo", [f"cluster.placement={layout}"]
+                      + (["trainer.num_workers=4", "rollout.num_engines=4"] if layout == "disaggregated" else []))
+    plan = plan_placement(cfg)
+    engine = components.engine_spec(cfg, "model", 64)["weight_transfer_backend"]
+    trainer = choose_sync_backend(components.trainer_config(cfg, "model", pad_id=0).sync_backend, True,
+                                  same_gpu=engines_on_trainer_gpus(cfg.cluster.placement, cfg.trainer.use_gpu))
+    want = "ipc" if layout == "colocated" else "nccl"
+    assert set(plan.transports) == {want} and engine == trainer == want
 
 
 def test_kl_mode_is_not_a_key():
@@ -71,6 +88,9 @@ def test_dynamic_sampling_keys_are_checked():
 def test_sync_backend_gloo_shows_in_the_gpu_placement_plan():
     from ngrpo_ray.distributed.placement import plan_placement
 
-    assert set(plan_placement(load_config("r1_distill_1p5b_ngrpo")).transports) == {"nccl"}
+    assert set(plan_placement(load_config("r1_distill_1p5b_ngrpo")).transports) == {"ipc"}  # colocated
+    assert set(plan_placement(load_config("r1_distill_1p5b_ngrpo", ["cluster.placement=disaggregated",
+                                                                    "trainer.num_workers=4", "rollout.num_engines=4"]
+                                          )).transports) == {"nccl"}
     assert set(plan_placement(load_config("r1_distill_1p5b_ngrpo", ["cluster.sync_backend=gloo"])).transports) == {
         "gloo"}

@@ -11,7 +11,7 @@ def test_the_papers_evaluation_needs_more_calls_than_engines():
     # math500 x 32 samples x 8,192 tokens at rho 0.1: 32 x 8192 x 0.1 x 1.05 = 27,525.12 slots per prompt
     assert slots_per_prompt(32, 8192, 0.1) == pytest.approx(27525.12)
     assert prompts_per_call(32, 8192, 0.1, 1 << 20) == 38  # 1,048,576 / 27,525.12 = 38.09
-    assert calls_needed(500, 32, 8192, 0.1, 1 << 20) == 14  # 500 / 38 = 13.2: twice the 7 engines' one call each
+    assert calls_needed(500, 32, 8192, 0.1, 1 << 20) == 14  # 500 / 38 = 13.2: more than the 8 engines' one call each
     # soft thinking (every step mixes) with the preset's 8M slots: 8,388,608 / 275,251.2 = 30.5
     assert prompts_per_call(32, 8192, 1.0, 1 << 23) == 30
 
