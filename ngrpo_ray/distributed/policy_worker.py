@@ -98,6 +98,7 @@ class _PolicyWorker:
             else None
         self.weight_group = None  # rank 0 sends: vLLM's TrainerWeightTransferEngine (open_weight_transfer)
         self.weight_client = None
+        self.deferred = None  # ipc: the client that keeps an engine's error until every rank's collectives ran
         self.version = 0
 
     # -- commands ---------------------------------------------------------------------------------------------
@@ -198,17 +199,19 @@ class _PolicyWorker:
         """Every rank: build the trainer side of vLLM's weight-transfer API for ``backend``; on rank 0 that also makes
         every engine join (its ``engine_tp`` workers take the ranks after the previous engine's). Replaces a previous
         transfer (engine or trainer restarts rebuild it with every engine)."""
-        from ngrpo_ray.distributed.weight_client import FleetWeightClient
+        from ngrpo_ray.distributed.weight_client import DeferredFailures, FleetWeightClient
         from ngrpo_ray.distributed.weight_sync import node_ip
         from ngrpo_ray.engine.trainer_weights import TrainerWeightSource, open_trainer_engine
 
         self.close_weight_transfer()
         source = TrainerWeightSource(self.engine.module, zero3=self.cfg.deepspeed.zero_stage == 3)
         self.weight_client = FleetWeightClient(engines, timeout_s, tp=engine_tp)
+        # ipc: every rank runs collectives between the sender's calls to the engines; a failed call must not stop them
+        self.deferred = DeferredFailures(self.weight_client) if backend == "ipc" else None
         self.weight_group = open_trainer_engine(backend, rank=self.rank, host=node_ip(),
                                                 world_size=1 + len(engines) * engine_tp,
                                                 timeout_s=timeout_s, bucket_bytes=int(bucket_mb * 2**20),
-                                                client=self.weight_client, source=source,
+                                                client=self.deferred or self.weight_client, source=source,
                                                 shared_memory=shared_memory)
         # ngrpo_gloo: how its bytes travel (shared memory or gloo) and, for gloo, why; meaningful on rank 0
         return {"ok": True, "backend": backend, "transport": getattr(self.weight_group, "transport", backend),
@@ -241,6 +244,8 @@ class _PolicyWorker:
             except Exception:
                 source.finish()  # the gathers the sender skipped: the other ranks are waiting in them (ZeRO-3)
                 raise
+            if self.deferred is not None:
+                self.deferred.raise_failure()  # ipc: an engine's error, kept until every rank's collectives ran
         self.version = version
         self._hand_back_gpu_cache()
         stats = {"bytes": sum(math.prod(m.shape) * m.dtype.itemsize for m in self.weight_group.source.metadata()),

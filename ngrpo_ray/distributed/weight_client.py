@@ -58,3 +58,43 @@ class FleetWeightClient:
     def shutdown_weight_transfer_engine(self) -> None:
         self._all("shutdown_weight_transfer_engine", [e.shutdown_weight_transfer_engine.remote()
                                                       for e in self.engines])
+
+
+class DeferredFailures:
+    """A weight-sync client for vLLM's ipc sender: once a call to the engines fails, the rest of the update's calls
+    are skipped and the error is kept, to be raised after the send (``raise_failure``). Between its calls to the
+    engines the ipc sender all-gathers CUDA IPC handles with every trainer rank and ends with a barrier; a sender that
+    stopped at the failure would leave the other ranks waiting in the next collective. Opening the transfer is not
+    deferred: it has no collective around it, and its error belongs at open time."""
+
+    def __init__(self, client: Any):
+        self.client = client
+        self.failure: BaseException | None = None
+
+    def init_weight_transfer_engine(self, init_info: dict[str, Any]) -> None:
+        self.client.init_weight_transfer_engine(init_info)
+
+    def _call(self, method: str, *args: Any) -> None:
+        if self.failure is not None:
+            return
+        try:
+            getattr(self.client, method)(*args)
+        except Exception as exc:  # noqa: BLE001 - kept and raised after the send
+            self.failure = exc
+
+    def start_weight_update(self) -> None:
+        self._call("start_weight_update")
+
+    def update_weights(self, update_info: dict[str, Any] | list[dict[str, Any]]) -> None:
+        self._call("update_weights", update_info)
+
+    def finish_weight_update(self, weight_version: str | None = None) -> None:
+        self._call("finish_weight_update", weight_version)
+
+    def shutdown_weight_transfer_engine(self) -> None:
+        self.client.shutdown_weight_transfer_engine()
+
+    def raise_failure(self) -> None:
+        failure, self.failure = self.failure, None
+        if failure is not None:
+            raise failure
