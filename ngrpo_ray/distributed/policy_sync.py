@@ -55,7 +55,7 @@ class PolicySync:
             raise  # a trainer worker died: the driver restores the last checkpoint
         except TrainerGroupError as failure:
             try:
-                self.trainer.close_weight_sync()  # engines still receiving stop waiting on rank 0
+                self.trainer.close_weight_sync()  # no engine is left waiting in the failed transfer
             except TrainerGroupError as stuck:
                 # rank 0 did not come back from the failed send: an NCCL broadcast to a dead engine never returns
                 raise TrainerGroupError(

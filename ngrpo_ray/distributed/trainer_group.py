@@ -209,8 +209,8 @@ class TrainerGroup:
         return backend
 
     def close_weight_sync(self, timeout_s: float = 120.0) -> None:
-        """Every rank closes its side of the weight transfer; an engine still waiting in it (a sync that failed on
-        another engine) then sees its group gone instead of waiting out the sync timeout."""
+        """Every rank closes its side of the weight transfer, so no engine waits in it for a sender that stopped (a
+        sync that failed on another engine); the next open rebuilds it."""
         self.wait(self.submit("close_weight_transfer"), timeout_s=timeout_s)
         self.sync_backend = None
 
