@@ -10,8 +10,8 @@ from ngrpo_ray.core import mixing_spec
 from ngrpo_ray.core.losses import PolicyLossConfig
 from ngrpo_ray.core.mixing_params import MixingParams
 from ngrpo_ray.core.rollout_correction import RolloutCorrection
-from ngrpo_ray.distributed.trainer_config import TrainerGroupConfig
 from ngrpo_ray.distributed.placement import engines_on_trainer_gpus
+from ngrpo_ray.distributed.trainer_config import TrainerGroupConfig
 from ngrpo_ray.distributed.weight_sync import choose_sync_backend
 from ngrpo_ray.models.vocabulary import token_ids_of
 from ngrpo_ray.training.deepspeed_config import DeepSpeedSettings

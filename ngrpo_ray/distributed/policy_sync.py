@@ -57,7 +57,7 @@ class PolicySync:
             try:
                 self.trainer.close_weight_sync()  # no engine is left waiting in the failed transfer
             except TrainerGroupError as stuck:
-                # rank 0 did not come back from the failed send: an NCCL broadcast to a dead engine never returns
+                # rank 0 did not come back from the failed send: an NCCL broadcast to a dead engine can block for good
                 raise TrainerGroupError(
                     f"the weight sync to version {version} failed ({str(failure).splitlines()[0][:200]}) and the "
                     f"trainer did not answer afterwards ({stuck}); the checkpoints hold the run: resume it with "
