@@ -158,7 +158,8 @@ def plan_placement(cfg: Config, trainer_cpus: float = DEFAULT_TRAINER_CPUS) -> P
         engine_slots = [[Slot(e, engine_bundle["CPU"], engine_bundle.get("GPU", 0.0)) if r == 0
                          else Slot(e, 0.0, 0.0, gpu_index=r) for r in range(tp)] for e in range(n_eng)]
         trainer_slots = [Slot(n_eng + i, trainer_resources["CPU"], gpu) for i in range(workers)]
-    transports = [_transport(uses_gpu, cfg.cluster.placement, cfg.cluster.sync_backend)] * n_eng
+    transports = [weight_transport(cfg.cluster.sync_backend, uses_gpu,
+                                   engines_on_trainer_gpus(cfg.cluster.placement, uses_gpu))] * n_eng
     if not uses_gpu:
         notes.append("CPU: the weight-sync group is gloo between processes; no device is shared")
     # PACK: fill as few nodes as possible (fast NCCL inside a node) but spill to more nodes when needed.
@@ -175,12 +176,15 @@ def engines_on_trainer_gpus(placement: str, use_gpu: bool) -> bool:
     return bool(use_gpu) and placement == "colocated"
 
 
-def _transport(uses_gpu: bool, placement: str, sync_backend: str = "auto") -> str:
-    if not uses_gpu or sync_backend == "gloo":  # gloo goes through host memory: any seat works
+def weight_transport(sync_backend: str, use_gpu: bool, same_gpu: bool) -> str:
+    """cluster.sync_backend -> how the engines receive weights: "gloo" (host memory: every CPU run, or asked for),
+    "nccl" (asked for by name, or engines on GPUs of their own) or "ipc" (``same_gpu``: engines_on_trainer_gpus).
+    weight_sync.choose_sync_backend names the vLLM backend of it and checks the setting."""
+    if not use_gpu or sync_backend == "gloo":  # gloo goes through host memory: any seat works
         return "gloo"
     if sync_backend == "nccl":
         return "nccl"
-    return "ipc" if engines_on_trainer_gpus(placement, uses_gpu) else "nccl"
+    return "ipc" if same_gpu else "nccl"
 
 
 def check_sync_devices(plan: PlacementPlan) -> None:

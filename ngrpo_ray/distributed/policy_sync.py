@@ -48,9 +48,8 @@ class PolicySync:
             self.open_weight_sync()
             for engine in restarted:
                 self.fleet.record_restart(engine, "between_rollouts", version, version, t0)
-        timeout = self.cfg.cluster.sync_timeout_s
         try:
-            sent = max_over_ranks(self.trainer.wait(self.trainer.start_sync(version), timeout_s=timeout))
+            sent = self._send(version)
         except TrainerRestarted:
             raise  # a trainer worker died: the driver restores the last checkpoint
         except TrainerGroupError as failure:
@@ -70,11 +69,16 @@ class PolicySync:
             self.open_weight_sync()
             for engine in restarted:
                 self.fleet.record_restart(engine, "during_sync", version, version, t0)
-            sent = max_over_ranks(self.trainer.wait(self.trainer.start_sync(version), timeout_s=timeout))
+            sent = self._send(version)
         if self.plan.sleep_engines:
             self.fleet.wake_up(["kv_cache"])  # the trainer emptied its CUDA cache after the sync: room for it
         self.fleet.serving_version = int(version)  # an asynchronous chunk re-issued from now on draws with it
         return sent, sent["engines"]
+
+    def _send(self, version: int) -> dict:
+        """One sync on every trainer rank: rank 0's stats with the largest rank's memory figures."""
+        return max_over_ranks(self.trainer.wait(self.trainer.start_sync(version),
+                                                timeout_s=self.cfg.cluster.sync_timeout_s))
 
     def resync_engines(self, engines: list[int], version: int) -> None:
         """The fleet's hook after engines restarted (they hold the initial model and are outside the sync group,

@@ -24,6 +24,8 @@ from typing import Sequence
 import torch
 import torch.distributed as dist
 
+from ngrpo_ray.distributed.placement import weight_transport
+
 GLOO_BACKEND = "ngrpo_gloo"  # our CPU backend's name in vLLM's weight-transfer registries
 DIRECT_MIN_BYTES = 1 << 20  # tensors at least this big travel alone, straight from (and into) their own memory
 
@@ -51,11 +53,8 @@ def choose_sync_backend(setting: str, use_gpu: bool, same_gpu: bool = False) -> 
         raise ValueError(f"cluster.sync_backend must be 'auto', 'gloo' or 'nccl', got {setting!r}")
     if setting == "nccl" and not use_gpu:
         raise ValueError("cluster.sync_backend 'nccl' needs GPUs (trainer.use_gpu: true)")
-    if setting == "gloo" or not use_gpu:
-        return GLOO_BACKEND
-    if setting == "nccl":
-        return "nccl"
-    return "ipc" if same_gpu else "nccl"
+    transport = weight_transport(setting, use_gpu, same_gpu)
+    return GLOO_BACKEND if transport == "gloo" else transport
 
 
 def free_port(host: str = "127.0.0.1") -> int:
