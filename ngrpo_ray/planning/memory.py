@@ -8,6 +8,7 @@ Layouts (cluster.placement):
                  hands its cached blocks back (torch.cuda.empty_cache()) before the engine wakes; otherwise the
                  rollout phase holds the update phase's peak too.
   disaggregated  trainer GPUs and engine GPUs apart.
+Phases: rollout, update, and on GPU the weight sync between them (planning/sync_memory.py, by transport).
 A phase fits when its terms sum to at most the card; the engine's own terms must also fit in its reservation.
 `ngrpo plan` prints it; `ngrpo train` runs the same check first (enforced when trainer.use_gpu).
 """
@@ -20,10 +21,12 @@ from dataclasses import dataclass, field
 
 from ngrpo_ray.config.schema import Config
 from ngrpo_ray.core.mixing_spec import engine_width
+from ngrpo_ray.distributed.placement import engines_on_trainer_gpus, weight_transport
 from ngrpo_ray.planning.engine_memory import EngineSettings, asleep_term, engine_terms, outside_reservation_terms
 from ngrpo_ray.planning.headroom import Headroom, format_headroom, max_tokens, utilization_max
 from ngrpo_ray.planning.model_shape import ModelShape, read_model_shape
-from ngrpo_ray.planning.terms import DEFAULT_GPU_GIB, GIB, RESIDENT, UPDATE, Term, dtype_bytes
+from ngrpo_ray.planning.sync_memory import sync_terms
+from ngrpo_ray.planning.terms import DEFAULT_GPU_GIB, GIB, RESIDENT, SYNC, UPDATE, Term, dtype_bytes
 from ngrpo_ray.planning.trainer_memory import TrainerSettings, activation_bytes_per_token, trainer_terms, update_peak
 
 DEFAULT_GPUS = 8
@@ -55,6 +58,7 @@ class MemoryPlan:
     headroom: Headroom | None = None
     knobs_now: tuple[int | None, float] = (None, 0.0)  # (trainer.max_tokens_per_micro_batch, gpu_memory_utilization)
     trainer_update_bytes: float = 0.0  # one trainer rank's own update peak: its resident and transient terms
+    trainer_sync_bytes: float = 0.0  # one trainer rank's own weight-sync peak (rank 0's where ranks differ)
     engine_batch_tokens: int = 0  # the KV cache tokens of one engine's rollout batch (what the KV term counts)
 
     @property
@@ -113,21 +117,34 @@ def plan_memory(cfg: Config, gpu_gib: float = DEFAULT_GPU_GIB, gpus: int = DEFAU
                    "rollout.gpu_memory_utilization x the card (holds the engine terms below)")
     resident = sum(x.bytes for x in trainer if x.phase == RESIDENT)
     peak = update_peak(trainer)
+    transport = weight_transport(cfg.cluster.sync_backend, t.use_gpu,
+                                 engines_on_trainer_gpus(cfg.cluster.placement, t.use_gpu))
+    trainer_sync, engine_sync = sync_terms(shape, b, transport, cfg.cluster.sync_bucket_mb << 20, t.zero_stage == 3,
+                                           tp)
+    sync = resident + sum(x.bytes for x in trainer_sync)
+    search = sum(x.bytes for x in outside if x.name == "neighbor search (weight load)")  # at every load
+    loading = sum(x.bytes for x in engine_sync)
+    on_sync = lambda total: {SYNC: total} if trainer_sync else {}  # noqa: E731 - gloo: host memory, no GPU phase
     kinds: list[GpuKind] = []
     if cfg.cluster.placement == "colocated":
         asleep = asleep_term(r.enforce_eager, outside)
         shared = min(gpus_needed, engines * tp)
-        kinds.append(GpuKind("trainer rank + engine", shared, trainer + [reserve, *outside, asleep], {
-            "rollout": resident + reservation + beside, "update": resident + peak + asleep.bytes}))
+        kinds.append(GpuKind("trainer rank + engine", shared, trainer + [reserve, *outside, asleep] + trainer_sync
+                             + engine_sync, {"rollout": resident + reservation + beside,
+                                             "update": resident + peak + asleep.bytes,
+                                             **on_sync(sync + asleep.bytes + loading + search)}))
         if gpus_needed > shared:
-            kinds.append(GpuKind("trainer rank", gpus_needed - shared, trainer, {"update": resident + peak}))
+            kinds.append(GpuKind("trainer rank", gpus_needed - shared, trainer + trainer_sync,
+                                 {"update": resident + peak, **on_sync(sync)}))
     else:
-        kinds.append(GpuKind("trainer rank", t.num_workers, trainer, {"update": resident + peak}))
-        kinds.append(GpuKind("engine", gpus_needed - t.num_workers, [reserve, *outside],
-                             {"rollout": reservation + beside}))
+        kinds.append(GpuKind("trainer rank", t.num_workers, trainer + trainer_sync,
+                             {"update": resident + peak, **on_sync(sync)}))
+        kept = sum(x.bytes for x in outside if x.name != "mixing hook step")  # the search included; no decode step
+        kinds.append(GpuKind("engine", gpus_needed - t.num_workers, [reserve, *outside, *engine_sync],
+                             {"rollout": reservation + beside, **on_sync(reservation + kept + loading)}))
     plan = MemoryPlan(cfg.cluster.placement, card, gpus, gpus_needed, t.use_gpu, shape, kinds, engine, reservation,
                       notes=notes, knobs_now=(t.max_tokens_per_micro_batch, r.gpu_memory_utilization),
-                      trainer_update_bytes=resident + peak,
+                      trainer_update_bytes=resident + peak, trainer_sync_bytes=sync if trainer_sync else 0.0,
                       engine_batch_tokens=settings.sequences * settings.sequence_tokens)
     _check(plan)
     per_token = activation_bytes_per_token(shape, b, t.gradient_checkpointing)
@@ -137,14 +154,21 @@ def plan_memory(cfg: Config, gpu_gib: float = DEFAULT_GPU_GIB, gpus: int = DEFAU
         max_tokens=min((max_tokens(k.terms, card, per_token) for k in trainer_kinds), default=None),
         longest_sequence=cfg.data.max_prompt_tokens + r.max_new_tokens,
         utilization_min=sum(x.bytes for x in engine) / card if engine_kinds else None,
-        utilization_max=min((utilization_max(k.phases["rollout"], reservation, card) for k in engine_kinds),
+        utilization_max=min((utilization_max(_reservation_peak(k), reservation, card) for k in engine_kinds),
                             default=None))
     return plan
 
 
+def _reservation_peak(kind: GpuKind) -> float:
+    """The largest phase that holds the engine's whole reservation: the rollout, and on an engine's own GPU (awake
+    through the load) the weight sync too; a colocated engine loads with its KV cache asleep."""
+    return max(kind.phases["rollout"], kind.phases.get(SYNC, 0.0)) if kind.name == "engine" else kind.phases["rollout"]
+
+
 def plan_params(plan: MemoryPlan) -> dict[str, str]:
     """The plan's figures (GiB) as MLflow params of the training run, beside what it measures: a trainer rank's own
-    update peak is what `memory/update_peak_allocated_gib` measures on a GPU (training.peak_memory); the per-GPU
+    update peak is what `memory/update_peak_allocated_gib` measures on a GPU (training.peak_memory), its weight-sync
+    peak what `memory/sync_peak_allocated_gib` does (GPU transports only); the per-GPU
     phase peaks add the colocated engine's share; the KV tokens of one engine's rollout batch face the engines'
     `engine.kv_cache_tokens` (vLLM's KV cache, sized from what its reservation left: fewer means preemptions)."""
     gib = lambda x: f"{x / GIB:.2f}"  # noqa: E731
@@ -153,6 +177,8 @@ def plan_params(plan: MemoryPlan) -> dict[str, str]:
               "memory_plan.engine_reservation_gib": gib(plan.engine_reservation),
               "memory_plan.engine_terms_gib": gib(sum(x.bytes for x in plan.engine_terms)),
               "memory_plan.engine_batch_kv_tokens": str(plan.engine_batch_tokens)}
+    if plan.trainer_sync_bytes:
+        params["memory_plan.trainer_sync_gib"] = gib(plan.trainer_sync_bytes)
     for kind in plan.kinds:
         slug = kind.name.replace(" + ", "_and_").replace(" ", "_")
         params.update({f"memory_plan.{slug}.{phase}_gib": gib(total) for phase, total in kind.phases.items()})

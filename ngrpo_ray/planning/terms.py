@@ -11,8 +11,9 @@ GIB = float(1 << 30)
 DEFAULT_GPU_GIB = 79.15
 
 # Phases of an iteration on one GPU. "resident": held for the whole run; "update": only while the trainer runs
-# forward/backward/step; "rollout": only while the engine generates (its KV cache, its working memory).
-RESIDENT, UPDATE, ROLLOUT = "resident", "update", "rollout"
+# forward/backward/step; "rollout": only while the engine generates (its KV cache, its working memory); "sync": only
+# while the new weights reach the engines (planning.sync_memory).
+RESIDENT, UPDATE, ROLLOUT, SYNC = "resident", "update", "rollout", "sync"
 
 
 @dataclass(frozen=True)

@@ -117,6 +117,15 @@ def test_terms_by_hand_r1_1p5b():
     assert plan.gpu_bytes == card
     assert plan.kinds[0].phases["rollout"] == (resident + 0.6 * card + 151_936 * 4 * 8 + 151_936 * 2048 * 4
                                                + 2 * 256 * 151_936 * 4)
+    # the weight sync (vLLM's ipc, colocated): each rank's one IPC buffer holds the largest tensor, the embedding
+    # (above the 64 MiB bucket); the engine wakes its weights, clones a chunk and materializes one module at a time
+    embedding = 151_936 * 1536 * 2
+    assert t["weight-sync IPC buffer"].bytes == embedding and "ZeRO-3 gather (sync)" not in t  # ZeRO-2: whole
+    assert g["weights (woken for the load)"].bytes == P * 2
+    assert g["weight load"].bytes == embedding + embedding
+    assert plan.kinds[0].phases["sync"] == (resident + embedding + GIB + 151_936 * 4 * 8 + P * 2 + 2 * embedding
+                                            + 151_936 * 2048 * 4)  # + the sleeping engine, the neighbor search
+    assert plan.trainer_sync_bytes == resident + embedding
 
 
 def test_plan_params_are_the_figures_a_run_measures_against_r1_1p5b():
@@ -136,7 +145,12 @@ def test_plan_params_are_the_figures_a_run_measures_against_r1_1p5b():
         "memory_plan.engine_terms_gib": f"{sum(x.bytes for x in plan.engine_terms) / GIB:.2f}",
         "memory_plan.engine_batch_kv_tokens": str(32 * 12_288),  # the KV term's 32 sequences of 4,096 + 8,192
         "memory_plan.trainer_rank_and_engine.rollout_gib": f"{shared.phases['rollout'] / GIB:.2f}",
-        "memory_plan.trainer_rank_and_engine.update_gib": f"{shared.phases['update'] / GIB:.2f}"}
+        "memory_plan.trainer_rank_and_engine.update_gib": f"{shared.phases['update'] / GIB:.2f}",
+        # what `memory/sync_peak_allocated_gib` measures: the rank's resident state and its IPC buffer
+        "memory_plan.trainer_sync_gib": f"{plan.trainer_sync_bytes / GIB:.2f}",
+        "memory_plan.trainer_rank_and_engine.sync_gib": f"{shared.phases['sync'] / GIB:.2f}"}
+    cpu = plan_memory(load_config("cpu_default"))  # ngrpo_gloo moves host memory: no GPU sync phase
+    assert "memory_plan.trainer_sync_gib" not in plan_params(cpu) and all("sync" not in k.phases for k in cpu.kinds)
 
 
 def test_a_tensor_parallel_rank_holds_the_gathered_embedding_beside_its_reservation():
@@ -166,6 +180,29 @@ def test_zero3_shards_the_weights_of_the_7b():
     assert t["reference model"].bytes == plan.shape.params() * 2 / 8  # partitioned like the policy
     assert plan.shape.params() == 7_615_616_512
     assert plan.engine_reservation == 0.6 * 79.15 * GIB and plan.fits
+
+
+def test_disaggregated_sync_by_hand_7b_zero3_nccl():
+    """7B, ZeRO-3, 4 trainer GPUs and 4 engine GPUs (vLLM's nccl): trainer rank 0 holds two packed chunks in flight
+    (a chunk stops once past the 64 MiB bucket: below bucket + the embedding) and the gathered tensors of the one it
+    packs; the engine, awake with its whole reservation, receives two chunks and materializes one module at a time.
+    Its sync phase can pass its rollout phase, so the utilization headroom counts it."""
+    plan = plan_memory(load_config("r1_distill_7b_ngrpo", ["cluster.placement=disaggregated", "trainer.num_workers=4",
+                                                           "rollout.num_engines=4"]))
+    trainer, engine = plan.kinds
+    assert (trainer.name, engine.name) == ("trainer rank", "engine")
+    chunk = (64 << 20) + 152_064 * 3584 * 2
+    t = {x.name: x.bytes for x in trainer.terms}
+    assert t["weight-sync chunks (rank 0)"] == 2 * chunk and t["ZeRO-3 gather (sync)"] == chunk
+    resident = sum(x.bytes for x in trainer.terms if x.phase == "resident")
+    assert trainer.phases["sync"] == plan.trainer_sync_bytes == resident + 3 * chunk
+    e = {x.name: x.bytes for x in engine.terms}
+    assert e["weight load"] == 2 * chunk + 152_064 * 3584 * 2  # the embedding: the largest module
+    reservation = 0.6 * 79.15 * GIB
+    assert engine.phases["sync"] == reservation + e["neighbor table"] + e["neighbor search (weight load)"] \
+        + e["weight load"]
+    assert engine.phases["sync"] > engine.phases["rollout"]  # 3.2 GiB of received chunks, a 0.3 GiB decode step
+    assert plan.headroom.utilization_max == pytest.approx(1 - (engine.phases["sync"] - reservation) / (79.15 * GIB))
 
 
 def test_plan_matches_the_peak_measured_on_an_h200():
