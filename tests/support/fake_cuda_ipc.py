@@ -7,33 +7,28 @@ What cannot exist here is a GPU; only that is faked, inside vLLM's two ipc modul
   sees its bytes, as a CUDA IPC handle opened elsewhere sees the exporter's memory;
 - ``reduce_tensor`` gives rebuild args shaped like torch's CUDA ones (index 6 is the device index, which vLLM's
   consumer overwrites with its own) carrying the file's path and the exporter's GPU; ``rebuild_cuda_tensor`` maps it;
-- ``torch.cuda.get_device_properties(i).uuid`` is this process's fake GPU (``fake_gpu_uuid``); stream syncs and
+- ``torch.cuda.get_device_properties(i).uuid`` is this process's fake GPU (fake_gpu.py); stream syncs and
   ``ipc_collect`` are no-ops (CPU copies are synchronous).
 Everything else (the producer's packing and chunking, the all-gather and merge of the handles, the consumer's unpack
 and clone, the layerwise reload, the control plane) is vLLM's and this project's code as it runs on a GPU node.
 
-In Ray workers it is installed by ``install_in_this_process``, Ray's ``worker_process_setup_hook``. Each import of a
-buffer is appended to ``$NGRPO_FAKE_CUDA_IPC_DIR/imports.log`` as "importer-GPU exporter-GPU", so a test sees which
-trainer rank's buffer each engine opened.
+In Ray workers it is installed by fake_gpu.install_in_this_process, Ray's ``worker_process_setup_hook``. Each import
+of a buffer is appended to ``$NGRPO_FAKE_CUDA_IPC_DIR/imports.log`` as "importer-GPU exporter-GPU", so a test sees
+which trainer rank's buffer each engine opened.
 """
 
 from __future__ import annotations
 
 import os
-import types
 import uuid as uuid_mod
 from pathlib import Path
 
 import torch
 
+from tests.support.fake_gpu import fake_gpu_uuid, fake_torch
+
 TAG = "ngrpo_fake_cuda_ipc"
-DIR_ENV, GPU_ENV = "NGRPO_FAKE_CUDA_IPC_DIR", "NGRPO_FAKE_GPU_UUID"
-
-
-def fake_gpu_uuid() -> str:
-    """This process's fake GPU: $NGRPO_FAKE_GPU_UUID (set by a test for an engine), else one per trainer rank (Ray
-    Train sets RANK), as on a colocated node where rank r and engine r share GPU r."""
-    return os.environ.get(GPU_ENV) or f"GPU-fake-{os.environ.get('RANK', '0')}"
+DIR_ENV = "NGRPO_FAKE_CUDA_IPC_DIR"
 
 
 class FakeCudaIpc:
@@ -73,27 +68,15 @@ class FakeCudaIpc:
         count = int(torch.Size(shape).numel()) * dtype.itemsize
         return whole[offset: offset + count].view(dtype).view(shape)
 
-    def _torch(self) -> types.ModuleType:
-        """The ``torch`` that vLLM's ipc modules see: real torch but for its GPU."""
-        fake = types.ModuleType("torch")
-        fake.__dict__.update(torch.__dict__)
-        stream = types.SimpleNamespace(synchronize=lambda: None)
-        fake.cuda = types.SimpleNamespace(
-            get_device_properties=lambda index=None: types.SimpleNamespace(uuid=fake_gpu_uuid()),
-            synchronize=lambda *a, **k: None, ipc_collect=lambda: None, current_stream=lambda *a, **k: stream)
-        fake.accelerator = types.SimpleNamespace(current_device_index=lambda: 0)
-        fake.empty = self.empty
-        return fake
-
     # -- install / remove ------------------------------------------------------------------------------------
     def install(self, setattr_=setattr) -> "FakeCudaIpc":
         """``setattr_``: pytest's ``monkeypatch.setattr`` to undo it after a test, plain ``setattr`` in a worker."""
         import torch.multiprocessing.reductions as reductions
         from vllm.distributed.weight_transfer import ipc_engine, packed_tensor
 
-        fake_torch = self._torch()
+        fake = fake_torch(empty=self.empty)
         for module in (ipc_engine, packed_tensor):
-            setattr_(module, "torch", fake_torch)
+            setattr_(module, "torch", fake)
             setattr_(module, "reduce_tensor", self.reduce_tensor)
         setattr_(ipc_engine, "rebuild_cuda_tensor", self.rebuild_cuda_tensor)
         setattr_(reductions, "rebuild_cuda_tensor", self.rebuild_cuda_tensor)
@@ -102,8 +85,3 @@ class FakeCudaIpc:
     def remove_files(self) -> None:
         for path in self.files:
             path.unlink(missing_ok=True)
-
-
-def install_in_this_process() -> None:
-    """Ray's ``worker_process_setup_hook``: every worker of the test's cluster gets the fake."""
-    FakeCudaIpc().install()
