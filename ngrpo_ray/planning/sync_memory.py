@@ -43,17 +43,19 @@ def sync_terms(s: ModelShape, b: int, transport: str, bucket_bytes: int, zero3: 
     big_how = f"largest tensor V {s.vocab:,} x {s.hidden} x {b} B" if big == s.vocab * s.hidden * b else \
         f"largest tensor {big:,} B"
     module = largest_engine_module(s, tp) * b
-    gather = [Term("trainer", "ZeRO-3 gather (sync)", big, SYNC, f"the tensor being packed, gathered whole: {big_how}")]
     if transport == "ipc":
         buffer = max(bucket_bytes, big)
         trainer = [Term("trainer", "weight-sync IPC buffer", buffer, SYNC,
                         f"max(sync_bucket_mb, {big_how}): vLLM's packed IPC buffer, one per rank")]
+        if zero3:
+            trainer.append(Term("trainer", "ZeRO-3 gather (sync)", big, SYNC,
+                                f"the tensor being packed, gathered whole: {big_how}"))
         engine = [Term("engine", "weights (woken for the load)", s.params() * b / tp, SYNC,
                        f"{s.params() / 1e9:.2f}B x {b} B{f' / TP {tp}' if tp > 1 else ''}; KV cache still asleep"),
                   Term("engine", "weight load", buffer + module, SYNC,
                        f"a chunk's clones (<= the IPC buffer) + the largest module materialized "
                        f"({module / GIB:.2f} GiB)")]
-        return trainer + (gather if zero3 else []), engine
+        return trainer, engine
     if transport == "nccl":
         chunk = bucket_bytes + big
         trainer = [Term("trainer", "weight-sync chunks (rank 0)", IN_FLIGHT_CHUNKS * chunk, SYNC,
@@ -63,7 +65,6 @@ def sync_terms(s: ModelShape, b: int, transport: str, bucket_bytes: int, zero3: 
                                 "the gathered tensors of the chunk being packed (rank 0)"))
         engine = [Term("engine", "weight load", IN_FLIGHT_CHUNKS * chunk + module, SYNC,
                        f"{IN_FLIGHT_CHUNKS} received chunks + the largest module materialized "
-                       f"({module / GIB:.2f} GiB); "
-                       "beside the reservation")]
+                       f"({module / GIB:.2f} GiB); beside the reservation")]
         return trainer, engine
     return [], []
