@@ -42,7 +42,10 @@ def install(which: str) -> None:
     from tests.support import fake_nccl
     from tests.support.fake_cuda_ipc import FakeCudaIpc
 
-    FakeCudaIpc().install() if which == "ipc" else fake_nccl.install()
+    if which == "ipc":
+        FakeCudaIpc().install()
+    else:
+        fake_nccl.install()
 
 
 def install_in_this_process() -> None:
