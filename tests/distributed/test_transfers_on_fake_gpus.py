@@ -95,10 +95,23 @@ def _lose_engine_1_then_recover(group, engines, backend: str, version: int, n_by
         group.wait(group.start_sync(version), timeout_s=170)
     assert time.monotonic() - t0 < 60
     group.close_weight_sync()
-    assert ray.get(engines[1].health.remote(), timeout=120)["policy_version"] == 0  # restarted: initial model
+    assert _health_once_back(engines[1])["policy_version"] == 0  # restarted: the initial model
     _open(group, engines, backend)
     _sync(group, version, n_bytes)
     return str(failed.value)
+
+
+def _health_once_back(engine, timeout_s: float = 120.0) -> dict:
+    """The engine's health once Ray has restarted it (a call while it restarts fails at once, as in
+    RolloutFleet._wait_alive)."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            return ray.get(engine.health.remote(), timeout=timeout_s)
+        except ray.exceptions.ActorUnavailableError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.5)
 
 
 def _engines_hold(trainer_model: str, engines, version: int) -> None:
